@@ -1,0 +1,56 @@
+# The two commands of the README: `make demo` (see it work) and `make test` (the whole suite).
+# Both bootstrap what they need: a virtualenv in .venv, the dependencies, the local stack.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install lint test test-unit demo bench stack-up stack-down stack-status clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# Starts the local stack if it is not running, runs lint, types and every test, and stops the
+# stack again only if this command started it.
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	@if $(PY) -m deploy.local status >/dev/null 2>&1; then started=0; else started=1; fi; \
+	$(PY) -m deploy.local up || exit 1; \
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then $(PY) -m deploy.local down; fi; \
+	exit $$rc
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m deploy.local up
+	$(PY) -m demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m deploy.local up
+	$(PY) -m bench $(BENCH_ARGS)
+
+stack-up: $(STAMP)
+	$(PY) -m deploy.local up
+
+stack-down: $(STAMP)
+	$(PY) -m deploy.local down
+
+stack-status: $(STAMP)
+	$(PY) -m deploy.local status
+
+clean:
+	-$(PY) -m deploy.local down
+	rm -rf .local $(VENV) .mypy_cache .ruff_cache .pytest_cache

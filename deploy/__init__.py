@@ -1,0 +1,1 @@
+"""Deployment helpers: the local stack used by tests and the demo."""

@@ -1,0 +1,36 @@
+"""outbox-relay: record domain events in your transaction; a relay publishes them to Kafka."""
+
+from __future__ import annotations
+
+from outbox import aggregates
+from outbox.columns import ColumnMapping
+from outbox.errors import (
+    AtomicityError,
+    ConfigurationError,
+    InvalidEventError,
+    OutboxError,
+    PayloadTooLargeError,
+    SchemaMissingError,
+    UnsupportedTargetError,
+)
+from outbox.event import Event
+from outbox.record import OutboxRecord
+from outbox.writer import Outbox, default_outbox, publish
+
+__all__ = [
+    "AtomicityError",
+    "ColumnMapping",
+    "ConfigurationError",
+    "Event",
+    "InvalidEventError",
+    "Outbox",
+    "OutboxError",
+    "OutboxRecord",
+    "PayloadTooLargeError",
+    "SchemaMissingError",
+    "UnsupportedTargetError",
+    "aggregates",
+    "default_outbox",
+    "publish",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Applies the versioned SQL migrations shipped in `outbox.migrations`, and reports their state."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from outbox.errors import MigrationError
+from outbox.names import SchemaNames
+
+_FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
+_ADVISORY_LOCK_KEY = 0x6F7574626F78  # "outbox"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    template: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.template.encode()).hexdigest()
+
+    def render(self, names: SchemaNames) -> sql.Composed:
+        return sql.SQL(self.template).format(**names.identifiers())
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    migration: Migration
+    applied_at: str | None
+
+    @property
+    def applied(self) -> bool:
+        return self.applied_at is not None
+
+
+def available() -> list[Migration]:
+    """Every migration file, in version order."""
+    found = []
+    for entry in resources.files("outbox.migrations").iterdir():
+        match = _FILENAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version: {versions}")
+    return found
+
+
+def render_all(names: SchemaNames, conn: psycopg.Connection[Any] | None = None) -> str:
+    """The SQL of every migration, for teams that apply schema changes with their own tool."""
+    parts = []
+    for migration in available():
+        body = migration.render(names).as_string(conn)
+        parts.append(f"-- outbox migration {migration.version:04d}_{migration.name}\n{body}")
+    return "\n".join(parts)
+
+
+def _ensure_tracking(conn: psycopg.Connection[Any], names: SchemaNames) -> None:
+    # The bookkeeping table has to exist before versions can be read; it is the only object
+    # created with IF NOT EXISTS, and only under the advisory lock.
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(names.schema)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " target text NOT NULL, version int NOT NULL, name text NOT NULL,"
+            " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (target, version))"
+        ).format(names.qualified(names.migrations_table))
+    )
+
+
+def _applied(conn: psycopg.Connection[Any], names: SchemaNames) -> dict[int, tuple[str, str]]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT version, checksum, applied_at::text FROM {} WHERE target = %s"
+        ).format(names.qualified(names.migrations_table)),
+        [names.table],
+    ).fetchall()
+    return {int(version): (checksum, applied_at) for version, checksum, applied_at in rows}
+
+
+def _tracking_exists(conn: psycopg.Connection[Any], names: SchemaNames) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL",
+        [names.qualified(names.migrations_table).as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def status(conn: psycopg.Connection[Any], names: SchemaNames) -> list[MigrationState]:
+    applied = _applied(conn, names) if _tracking_exists(conn, names) else {}
+    conn.rollback()
+    return [MigrationState(m, applied.get(m.version, (None, None))[1]) for m in available()]
+
+
+def up(conn: psycopg.Connection[Any], names: SchemaNames) -> list[Migration]:
+    """Apply pending migrations in one transaction; returns what was applied."""
+    if conn.autocommit:
+        raise MigrationError("migrate needs a connection with autocommit off")
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_KEY])
+            _ensure_tracking(conn, names)
+            applied = _applied(conn, names)
+            pending = []
+            for migration in available():
+                if migration.version in applied:
+                    if applied[migration.version][0] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.version:04d}_{migration.name} was changed "
+                            "after it was applied; migrations are append-only"
+                        )
+                    continue
+                conn.execute(migration.render(names))
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (target, version, name, checksum) VALUES (%s, %s, %s, %s)"
+                    ).format(names.qualified(names.migrations_table)),
+                    [names.table, migration.version, migration.name, migration.checksum],
+                )
+                pending.append(migration)
+    except psycopg.Error as exc:
+        raise MigrationError(f"migrate up failed, nothing was applied: {exc}") from exc
+    conn.commit()
+    return pending

@@ -1,0 +1,60 @@
+"""Every database object name derived from the configured schema and outbox table, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from outbox.errors import ConfigurationError
+from outbox.identifiers import check_identifier
+
+# Derived names append at most this many characters to the table name.
+_LONGEST_SUFFIX = len("_notify_trigger")
+
+
+@dataclass(frozen=True)
+class SchemaNames:
+    schema: str = "public"
+    table: str = "outbox"
+    inbox_table: str = "outbox_inbox"
+
+    def __post_init__(self) -> None:
+        check_identifier(self.schema, "schema")
+        check_identifier(self.table, "table")
+        check_identifier(self.inbox_table, "inbox_table")
+        if len(self.table) + _LONGEST_SUFFIX > 63:
+            raise ConfigurationError(
+                f"table={self.table!r} is too long: at most {63 - _LONGEST_SUFFIX} characters, "
+                "so that the names derived from it fit PostgreSQL's 63-byte limit"
+            )
+
+    @property
+    def parked_table(self) -> str:
+        return f"{self.table}_parked"
+
+    @property
+    def channel(self) -> str:
+        """LISTEN/NOTIFY channel that wakes the polling relay."""
+        return f"{self.table}_{self.schema}"[:63]
+
+    @property
+    def migrations_table(self) -> str:
+        return "outbox_migrations"
+
+    def identifiers(self) -> dict[str, sql.Composable]:
+        """Placeholders usable in migration files and queries."""
+        return {
+            "schema": sql.Identifier(self.schema),
+            "table": sql.Identifier(self.table),
+            "parked_table": sql.Identifier(self.parked_table),
+            "inbox_table": sql.Identifier(self.inbox_table),
+            "txid_index": sql.Identifier(f"{self.table}_txid_idx"),
+            "notify_function": sql.Identifier(f"{self.table}_notify"),
+            "notify_trigger": sql.Identifier(f"{self.table}_notify_trigger"),
+            "channel": sql.Literal(self.channel),
+        }
+
+    def qualified(self, name: str) -> sql.Identifier:
+        """`"schema"."name"`, quoted."""
+        return sql.Identifier(self.schema, name)

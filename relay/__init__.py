@@ -1,0 +1,1 @@
+"""The relay daemon: reads committed outbox events from a source and publishes them to Kafka."""

@@ -1,0 +1,80 @@
+"""librdkafka producer settings: safe defaults for the relay, pass-through, and refused keys."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from outbox.errors import ConfigurationError
+
+# Settings that make librdkafka run a command or load code: refused unless explicitly allowed,
+# because relay settings often come from environment variables or shared config files.
+UNSAFE_SETTINGS = frozenset(
+    {
+        "plugin.library.paths",
+        "sasl.kerberos.kinit.cmd",
+        "ssl.engine.location",
+        "ssl.providers",
+        "sasl.oauthbearer.config.file",
+    }
+)
+
+# The relay's guarantees rest on these: a user may not weaken them by pass-through.
+REQUIRED = {
+    "enable.idempotence": "true",  # retries never duplicate or reorder within a partition
+    "acks": "all",
+}
+
+DEFAULTS = {
+    # 0 = retry forever: a broker outage stalls the relay (backpressure) rather than failing
+    # messages, so per-key order survives and nothing is acknowledged without a delivery.
+    "message.timeout.ms": "0",
+    "linger.ms": "5",
+    "batch.num.messages": "10000",
+    "queue.buffering.max.messages": "200000",
+    # Bounds the relay's memory while the broker is away (BufferError means: wait).
+    "queue.buffering.max.kbytes": "65536",
+    "compression.type": "lz4",
+    "socket.keepalive.enable": "true",
+    "client.id": "outbox-relay",
+}
+
+
+def producer_settings(
+    bootstrap_servers: str,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    allow_unsafe: bool = False,
+) -> dict[str, str]:
+    """The producer configuration, validated; raises ConfigurationError naming the bad key."""
+    if not bootstrap_servers or not bootstrap_servers.strip():
+        raise ConfigurationError(
+            "kafka bootstrap servers are empty (--kafka / OUTBOX_KAFKA_BOOTSTRAP)"
+        )
+    settings = dict(DEFAULTS)
+    for key, value in (overrides or {}).items():
+        key = key.strip()
+        if key in UNSAFE_SETTINGS and not allow_unsafe:
+            raise ConfigurationError(
+                f"kafka setting {key!r} runs commands or loads libraries; it is refused unless "
+                "allow_unsafe_kafka_settings is set"
+            )
+        if key in REQUIRED and str(value).lower() != REQUIRED[key]:
+            raise ConfigurationError(
+                f"kafka setting {key}={value!r} would break the relay's guarantees; "
+                f"it must be {REQUIRED[key]!r}"
+            )
+        if key == "bootstrap.servers":
+            raise ConfigurationError("set bootstrap servers with --kafka, not as a kafka setting")
+        settings[key] = str(value)
+    settings.update(REQUIRED)
+    settings["bootstrap.servers"] = bootstrap_servers
+    return settings
+
+
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def valid_topic(name: str) -> bool:
+    """Kafka's rule for topic names (`.` and `..` are reserved)."""
+    return bool(_TOPIC.match(name)) and name not in (".", "..")

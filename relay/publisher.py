@@ -1,0 +1,208 @@
+"""Publishes outbox records to Kafka with confluent-kafka and reports each delivery."""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from outbox.errors import ConfigurationError, OutboxError
+from outbox.record import OutboxRecord
+from relay.kafka_settings import producer_settings, valid_topic
+
+log = logging.getLogger(__name__)
+
+Token = TypeVar("Token")
+
+# Delivery errors that no retry can cure: the event is parked, other aggregates go on.
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+TEMPLATE_FIELDS = ("aggregate_type", "aggregate_id", "event_type")
+RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
+
+
+class PublishError(OutboxError):
+    """Kafka refused or failed to deliver an event."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of one send: `error` is None on success; `permanent` errors are for parking."""
+
+    record: OutboxRecord
+    topic: str
+    error: str | None = None
+    permanent: bool = False
+    partition: int | None = None
+    offset: int | None = None
+    timestamp_ms: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    bootstrap_servers: str
+    topic_template: str = "{aggregate_type}"
+    kafka_settings: Mapping[str, str] = field(default_factory=dict)
+    allow_unsafe_kafka_settings: bool = False
+
+    def __post_init__(self) -> None:
+        check_topic_template(self.topic_template)
+
+    def producer_settings(self) -> dict[str, str]:
+        return producer_settings(
+            self.bootstrap_servers,
+            self.kafka_settings,
+            allow_unsafe=self.allow_unsafe_kafka_settings,
+        )
+
+
+def check_topic_template(template: str) -> None:
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ConfigurationError(f"topic_template={template!r} is malformed: {exc}") from exc
+    unknown = fields - set(TEMPLATE_FIELDS)
+    if unknown:
+        raise ConfigurationError(
+            f"topic_template={template!r} uses {sorted(unknown)}; "
+            f"it may use only {{{'}, {'.join(TEMPLATE_FIELDS)}}}"
+        )
+
+
+def topic_for(record: OutboxRecord, template: str) -> str:
+    if record.topic:
+        return record.topic
+    return template.format(
+        aggregate_type=record.aggregate_type,
+        aggregate_id=record.aggregate_id,
+        event_type=record.event_type,
+    )
+
+
+def kafka_headers(record: OutboxRecord) -> list[tuple[str, str | bytes | None]]:
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("id", str(record.id).encode()),
+        ("event_type", record.event_type.encode()),
+        ("aggregate_type", record.aggregate_type.encode()),
+        ("content_type", record.content_type.encode()),
+    ]
+    headers += [
+        (key, value.encode()) for key, value in record.headers.items()
+        if key not in RESERVED_HEADERS
+    ]
+    return headers
+
+
+class KafkaPublisher(Generic[Token]):
+    """Sends records; `on_delivery(token, delivery)` is called from `poll`/`flush` for each.
+
+    `send` never raises for a single bad event: a permanent failure (invalid topic, too large)
+    is reported through `on_delivery` like any other outcome. A full local queue is
+    backpressure: `send` serves delivery reports until there is room.
+    """
+
+    def __init__(
+        self,
+        config: PublisherConfig,
+        on_delivery: Callable[[Token, Delivery], None],
+        *,
+        producer: Producer | None = None,
+    ) -> None:
+        self.config = config
+        self._on_delivery = on_delivery
+        self._producer = producer or Producer(
+            {**config.producer_settings(), "error_cb": self._on_client_error}
+        )
+        self.in_flight = 0
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        # Transport errors (broker down) are retried by librdkafka; only log them.
+        if error.fatal():
+            log.error("kafka fatal error", extra={"event": "kafka_fatal", "error": str(error)})
+        else:
+            log.warning("kafka client error", extra={"event": "kafka_error", "error": str(error)})
+
+    def send(self, record: OutboxRecord, token: Token) -> None:
+        topic = topic_for(record, self.config.topic_template)
+        if not valid_topic(topic):
+            self._on_delivery(
+                token,
+                Delivery(record, topic, f"invalid topic name {topic!r}", permanent=True),
+            )
+            return
+
+        def delivered(error: KafkaError | None, message: Message) -> None:
+            self.in_flight -= 1
+            self._on_delivery(token, self._outcome(record, topic, error, message))
+
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=record.payload,
+                    key=record.aggregate_id.encode(),
+                    headers=kafka_headers(record),
+                    on_delivery=delivered,
+                )
+                self.in_flight += 1
+                return
+            except BufferError:
+                # The local queue is full (broker slow or away): wait for deliveries.
+                self._producer.poll(0.1)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                code = error.code() if isinstance(error, KafkaError) else None
+                self._on_delivery(
+                    token,
+                    Delivery(record, topic, str(exc), permanent=code in PERMANENT_ERRORS),
+                )
+                return
+
+    @staticmethod
+    def _outcome(
+        record: OutboxRecord, topic: str, error: KafkaError | None, message: Message
+    ) -> Delivery:
+        if error is not None:
+            return Delivery(record, topic, str(error), permanent=error.code() in PERMANENT_ERRORS)
+        _, timestamp = message.timestamp()
+        return Delivery(
+            record,
+            topic,
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_ms=timestamp,
+        )
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve delivery reports, waiting up to `timeout` seconds for the first."""
+        return int(self._producer.poll(timeout))
+
+    def flush(self, timeout: float) -> int:
+        """Wait until every sent record has a delivery report; returns how many are still out."""
+        return int(self._producer.flush(timeout))
+
+    def purge(self) -> None:
+        """Drop what librdkafka still holds (their reports come as failures on the next poll)."""
+        self._producer.purge()
+        self._producer.poll(0)
+
+    def list_topics(self, timeout: float) -> Any:
+        """Broker metadata: used to check that Kafka is reachable."""
+        return self._producer.list_topics(timeout=timeout)

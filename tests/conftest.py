@@ -1,0 +1,111 @@
+"""Fixtures: real PostgreSQL, Kafka and MongoDB servers, with one database/topic set per test.
+
+Services come from OUTBOX_TEST_DB_URL / OUTBOX_TEST_KAFKA_BOOTSTRAP / OUTBOX_TEST_MONGO_URL when
+set, else from testcontainers when a Docker engine answers, else from the local stack
+(`python -m deploy.local up`, started on demand).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from outbox import migrate
+from outbox.conninfo import libpq_url
+from outbox.names import SchemaNames
+from tests.support.services import Services, discover
+
+TEMPLATE_DB = "outbox_test_template"
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    found = discover()
+    yield found
+    found.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return ["services: from OUTBOX_TEST_* variables, else testcontainers, else the local stack"]
+
+
+def with_database(url: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(libpq_url(url), dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(services: Services) -> str:
+    return libpq_url(services.db_url)
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url: str) -> str:
+    """A database with every migration applied; each test's database is a copy of it."""
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(TEMPLATE_DB)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    with psycopg.connect(with_database(pg_admin_url, TEMPLATE_DB)) as conn:
+        migrate.up(conn, SchemaNames())
+    return TEMPLATE_DB
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        # Replication slots pin a database: drop the test's own slots first.
+        admin.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL", [name])
+        for (slot,) in admin.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
+        ).fetchall():
+            admin.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_name(pg_admin_url: str, pg_template: str) -> Iterator[str]:
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(pg_template)))
+    yield name
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def db_url(pg_admin_url: str, db_name: str) -> str:
+    """A psycopg URL of a fresh database with the outbox schema migrated."""
+    return with_database(pg_admin_url, db_name)
+
+
+@pytest.fixture
+def empty_db_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database without the outbox schema."""
+    name = f"empty_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield with_database(pg_admin_url, name)
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(db_url) as connection:
+        yield connection
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(services: Services) -> str:
+    return services.kafka_bootstrap
+
+
+@pytest.fixture(scope="session")
+def mongo_url(services: Services) -> str:
+    return services.mongo_url

@@ -1,0 +1,94 @@
+"""Configuration validation and secret redaction: pure logic, no services."""
+
+from __future__ import annotations
+
+import pytest
+
+import outbox
+from outbox.conninfo import libpq_url, redact
+from outbox.names import SchemaNames
+from relay.kafka_settings import producer_settings, valid_topic
+from relay.publisher import PublisherConfig, kafka_headers, topic_for
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "a-b", 'x"y', "a" * 64, "outbox; DROP TABLE t"])
+def test_invalid_identifiers_are_refused_with_the_setting_name(name: str) -> None:
+    with pytest.raises(outbox.ConfigurationError, match="table="):
+        outbox.Outbox(table=name)
+
+
+def test_derived_names_must_fit_postgres_limit() -> None:
+    with pytest.raises(outbox.ConfigurationError, match="too long"):
+        SchemaNames(table="t" * 60)
+
+
+def test_modes_and_mappings_are_validated() -> None:
+    with pytest.raises(outbox.ConfigurationError, match="mode="):
+        outbox.Outbox(mode="queue")  # type: ignore[arg-type]
+    with pytest.raises(outbox.ConfigurationError, match="column mapping"):
+        outbox.Outbox(mode="message", columns=outbox.ColumnMapping.debezium())
+    with pytest.raises(outbox.ConfigurationError, match="max_payload_bytes"):
+        outbox.Outbox(max_payload_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("postgresql://app:hunter2@db:5432/orders", "hunter2"),
+        ("host=db user=app password=hunter2 dbname=orders", "hunter2"),
+        ("host=db password='hunter 2' dbname=orders", "hunter 2"),
+        ("mongodb://app:hunter2@m1,m2/orders?replicaSet=rs0", "hunter2"),
+        ("sasl.password=hunter2", "hunter2"),
+        ("postgresql://db/orders?password=hunter2&sslmode=require", "hunter2"),
+    ],
+)
+def test_secrets_are_redacted(text: str, secret: str) -> None:
+    redacted = redact(text)
+    assert secret not in redacted
+    assert "***" in redacted
+
+
+def test_sqlalchemy_urls_become_libpq_urls() -> None:
+    assert libpq_url("postgresql+psycopg://u:p@h/db") == "postgresql://u:p@h/db"
+    assert libpq_url("postgresql://u:p@h/db") == "postgresql://u:p@h/db"
+
+
+def test_producer_keeps_idempotence_and_refuses_unsafe_settings() -> None:
+    settings = producer_settings("127.0.0.1:9092", {"linger.ms": "20", "security.protocol": "SSL"})
+    assert settings["enable.idempotence"] == "true" and settings["acks"] == "all"
+    assert settings["linger.ms"] == "20" and settings["security.protocol"] == "SSL"
+    with pytest.raises(outbox.ConfigurationError, match="sasl.kerberos.kinit.cmd"):
+        producer_settings("k:9092", {"sasl.kerberos.kinit.cmd": "rm -rf /"})
+    with pytest.raises(outbox.ConfigurationError, match="plugin.library.paths"):
+        producer_settings("k:9092", {"plugin.library.paths": "/tmp/evil.so"})
+    assert "plugin.library.paths" in producer_settings(
+        "k:9092", {"plugin.library.paths": "monitoring-interceptor"}, allow_unsafe=True
+    )
+    with pytest.raises(outbox.ConfigurationError, match="guarantees"):
+        producer_settings("k:9092", {"acks": "1"})
+    with pytest.raises(outbox.ConfigurationError, match="empty"):
+        producer_settings(" ", {})
+
+
+def test_topic_template_is_checked_at_start_up() -> None:
+    with pytest.raises(outbox.ConfigurationError, match="tenant"):
+        PublisherConfig("k:9092", topic_template="{tenant}.{aggregate_type}")
+    with pytest.raises(outbox.ConfigurationError, match="malformed"):
+        PublisherConfig("k:9092", topic_template="{aggregate_type")
+
+
+def test_topic_and_headers_follow_the_contract() -> None:
+    event = outbox.Event("Order", "42", "OrderCreated", {"a": 1}, headers={"tenant": "eu"})
+    (record,) = outbox.Outbox().records([event])
+    assert topic_for(record, "outbox.event.{aggregate_type}") == "outbox.event.Order"
+    headers = dict(kafka_headers(record))
+    assert headers == {
+        "id": str(event.id).encode(),
+        "event_type": b"OrderCreated",
+        "aggregate_type": b"Order",
+        "content_type": b"application/json",
+        "tenant": b"eu",
+        **({"traceparent": headers["traceparent"]} if "traceparent" in headers else {}),
+    }
+    assert valid_topic("outbox.event.Order")
+    assert not valid_topic("bad topic") and not valid_topic("..")

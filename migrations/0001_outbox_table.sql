@@ -16,7 +16,13 @@ CREATE TABLE {schema}.{table} (
     -- The writing transaction's id: the polling relay only reads rows of transactions that
     -- are older than every transaction still running (snapshot xmin), so a late commit is
     -- never skipped and a rolled-back row is never seen.
-    txid           xid8        NOT NULL DEFAULT pg_current_xact_id()
+    txid           xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    -- Set instead of deleting the row when the relay keeps published rows for a while.
+    published_at   timestamptz
 );
 
-CREATE INDEX {txid_index} ON {schema}.{table} (txid, position);
+-- The polling relay reads unpublished rows in position order; the partial index stays as small
+-- as the backlog, however many published rows are kept.
+CREATE INDEX {pending_index} ON {schema}.{table} (position) WHERE published_at IS NULL;
+-- Finds the rows of transactions that commit after the relay read past their position.
+CREATE INDEX {txid_index} ON {schema}.{table} (txid) WHERE published_at IS NULL;

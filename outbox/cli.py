@@ -108,7 +108,91 @@ def migrate_sql(schema: SchemaOption = "public", table: TableOption = "outbox") 
     typer.echo(guarded(lambda: migrations.render_all(names)))
 
 
+@app.command("relay")
+def relay_command(
+    source: Annotated[str, typer.Option(
+        envvar="OUTBOX_SOURCE", show_envvar=True,
+        help="postgres-poll | postgres-wal | mongo-poll | mongo-stream")] = "postgres-poll",
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL (postgres-* sources).")] = None,
+    mongo: Annotated[str | None, typer.Option(
+        "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+        help="MongoDB URL naming the database (mongo-* sources).")] = None,
+    collections: Annotated[str, typer.Option(
+        envvar="OUTBOX_COLLECTIONS", show_envvar=True,
+        help="Comma-separated collections holding embedded events (mongo-* sources).")] = "",
+    kafka: Annotated[str, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers.")] = "",
+    kafka_setting: Annotated[list[str] | None, typer.Option(
+        "--kafka-setting", envvar="OUTBOX_KAFKA_SETTINGS", show_envvar=True,
+        help="librdkafka producer setting key=value (repeatable), e.g. security.protocol=SSL.",
+    )] = None,
+    allow_unsafe_kafka_settings: Annotated[bool, typer.Option(
+        envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
+        help="Allow librdkafka settings that run commands or load libraries.")] = False,
+    topic_template: Annotated[str, typer.Option(
+        envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
+        help="Topic of events without an explicit topic.")] = "{aggregate_type}",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    batch_size: Annotated[int, typer.Option(
+        envvar="OUTBOX_BATCH_SIZE", show_envvar=True, help="Events read per query.")] = 5000,
+    poll_interval: Annotated[str, typer.Option(
+        envvar="OUTBOX_POLL_INTERVAL", show_envvar=True,
+        help="Fallback poll interval when no notification arrives.")] = "1s",
+    keep_published: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_KEEP_PUBLISHED", show_envvar=True,
+        help="Keep published rows this long (e.g. 7d) instead of deleting them.")] = None,
+    log_format: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_FORMAT", show_envvar=True, help="json | human | auto")] = "auto",
+    log_level: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_LEVEL", show_envvar=True)] = "INFO",
+    print_config: Annotated[bool, typer.Option(
+        help="Print the effective settings (secrets redacted) and exit.")] = False,
+) -> None:
+    """Run the relay daemon: publish committed events to Kafka until SIGTERM/SIGINT."""
+    from relay import logs
+    from relay import main as relay_main
+    from relay.settings import RelaySettings, parse_duration, parse_kafka_settings
+
+    def build() -> RelaySettings:
+        return RelaySettings(
+            source=source,
+            db_url=db,
+            mongo_url=mongo,
+            collections=tuple(c.strip() for c in collections.split(",") if c.strip()),
+            kafka_bootstrap=kafka,
+            kafka_settings=parse_kafka_settings(kafka_setting or []),
+            allow_unsafe_kafka_settings=allow_unsafe_kafka_settings,
+            topic_template=topic_template,
+            schema=schema,
+            table=table,
+            batch_size=batch_size,
+            poll_interval=parse_duration(poll_interval, "poll_interval").total_seconds(),
+            keep_published=parse_duration(keep_published, "keep_published")
+            if keep_published else None,
+        )
+
+    settings = guarded(build)
+    if print_config:
+        import json
+
+        typer.echo(json.dumps(settings.redacted(), indent=2))
+        return
+    try:
+        logs.setup(log_level, log_format)
+    except ValueError as exc:
+        fail(str(exc))
+    guarded(lambda: relay_main.run(settings))
+
+
 # Sub-commands that live in their own modules are registered here, one line each.
+from outbox.consumer_cli import dlq_app, inbox_app  # noqa: E402 - sub-apps registered below
+
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(inbox_app, name="inbox")
 
 
 def main() -> None:

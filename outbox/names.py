@@ -49,10 +49,12 @@ class SchemaNames:
             "table": sql.Identifier(self.table),
             "parked_table": sql.Identifier(self.parked_table),
             "inbox_table": sql.Identifier(self.inbox_table),
+            "pending_index": sql.Identifier(f"{self.table}_pending_idx"),
             "txid_index": sql.Identifier(f"{self.table}_txid_idx"),
             "notify_function": sql.Identifier(f"{self.table}_notify"),
             "notify_trigger": sql.Identifier(f"{self.table}_notify_trigger"),
             "channel": sql.Literal(self.channel),
+            "channel_identifier": sql.Identifier(self.channel),
         }
 
     def qualified(self, name: str) -> sql.Identifier:

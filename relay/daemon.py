@@ -1,0 +1,69 @@
+"""Runs a relay as a daemon: signal handling, restart with backoff, clean stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Protocol
+
+from outbox.conninfo import redact
+from relay.errors import RetryableError
+from relay.stats import RelayStats
+
+log = logging.getLogger(__name__)
+
+
+class Relay(Protocol):
+    def run(self, stop: threading.Event) -> None:
+        """Publish until `stop` is set; raise RetryableError on a transient failure."""
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set `stop`; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop requested", extra={"event": "stop_requested", "signal": signum})
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def supervise(
+    make_relay: Callable[[], Relay],
+    stop: threading.Event,
+    *,
+    stats: RelayStats | None = None,
+    initial_backoff: float = 0.5,
+    max_backoff: float = 30.0,
+) -> None:
+    """Run relays one after another until `stop`: a RetryableError restarts after a pause that
+    doubles up to `max_backoff`; any other error ends the daemon."""
+    backoff = initial_backoff
+    while not stop.is_set():
+        relay = make_relay()
+        try:
+            relay.run(stop)
+            return
+        except RetryableError as exc:
+            if stats is not None:
+                stats.restarts += 1
+            log.warning(
+                "relay failed; restarting from the last acknowledged position",
+                extra={"event": "relay_restart", "error": redact(str(exc)),
+                       "retry_in_s": round(backoff, 2)},
+            )
+            stop.wait(backoff)
+            backoff = min(backoff * 2, max_backoff)

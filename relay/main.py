@@ -1,0 +1,52 @@
+"""Builds the configured relay and runs it as a daemon until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from outbox.errors import OutboxError
+from relay.daemon import Relay, stop_on_signals, supervise
+from relay.errors import FatalRelayError, RetryableError
+from relay.settings import RelaySettings
+from relay.stats import RelayStats
+
+log = logging.getLogger(__name__)
+
+
+def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+    """Check the source once (fail fast on a wrong setup) and return a maker of relays."""
+    if settings.source == "postgres-poll":
+        from relay.postgres_poll import PollConfig, PollingRelay, check_schema
+
+        assert settings.db_url is not None
+        config = PollConfig(
+            db_url=settings.db_url,
+            names=settings.names,
+            batch_size=settings.batch_size,
+            poll_interval=settings.poll_interval,
+            keep_published=settings.keep_published,
+        )
+        check_schema(config)
+        publisher = settings.publisher()
+        return lambda: PollingRelay(config, publisher, stats)
+    raise FatalRelayError(f"source {settings.source!r} is not available in this version")
+
+
+def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:
+    """Run until stopped. Raises OutboxError when the relay cannot start or must stop."""
+    stop = stop or threading.Event()
+    stats = RelayStats()
+    log.info("relay starting", extra={"event": "relay_starting", "settings": settings.redacted()})
+    try:
+        factory = relay_factory(settings, stats)
+    except RetryableError as exc:
+        # At start-up an unreachable source is a configuration problem until proven otherwise.
+        raise FatalRelayError(f"cannot start: {exc}") from exc
+    with stop_on_signals(stop):
+        supervise(factory, stop, stats=stats)
+    log.info("relay stopped", extra={"event": "relay_exit"})
+
+
+__all__ = ["OutboxError", "run"]

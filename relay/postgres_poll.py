@@ -1,0 +1,274 @@
+"""The polling publisher: reads committed rows of the outbox table, publishes them, then deletes.
+
+One relay is active per outbox table (a session advisory lock elects it); the others wait as
+standbys. Rows are deleted (or marked) only after Kafka's delivery report succeeded for them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from outbox.conninfo import libpq_url, redact
+from outbox.errors import ConfigurationError
+from outbox.names import SchemaNames
+from outbox.record import OutboxRecord
+from relay import queries
+from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
+from relay.poll_cursor import PollCursor, Snapshot
+from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
+from relay.stats import RelayStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    db_url: str
+    names: SchemaNames = field(default_factory=SchemaNames)
+    batch_size: int = 5000
+    # Events sent but not yet acknowledged by Kafka: bounds memory while the broker is slow.
+    max_in_flight: int = 20_000
+    # Fallback when no NOTIFY arrives (e.g. a long transaction held the window back).
+    poll_interval: float = 1.0
+    # Acknowledged rows are deleted in batches at least this often.
+    ack_interval: float = 0.05
+    keep_published: dt.timedelta | None = None
+    standby_interval: float = 2.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "batch_size": self.batch_size > 0,
+            "max_in_flight": self.max_in_flight >= self.batch_size,
+            "poll_interval": self.poll_interval > 0,
+            "ack_interval": self.ack_interval >= 0,
+            "standby_interval": self.standby_interval > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigurationError(
+                    f"{name}={getattr(self, name)!r} is out of range"
+                    + (" (must be >= batch_size)" if name == "max_in_flight" else "")
+                )
+        if self.keep_published is not None and self.keep_published <= dt.timedelta(0):
+            raise ConfigurationError("keep_published must be a positive duration")
+
+    @property
+    def leader_key(self) -> int:
+        """Advisory lock key of this outbox table: one active relay per table."""
+        name = f"outbox-relay:{self.names.schema}.{self.names.table}".encode()
+        return zlib.crc32(name) - 2**31
+
+
+def connect(url: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(libpq_url(url), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
+
+
+def _record(row: tuple[Any, ...]) -> OutboxRecord:
+    headers = row[8]
+    return OutboxRecord(
+        id=row[1],
+        aggregate_type=row[2],
+        aggregate_id=row[3],
+        event_type=row[4],
+        topic=row[5],
+        payload=row[6],
+        content_type=row[7],
+        headers=json.loads(headers) if headers != "{}" else {},
+    )
+
+
+class PollingRelay:
+    """Runs until `stop` is set; raises RetryableError for the supervisor to restart it."""
+
+    def __init__(
+        self,
+        config: PollConfig,
+        publisher_config: PublisherConfig,
+        stats: RelayStats | None = None,
+    ) -> None:
+        self.config = config
+        self.publisher_config = publisher_config
+        self.stats = stats or RelayStats()
+        self._delivered: list[int] = []
+        self._parked: list[tuple[int, str]] = []
+        self._failure: Delivery | None = None
+        self._last_ack = time.monotonic()
+        self._last_expire = 0.0
+
+    def _query(self, name: str) -> Any:
+        return queries.query("poll.sql", name, self.config.names)
+
+    # -- delivery reports (called from publisher.poll/flush on this thread) ----------------------
+
+    def _on_delivery(self, position: int, delivery: Delivery) -> None:
+        if delivery.ok:
+            self._delivered.append(position)
+            self.stats.delivered(delivery.topic, None)
+        elif delivery.permanent:
+            self._parked.append((position, delivery.error or "unknown"))
+        else:
+            self.stats.delivery_errors += 1
+            if self._failure is None:
+                self._failure = delivery
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        with connect(self.config.db_url) as conn, connect(self.config.db_url) as listener:
+            self.stats.source_connected = True
+            if not self._lead(conn, stop):
+                return
+            listener.execute(self._query("listen"))
+            publisher: KafkaPublisher[int] = KafkaPublisher(
+                self.publisher_config, self._on_delivery
+            )
+            log.info("polling relay active", extra={
+                "event": "relay_active", "source": "postgres-poll",
+                "table": f"{self.config.names.schema}.{self.config.names.table}"})
+            try:
+                self._loop(conn, listener, publisher, stop)
+            except psycopg.OperationalError as exc:
+                publisher.purge()
+                raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
+            except BaseException:
+                publisher.purge()
+                raise
+            finally:
+                self.stats.leader = False
+                self.stats.source_connected = False
+
+    def _lead(self, conn: psycopg.Connection[Any], stop: threading.Event) -> bool:
+        """Wait as a standby until this relay holds the table's advisory lock."""
+        announced = False
+        while not stop.is_set():
+            row = conn.execute(self._query("try_leadership"), {"key": self.config.leader_key})
+            if row.fetchone() == (True,):
+                self.stats.leader = True
+                return True
+            if not announced:
+                log.info("another relay is active on this outbox; waiting as standby",
+                         extra={"event": "relay_standby"})
+                announced = True
+            stop.wait(self.config.standby_interval)
+        return False
+
+    def _read(
+        self, conn: psycopg.Connection[Any], cursor: PollCursor, limit: int
+    ) -> list[tuple[Any, ...]]:
+        """Late rows and the next page, from one snapshot, in one round trip."""
+        late_cur = None
+        with conn.pipeline():
+            conn.execute(self._query("begin_snapshot"))
+            snapshot_cur = conn.execute(self._query("snapshot"))
+            late = cursor.late_rows()
+            if late is not None:
+                late_cur = conn.execute(self._query("fetch_late"), {
+                    "ceiling": late.ceiling, "xmax": late.snapshot.xmax,
+                    "in_progress": list(late.snapshot.in_progress)})
+            page_cur = conn.execute(
+                self._query("fetch_page"), {"after": cursor.after, "limit": limit})
+            conn.execute(self._query("end_snapshot"))
+        xmax, in_progress = snapshot_cur.fetchone() or ("0", [])
+        late_rows = late_cur.fetchall() if late_cur is not None else []
+        page = page_cur.fetchall()
+        cursor.advance(Snapshot(xmax, tuple(in_progress)), [row[0] for row in page])
+        return late_rows + page
+
+    def _loop(
+        self,
+        conn: psycopg.Connection[Any],
+        listener: psycopg.Connection[Any],
+        publisher: KafkaPublisher[int],
+        stop: threading.Event,
+    ) -> None:
+        cursor = PollCursor()
+        limit = self.config.batch_size
+        while not stop.is_set():
+            rows: list[tuple[Any, ...]] = []
+            if publisher.in_flight + limit <= self.config.max_in_flight:
+                rows = self._read(conn, cursor, limit)
+                for row in rows:
+                    publisher.send(_record(row), row[0])
+                if rows:
+                    self.stats.batches += 1
+                    self.stats.batch_events += len(rows)
+            publisher.poll(0)
+            self._acknowledge(conn, force=False)
+            self.stats.in_flight = publisher.in_flight
+            if len(rows) < limit:
+                if publisher.in_flight:
+                    publisher.poll(0.005)
+                else:
+                    self._acknowledge(conn, force=True)
+                    self._expire(conn)
+                    self.stats.progressed()
+                    if not rows:
+                        self._wait_for_notification(listener)
+        self._drain(conn, publisher)
+
+    def _wait_for_notification(self, listener: psycopg.Connection[Any]) -> None:
+        for _ in listener.notifies(timeout=self.config.poll_interval, stop_after=1):
+            pass
+
+    def _drain(self, conn: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
+        """On stop: wait for outstanding deliveries (bounded) and acknowledge them."""
+        remaining = publisher.flush(30.0)
+        self._acknowledge(conn, force=True)
+        log.info("polling relay stopped", extra={
+            "event": "relay_stopped", "unacknowledged": remaining})
+
+    def _acknowledge(self, conn: psycopg.Connection[Any], *, force: bool) -> None:
+        """Delete (or mark) rows Kafka acknowledged; park rows that can never be published."""
+        failure = self._failure
+        for position, reason in self._parked:
+            conn.execute(self._query("park"), {"position": position, "reason": reason})
+            self.stats.parked += 1
+            log.error("event parked: it can never be published", extra={
+                "event": "event_parked", "position": position, "reason": reason})
+        self._parked.clear()
+        due = force or time.monotonic() - self._last_ack >= self.config.ack_interval
+        if self._delivered and (due or len(self._delivered) >= 10_000 or failure):
+            name = "mark_published" if self.config.keep_published else "delete_published"
+            conn.execute(self._query(name), {"positions": self._delivered})
+            self._delivered = []
+            self._last_ack = time.monotonic()
+        if failure is not None:
+            raise DeliveryFailedError(
+                f"delivery to {failure.topic} failed: {failure.error}; "
+                "unacknowledged events will be sent again"
+            )
+
+    def _expire(self, conn: psycopg.Connection[Any]) -> None:
+        """Delete kept rows past their retention, at most once a minute (it scans the table)."""
+        if self.config.keep_published is None or time.monotonic() - self._last_expire < 60:
+            return
+        conn.execute(self._query("delete_expired"), {"keep": self.config.keep_published})
+        self._last_expire = time.monotonic()
+
+
+def check_schema(config: PollConfig) -> None:
+    """Fail at start-up, with the fix, when the outbox schema is missing or out of date."""
+    with connect(config.db_url) as conn:
+        names = config.names
+        missing = [
+            name for name in (names.table, names.parked_table)
+            if conn.execute("SELECT to_regclass(%s)", [names.qualified(name).as_string(conn)])
+            .fetchone() == (None,)
+        ]
+    if missing:
+        raise FatalRelayError(
+            f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
+            "run `outbox migrate up --db URL` first"
+        )

@@ -1,0 +1,113 @@
+"""The relay's settings: one validated object, built from the CLI, OUTBOX_* variables or a file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from outbox.conninfo import redact
+from outbox.errors import ConfigurationError
+from outbox.names import SchemaNames
+from relay.publisher import PublisherConfig
+
+Source = Literal["postgres-poll", "postgres-wal", "mongo-poll", "mongo-stream"]
+SOURCES: tuple[str, ...] = ("postgres-poll", "postgres-wal", "mongo-poll", "mongo-stream")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str, setting: str) -> dt.timedelta:
+    """`500ms`, `30s`, `5m`, `2h`, `7d` (a bare number is seconds)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ConfigurationError(f"{setting}={text!r} is not a duration like 30s, 5m, 7d")
+    return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def parse_kafka_settings(items: list[str], setting: str = "kafka_setting") -> dict[str, str]:
+    """`key=value` pairs (librdkafka names) into a dict."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"{setting}={item!r} must look like key=value")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+SECRET_FIELDS = ("db_url", "mongo_url")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    source: str
+    kafka_bootstrap: str
+    db_url: str | None = None
+    mongo_url: str | None = None
+    collections: tuple[str, ...] = ()
+    schema: str = "public"
+    table: str = "outbox"
+    topic_template: str = "{aggregate_type}"
+    kafka_settings: dict[str, str] = field(default_factory=dict)
+    allow_unsafe_kafka_settings: bool = False
+    batch_size: int = 5000
+    poll_interval: float = 1.0
+    keep_published: dt.timedelta | None = None
+    slot: str = "outbox_relay"
+    publication: str = "outbox_relay"
+    message_prefix: str = "outbox"
+    shutdown_timeout: float = 30.0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigurationError(f"source={self.source!r}: choose one of {', '.join(SOURCES)}")
+        if self.source.startswith("postgres") and not self.db_url:
+            raise ConfigurationError(f"source {self.source} needs db_url (--db / OUTBOX_DB_URL)")
+        if self.source.startswith("mongo"):
+            if not self.mongo_url:
+                raise ConfigurationError(
+                    f"source {self.source} needs mongo_url (--mongo / OUTBOX_MONGO_URL)")
+            if not self.collections:
+                raise ConfigurationError(
+                    f"source {self.source} needs collections (--collections a,b)")
+        if self.shutdown_timeout <= 0:
+            raise ConfigurationError("shutdown_timeout must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigurationError(f"metrics_port={self.metrics_port} is not a TCP port")
+        SchemaNames(self.schema, self.table)  # validates the names
+        self.publisher()  # validates the topic template and the Kafka settings
+
+    @property
+    def names(self) -> SchemaNames:
+        return SchemaNames(self.schema, self.table)
+
+    def publisher(self) -> PublisherConfig:
+        config = PublisherConfig(
+            bootstrap_servers=self.kafka_bootstrap,
+            topic_template=self.topic_template,
+            kafka_settings=self.kafka_settings,
+            allow_unsafe_kafka_settings=self.allow_unsafe_kafka_settings,
+        )
+        config.producer_settings()
+        return config
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings with secrets hidden, for logs and --print-config."""
+        shown: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in SECRET_FIELDS and value:
+                value = redact(str(value))
+            elif item.name == "kafka_settings":
+                value = {k: ("***" if "password" in k or "secret" in k else v)
+                         for k, v in value.items()}
+            elif isinstance(value, dt.timedelta):
+                value = f"{value.total_seconds():g}s"
+            elif isinstance(value, tuple):
+                value = list(value)
+            shown[item.name] = value
+        return shown

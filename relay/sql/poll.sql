@@ -1,0 +1,73 @@
+-- Queries of the polling relay (relay/postgres_poll.py).
+
+-- name: begin_snapshot
+-- One snapshot for the three reads below (they run in one pipeline: one round trip).
+BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY
+
+-- name: snapshot
+-- Which transactions had not completed in this snapshot (see relay/poll_cursor.py).
+SELECT pg_snapshot_xmax(s)::text, array(SELECT pg_snapshot_xip(s)::text)
+FROM pg_current_snapshot() AS s
+
+-- name: fetch_late
+-- Rows below the cursor of transactions that had not completed at the last read (those that
+-- committed since); the partial txid index makes this cheap.
+SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
+       headers::text
+FROM {schema}.{table}
+WHERE published_at IS NULL
+  AND position <= %(ceiling)s
+  AND (txid = ANY(%(in_progress)s::text[]::xid8[]) OR txid >= %(xmax)s::text::xid8)
+ORDER BY position
+
+-- name: fetch_page
+-- The next page above the cursor, in insertion order; rows of running transactions are not
+-- visible and are picked up by fetch_late once they commit.
+SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
+       headers::text
+FROM {schema}.{table}
+WHERE published_at IS NULL AND position > %(after)s
+ORDER BY position
+LIMIT %(limit)s
+
+-- name: end_snapshot
+COMMIT
+
+-- name: delete_published
+DELETE FROM {schema}.{table} WHERE position = ANY(%(positions)s)
+
+-- name: mark_published
+UPDATE {schema}.{table} SET published_at = now() WHERE position = ANY(%(positions)s)
+
+-- name: delete_expired
+-- Published rows kept for `keep_published`; deleted in bounded chunks to keep locks short.
+DELETE FROM {schema}.{table}
+WHERE position IN (
+    SELECT position FROM {schema}.{table}
+    WHERE published_at < now() - %(keep)s::interval
+    LIMIT 10000
+)
+
+-- name: park
+-- Moves an event that can never be published to the parked table, with the reason.
+WITH moved AS (
+    DELETE FROM {schema}.{table} WHERE position = %(position)s
+    RETURNING id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
+              headers, created_at
+)
+INSERT INTO {schema}.{parked_table}
+    (id, aggregate_type, aggregate_id, event_type, topic, payload, content_type, headers,
+     created_at, reason)
+SELECT id, aggregate_type, aggregate_id, event_type, topic, payload, content_type, headers,
+       created_at, %(reason)s
+FROM moved
+ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_at = now()
+
+-- name: backlog
+SELECT count(*), min(created_at) FROM {schema}.{table} WHERE published_at IS NULL
+
+-- name: listen
+LISTEN {channel_identifier}
+
+-- name: try_leadership
+SELECT pg_try_advisory_lock(%(key)s)

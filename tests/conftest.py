@@ -109,3 +109,35 @@ def kafka_bootstrap(services: Services) -> str:
 @pytest.fixture(scope="session")
 def mongo_url(services: Services) -> str:
     return services.mongo_url
+
+
+@pytest.fixture
+def private_kafka(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Kafka broker of this test alone, for tests that stop and start it."""
+    if not services.local_stack:
+        pytest.skip("fault tests start private servers from the local stack's binaries; "
+                    f"services here come from {services.origin}")
+    from deploy.local.kafka import KafkaService
+
+    broker = KafkaService(tmp_path_factory.mktemp("kafka"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def private_postgres(
+    services: Services, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Any, str]]:
+    """A PostgreSQL server of this test alone (migrated), for tests that restart it."""
+    if not services.local_stack:
+        pytest.skip("fault tests start private servers from the local stack's binaries; "
+                    f"services here come from {services.origin}")
+    from deploy.local.postgres import PostgresService
+
+    server = PostgresService(tmp_path_factory.mktemp("postgres"))
+    url = server.start()["OUTBOX_DB_URL"]
+    with psycopg.connect(url) as conn:
+        migrate.up(conn, SchemaNames())
+    yield server, url
+    server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import pwd
 import secrets
@@ -99,14 +100,34 @@ def server_user() -> str | None:
     return "outbox"
 
 
+def traversable_by_others(path: Path) -> bool:
+    """Whether an unprivileged user can reach `path` (every parent directory has o+x)."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return False
+    return True
+
+
+def server_home(wanted: Path, user: str | None) -> Path:
+    """Where the cluster lives: under .local/ when the server's user can reach it; otherwise
+    (a checkout under /root, a pytest tmp dir) in /var/tmp, one directory per checkout."""
+    if user is None or traversable_by_others(wanted.parent):
+        return wanted
+    digest = hashlib.sha1(str(wanted).encode()).hexdigest()[:12]
+    home = Path("/var/tmp/outbox-relay") / f"postgres-{digest}"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    home.parent.chmod(0o755)
+    return home
+
+
 class PostgresService:
     name = "postgres"
 
     def __init__(self, root: Path) -> None:
-        self.home = root.resolve() / "postgres"
+        self.state = StateFile(root.resolve() / "postgres" / "state.json")
+        self.home = server_home(root.resolve() / "postgres", server_user())
         self.data = self.home / "data"
         self.log = self.home / "postgres.log"
-        self.state = StateFile(self.home / "state.json")
 
     # -- public interface ----------------------------------------------------------------------
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import psycopg
@@ -108,8 +111,33 @@ def migrate_sql(schema: SchemaOption = "public", table: TableOption = "outbox") 
     typer.echo(guarded(lambda: migrations.render_all(names)))
 
 
+def _load_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """Read the TOML file into click's default map: CLI > environment > file > defaults."""
+    if path is None:
+        return None
+    from outbox.config_files import read_toml_section
+
+    allowed = [p.name for p in ctx.command.params if p.name and p.name != "config"]
+    try:
+        values = read_toml_section(path, "relay", allowed)
+    except OutboxError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    for name in ("collections", "kafka_setting"):
+        if isinstance(values.get(name), str) and name == "kafka_setting":
+            values[name] = [values[name]]
+        elif isinstance(values.get(name), list) and name == "collections":
+            values[name] = ",".join(values[name])
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
 @app.command("relay")
 def relay_command(
+    config: Annotated[Path | None, typer.Option(
+        "--config", envvar="OUTBOX_CONFIG", show_envvar=True, is_eager=True,
+        callback=_load_config_file,
+        help="TOML file with a [relay] table of these options (below CLI and environment).",
+    )] = None,
     source: Annotated[str, typer.Option(
         envvar="OUTBOX_SOURCE", show_envvar=True,
         help="postgres-poll | postgres-wal | mongo-poll | mongo-stream")] = "postgres-poll",
@@ -149,6 +177,25 @@ def relay_command(
         envvar="OUTBOX_LOG_FORMAT", show_envvar=True, help="json | human | auto")] = "auto",
     log_level: Annotated[str, typer.Option(
         envvar="OUTBOX_LOG_LEVEL", show_envvar=True)] = "INFO",
+    slot: Annotated[str, typer.Option(
+        envvar="OUTBOX_SLOT", show_envvar=True,
+        help="Logical replication slot (postgres-wal).")] = "outbox_relay",
+    publication: Annotated[str, typer.Option(
+        envvar="OUTBOX_PUBLICATION", show_envvar=True,
+        help="Publication covering the outbox table (postgres-wal).")] = "outbox_relay",
+    message_prefix: Annotated[str, typer.Option(
+        envvar="OUTBOX_MESSAGE_PREFIX", show_envvar=True,
+        help="Prefix of table-less events written with mode='message' (postgres-wal).",
+    )] = "outbox",
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_METRICS_PORT", show_envvar=True,
+        help="Serve /metrics, /healthz and /readyz on this port.")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        envvar="OUTBOX_METRICS_HOST", show_envvar=True,
+        help="Address of the metrics port (0.0.0.0 in containers).")] = "127.0.0.1",
+    shutdown_timeout: Annotated[float, typer.Option(
+        envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
+        help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
     print_config: Annotated[bool, typer.Option(
         help="Print the effective settings (secrets redacted) and exit.")] = False,
 ) -> None:
@@ -173,6 +220,12 @@ def relay_command(
             poll_interval=parse_duration(poll_interval, "poll_interval").total_seconds(),
             keep_published=parse_duration(keep_published, "keep_published")
             if keep_published else None,
+            slot=slot,
+            publication=publication,
+            message_prefix=message_prefix,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            shutdown_timeout=shutdown_timeout,
         )
 
     settings = guarded(build)
@@ -188,6 +241,55 @@ def relay_command(
     guarded(lambda: relay_main.run(settings))
 
 
+parked_app = typer.Typer(help="Events the relay could never publish.", no_args_is_help=True)
+app.add_typer(parked_app, name="parked")
+
+
+@parked_app.command("list")
+def parked_list(
+    db: DbOption,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100,
+) -> None:
+    """Show parked events with the reason they could not be published."""
+    from relay import parked
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    with connect(db) as conn:
+        events = guarded(lambda: parked.list_parked(conn, names, limit))
+    if not events:
+        typer.echo("no parked events")
+    for event in events:
+        typer.echo(
+            f"{event.id}  {event.aggregate_type}/{event.aggregate_id}  {event.event_type}  "
+            f"{event.payload_bytes} bytes  parked {event.parked_at:%Y-%m-%d %H:%M:%S}  "
+            f"reason: {event.reason}"
+        )
+
+
+@parked_app.command("retry")
+def parked_retry(
+    db: DbOption,
+    ids: Annotated[list[str] | None, typer.Argument(help="Event ids (default: all).")] = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Re-queue parked events (after fixing the cause, e.g. the broker's message size)."""
+    import uuid
+
+    from relay import parked
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    try:
+        wanted = [uuid.UUID(value) for value in ids] if ids else None
+    except ValueError as exc:
+        fail(f"not an event id: {exc}")
+    with connect(db) as conn:
+        moved = guarded(lambda: parked.retry(conn, names, wanted))
+    typer.echo(f"re-queued {len(moved)} event(s)")
+
+
 # Sub-commands that live in their own modules are registered here, one line each.
 from outbox.consumer_cli import dlq_app, inbox_app  # noqa: E402 - sub-apps registered below
 
@@ -196,6 +298,13 @@ app.add_typer(inbox_app, name="inbox")
 
 
 def main() -> None:
+    from outbox.config_files import apply_secret_files
+
+    try:
+        apply_secret_files(os.environ)
+    except OutboxError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     app(prog_name="outbox")
 
 

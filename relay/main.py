@@ -9,6 +9,7 @@ from collections.abc import Callable
 from outbox.errors import OutboxError
 from relay.daemon import Relay, stop_on_signals, supervise
 from relay.errors import FatalRelayError, RetryableError
+from relay.metrics import MetricsServer
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     """Check the source once (fail fast on a wrong setup) and return a maker of relays."""
     if settings.source == "postgres-poll":
-        from relay.postgres_poll import PollConfig, PollingRelay, check_schema
+        from relay.postgres_poll import PollConfig, PollingRelay, check_schema, poll_gauges
 
         assert settings.db_url is not None
         config = PollConfig(
@@ -30,6 +31,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         )
         check_schema(config)
         publisher = settings.publisher()
+        stats.gauges.update(poll_gauges(config))
         return lambda: PollingRelay(config, publisher, stats)
     raise FatalRelayError(f"source {settings.source!r} is not available in this version")
 
@@ -37,15 +39,22 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
 def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:
     """Run until stopped. Raises OutboxError when the relay cannot start or must stop."""
     stop = stop or threading.Event()
-    stats = RelayStats()
+    stats = RelayStats(source=settings.source)
     log.info("relay starting", extra={"event": "relay_starting", "settings": settings.redacted()})
     try:
         factory = relay_factory(settings, stats)
     except RetryableError as exc:
         # At start-up an unreachable source is a configuration problem until proven otherwise.
         raise FatalRelayError(f"cannot start: {exc}") from exc
-    with stop_on_signals(stop):
-        supervise(factory, stop, stats=stats)
+    server = None
+    if settings.metrics_port is not None:
+        server = MetricsServer(stats, settings.metrics_port, settings.metrics_host).start()
+    try:
+        with stop_on_signals(stop):
+            supervise(factory, stop, stats=stats)
+    finally:
+        if server is not None:
+            server.stop()
     log.info("relay stopped", extra={"event": "relay_exit"})
 
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
+
+# While idle, the relay asks the broker for metadata this often (readiness reflects it).
+BROKER_CHECK_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def connect(url: str) -> psycopg.Connection[Any]:
 def _record(row: tuple[Any, ...]) -> OutboxRecord:
     headers = row[8]
     return OutboxRecord(
+        created_at=row[9],
         id=row[1],
         aggregate_type=row[2],
         aggregate_id=row[3],
@@ -106,6 +111,7 @@ class PollingRelay:
         self._failure: Delivery | None = None
         self._last_ack = time.monotonic()
         self._last_expire = 0.0
+        self._broker_checked = time.monotonic()
 
     def _query(self, name: str) -> Any:
         return queries.query("poll.sql", name, self.config.names)
@@ -115,7 +121,8 @@ class PollingRelay:
     def _on_delivery(self, position: int, delivery: Delivery) -> None:
         if delivery.ok:
             self._delivered.append(position)
-            self.stats.delivered(delivery.topic, None)
+            created = delivery.record.created_at
+            self.stats.delivered(delivery.topic, created.timestamp() if created else None)
         elif delivery.permanent:
             self._parked.append((position, delivery.error or "unknown"))
         else:
@@ -132,8 +139,10 @@ class PollingRelay:
                 return
             listener.execute(self._query("listen"))
             publisher: KafkaPublisher[int] = KafkaPublisher(
-                self.publisher_config, self._on_delivery
+                self.publisher_config, self._on_delivery,
+                on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
             )
+            publisher.broker_reachable(timeout=5.0)
             log.info("polling relay active", extra={
                 "event": "relay_active", "source": "postgres-poll",
                 "table": f"{self.config.names.schema}.{self.config.names.table}"})
@@ -215,10 +224,14 @@ class PollingRelay:
                     self._expire(conn)
                     self.stats.progressed()
                     if not rows:
-                        self._wait_for_notification(listener)
+                        self._idle(listener, publisher)
         self._drain(conn, publisher)
 
-    def _wait_for_notification(self, listener: psycopg.Connection[Any]) -> None:
+    def _idle(self, listener: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
+        """Nothing to do: check the broker now and then, and wait for a notification."""
+        if time.monotonic() - self._broker_checked > BROKER_CHECK_INTERVAL:
+            publisher.broker_reachable(timeout=2.0)
+            self._broker_checked = time.monotonic()
         for _ in listener.notifies(timeout=self.config.poll_interval, stop_after=1):
             pass
 
@@ -272,3 +285,19 @@ def check_schema(config: PollConfig) -> None:
             f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
             "run `outbox migrate up --db URL` first"
         )
+
+
+def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:
+    """Backlog gauges for the metrics endpoint, each read with a short-lived connection."""
+
+    def backlog() -> tuple[int, float | None]:
+        with psycopg.connect(libpq_url(config.db_url), connect_timeout=5, autocommit=True) as c:
+            row = c.execute(
+                queries.query("poll.sql", "backlog", config.names)).fetchone() or (0, None)
+        oldest = row[1]
+        return int(row[0]), (time.time() - oldest.timestamp()) if oldest else 0.0
+
+    return {
+        "backlog_events": lambda: backlog()[0],
+        "oldest_pending_age_seconds": lambda: backlog()[1],
+    }

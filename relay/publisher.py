@@ -6,7 +6,7 @@ import logging
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -123,17 +123,21 @@ class KafkaPublisher(Generic[Token]):
         config: PublisherConfig,
         on_delivery: Callable[[Token, Delivery], None],
         *,
+        on_broker_state: Callable[[bool], None] | None = None,
         producer: Producer | None = None,
     ) -> None:
         self.config = config
         self._on_delivery = on_delivery
+        self._on_broker_state = on_broker_state or (lambda _up: None)
         self._producer = producer or Producer(
             {**config.producer_settings(), "error_cb": self._on_client_error}
         )
         self.in_flight = 0
 
     def _on_client_error(self, error: KafkaError) -> None:
-        # Transport errors (broker down) are retried by librdkafka; only log them.
+        # Transport errors (broker down) are retried by librdkafka; log them, mark not ready.
+        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self._on_broker_state(False)
         if error.fatal():
             log.error("kafka fatal error", extra={"event": "kafka_fatal", "error": str(error)})
         else:
@@ -203,6 +207,12 @@ class KafkaPublisher(Generic[Token]):
         self._producer.purge()
         self._producer.poll(0)
 
-    def list_topics(self, timeout: float) -> Any:
-        """Broker metadata: used to check that Kafka is reachable."""
-        return self._producer.list_topics(timeout=timeout)
+    def broker_reachable(self, timeout: float) -> bool:
+        """Ask the broker for metadata; reports the answer to `on_broker_state` too."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+            up = True
+        except KafkaException:
+            up = False
+        self._on_broker_state(up)
+        return up

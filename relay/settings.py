@@ -61,6 +61,7 @@ class RelaySettings:
     message_prefix: str = "outbox"
     shutdown_timeout: float = 30.0
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:

@@ -1,15 +1,42 @@
-"""Counters every relay keeps while it runs; metrics and health endpoints read them."""
+"""Counters every relay keeps while it runs; the metrics and health endpoints read them."""
 
 from __future__ import annotations
 
-import threading
+import bisect
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# Commit-to-Kafka latency buckets (seconds), for the Prometheus histogram.
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """A fixed-bucket histogram cheap enough for the per-event hot path."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        running, buckets = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            buckets.append((bound, running))
+        return buckets
 
 
 @dataclass
 class RelayStats:
+    """Written by the relay thread only; read (racily, which is fine for gauges) by scrapes."""
+
+    source: str = ""
     published: Counter[str] = field(default_factory=Counter)  # by topic
     parked: int = 0
     delivery_errors: int = 0
@@ -22,17 +49,19 @@ class RelayStats:
     broker_connected: bool = False
     last_published_at: float | None = None
     last_progress_at: float = field(default_factory=time.monotonic)
-    acknowledged_position: str | None = None
-    # Commit-to-Kafka latencies (seconds) since the last scrape; the metrics module drains them.
-    latencies: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    latency: Histogram = field(default_factory=Histogram)
+    # Source-specific gauges (backlog, slot lag...), evaluated at scrape time.
+    gauges: dict[str, Callable[[], float | None]] = field(default_factory=dict)
 
-    def delivered(self, topic: str, latency: float | None) -> None:
+    def delivered(self, topic: str, created_at: float | None) -> None:
+        """One successful delivery report; `created_at` is the event's Unix time, if known."""
         self.published[topic] += 1
-        self.last_published_at = time.time()
-        self.last_progress_at = time.monotonic()
-        if latency is not None and len(self.latencies) < 100_000:
-            self.latencies.append(latency)
+        now = time.time()
+        self.last_published_at = now
+        self.broker_connected = True
+        if created_at is not None:
+            self.latency.observe(max(0.0, now - created_at))
 
     def progressed(self) -> None:
+        """The relay loop is alive and caught up (or made progress)."""
         self.last_progress_at = time.monotonic()

@@ -13,7 +13,7 @@ FROM pg_current_snapshot() AS s
 -- Rows below the cursor of transactions that had not completed at the last read (those that
 -- committed since); the partial txid index makes this cheap.
 SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
-       headers::text
+       headers::text, created_at
 FROM {schema}.{table}
 WHERE published_at IS NULL
   AND position <= %(ceiling)s
@@ -24,7 +24,7 @@ ORDER BY position
 -- The next page above the cursor, in insertion order; rows of running transactions are not
 -- visible and are picked up by fetch_late once they commit.
 SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
-       headers::text
+       headers::text, created_at
 FROM {schema}.{table}
 WHERE published_at IS NULL AND position > %(after)s
 ORDER BY position

@@ -252,3 +252,35 @@ def test_concurrent_writers_serialised_per_aggregate_keep_commit_order(
     reader.close()
     verdict.assert_holds()
     assert verdict.dup == 0
+
+
+def test_parked_events_are_listed_and_retried_from_the_cli(
+    db_url: str, kafka_bootstrap: str, topic: str
+) -> None:
+    import subprocess
+    import sys
+
+    misrouted = outbox.Event(topic, "k", "Misrouted", {"n": 1}, topic="bad topic!")
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, misrouted)
+        conn.commit()
+    with RelayThread(settings(db_url, kafka_bootstrap)):
+        wait_for(lambda: backlog(db_url) == 0, 30, "the event to be parked")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "outbox.cli", "parked", *args, "--db", db_url],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = cli("list")
+    assert listed.returncode == 0 and str(misrouted.id) in listed.stdout
+    assert "invalid topic name" in listed.stdout
+    with psycopg.connect(db_url) as conn:  # the cause is fixed: route it to a valid topic
+        conn.execute("UPDATE outbox_parked SET topic = %s", [topic])
+        conn.commit()
+    retried = cli("retry", str(misrouted.id))
+    assert retried.returncode == 0 and "re-queued 1 event" in retried.stdout
+    reader = TopicReader(kafka_bootstrap, topic)
+    with RelayThread(settings(db_url, kafka_bootstrap)):
+        reader.read_ids({str(misrouted.id)})
+    reader.close()
+    assert "no parked events" in cli("list").stdout

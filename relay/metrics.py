@@ -1,0 +1,134 @@
+"""Prometheus metrics, /healthz and /readyz on one port, read from the relay's RelayStats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from relay.stats import RelayStats
+
+log = logging.getLogger(__name__)
+
+# A relay with work in flight that made no progress for this long is not ready (stalled).
+STALL_SECONDS = 60.0
+
+
+class RelayCollector(Collector):
+    def __init__(self, stats: RelayStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats
+        published = CounterMetricFamily(
+            "outbox_events_published", "Events acknowledged by Kafka.", labels=["topic"])
+        for topic, count in list(s.published.items()):
+            published.add_metric([topic], count)
+        yield published
+        yield CounterMetricFamily("outbox_delivery_errors", "Failed delivery reports.",
+                                  value=s.delivery_errors)
+        yield CounterMetricFamily("outbox_events_parked", "Events that can never be published.",
+                                  value=s.parked)
+        yield CounterMetricFamily("outbox_relay_restarts", "Restarts after transient failures.",
+                                  value=s.restarts)
+        yield CounterMetricFamily("outbox_batches", "Batches read from the source.",
+                                  value=s.batches)
+        yield CounterMetricFamily("outbox_batch_events", "Events in those batches.",
+                                  value=s.batch_events)
+        yield GaugeMetricFamily("outbox_in_flight", "Events sent, not yet acknowledged.",
+                                value=s.in_flight)
+        yield GaugeMetricFamily("outbox_relay_leader", "1 when this relay is the active one.",
+                                value=1 if s.leader else 0)
+        if s.last_published_at is not None:
+            yield GaugeMetricFamily("outbox_last_published_timestamp_seconds",
+                                    "Unix time of the last acknowledged event.",
+                                    value=s.last_published_at)
+        latency = HistogramMetricFamily(
+            "outbox_commit_to_kafka_seconds",
+            "From the event's creation (in the writer's transaction) to Kafka's acknowledgement.")
+        latency.add_metric([], s.latency.cumulative(), sum_value=s.latency.total)
+        yield latency
+        for name, probe in list(s.gauges.items()):
+            try:
+                value = probe()
+            except Exception as exc:  # a scrape must not fail because one probe did
+                log.warning("metric probe failed", extra={
+                    "event": "probe_failed", "probe": name, "error": str(exc)})
+                continue
+            if value is not None:
+                yield GaugeMetricFamily(f"outbox_{name}", name.replace("_", " ") + ".",
+                                        value=value)
+
+
+def readiness(stats: RelayStats) -> tuple[bool, dict[str, Any]]:
+    """Ready: connected to the source and the broker, and not stalled with work in flight."""
+    stalled = stats.in_flight > 0 and time.monotonic() - stats.last_progress_at > STALL_SECONDS
+    detail = {
+        "source_connected": stats.source_connected,
+        "broker_connected": stats.broker_connected,
+        "leader": stats.leader,
+        "in_flight": stats.in_flight,
+        "stalled": stalled,
+    }
+    return stats.source_connected and stats.broker_connected and not stalled, detail
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz (the process answers) and /readyz on 127.0.0.1 or `host`."""
+
+    def __init__(self, stats: RelayStats, port: int, host: str = "0.0.0.0") -> None:
+        registry = CollectorRegistry()
+        registry.register(RelayCollector(stats))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._send(200, generate_latest(registry), "text/plain; version=0.0.4")
+                elif self.path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif self.path == "/readyz":
+                    ready, detail = readiness(stats)
+                    body = json.dumps({"ready": ready, **detail}).encode()
+                    self._send(200 if ready else 503, body, "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would flood the relay's log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        log.info("metrics and health endpoints listening", extra={
+            "event": "metrics_listening", "port": self.port})
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

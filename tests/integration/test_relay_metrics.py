@@ -1,0 +1,105 @@
+"""Metrics, /healthz and /readyz of a running relay, scraped for real."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+import psycopg
+import pytest
+
+from relay.settings import RelaySettings
+from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.ledger import Ledger
+from tests.support.relays import RelayThread, wait_for
+from tests.support.writers import SequencedWriter
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening (yet)
+        return 0, str(exc)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def relay_settings(db_url: str, bootstrap: str, port: int) -> RelaySettings:
+    return RelaySettings(source="postgres-poll", db_url=db_url, kafka_bootstrap=bootstrap,
+                         poll_interval=0.2, metrics_port=port)
+
+
+def test_metrics_count_published_events_and_latency(db_url: str, kafka_bootstrap: str) -> None:
+    topic = unique_topic("metrics")
+    create_topics(kafka_bootstrap, topic)
+    ledger = Ledger()
+    SequencedWriter(topic, ledger).write_many(db_url, keys=3, per_key=10)
+    port = free_port()
+    reader = TopicReader(kafka_bootstrap, topic)
+    with RelayThread(relay_settings(db_url, kafka_bootstrap, port)):
+        reader.read_ids(ledger.committed_ids)
+        wait_for(lambda: metric(get(port, "/metrics")[1],
+                                f'outbox_events_published_total{{topic="{topic}"}}') == 30,
+                 30, "the published counter")
+        status, text = get(port, "/metrics")
+        assert status == 200
+        assert metric(text, "outbox_commit_to_kafka_seconds_count") == 30
+        assert metric(text, "outbox_backlog_events") == 0
+        assert metric(text, "outbox_relay_leader") == 1
+        assert get(port, "/healthz") == (200, "ok\n")
+        status, body = get(port, "/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+    reader.close()
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_readiness_drops_while_the_broker_is_stopped_and_returns(
+    db_url: str, private_kafka: Any
+) -> None:
+    bootstrap = private_kafka.start()["OUTBOX_KAFKA_BOOTSTRAP"]
+    port = free_port()
+
+    def ready() -> bool:
+        return get(port, "/readyz")[0] == 200
+
+    with RelayThread(relay_settings(db_url, bootstrap, port)):
+        wait_for(ready, 30, "the relay to be ready")
+        private_kafka.stop()
+        wait_for(lambda: not ready(), 60, "readiness to drop without a broker")
+        assert get(port, "/healthz")[0] == 200  # alive, just not ready
+        private_kafka.start()
+        wait_for(ready, 90, "readiness to come back with the broker")
+
+
+def test_backlog_gauge_counts_pending_events(db_url: str, kafka_bootstrap: str) -> None:
+    import outbox
+
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, outbox.Event("NoRelay", "1", "E"), outbox.Event("NoRelay", "2", "E"))
+        conn.commit()
+    from relay.postgres_poll import PollConfig, poll_gauges
+
+    gauges = poll_gauges(PollConfig(db_url=db_url))
+    assert gauges["backlog_events"]() == 2
+    age = gauges["oldest_pending_age_seconds"]()
+    assert age is not None and age >= 0

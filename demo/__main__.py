@@ -1,0 +1,281 @@
+"""`python -m demo`: the whole pattern live, on the local stack, with a verdict at the end.
+
+An order service writes orders and their events in one transaction (some roll back on purpose),
+the relay publishes them to Kafka, a billing service applies each once. Half-way the relay is
+killed with SIGKILL and restarted. The verdict, computed from the databases: every committed
+event applied exactly once, no rolled-back event applied, each order's events applied in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+from sqlalchemy import create_engine, text
+
+from demo.billing import SCHEMA as BILLING_SCHEMA
+from demo.billing import billing_consumer
+from demo.order_service import Base, OrderService, PaymentDeclined
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("postgres-wal", "postgres-poll")
+
+
+@dataclass
+class Tally:
+    committed: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (order, version)
+    rolled_back: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def stack_settings() -> dict[str, str]:
+    names = ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP")
+    if all(os.environ.get(n) for n in names):
+        return {n: os.environ[n] for n in names}
+    from deploy.local import stack
+
+    return stack.up(names=["postgres", "kafka"])
+
+
+def recreate_database(admin_url: str, name: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for (slot,) in admin.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
+        ).fetchall():
+            admin.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return psycopg.conninfo.make_conninfo(admin_url, dbname=name)
+
+
+def sqlalchemy_url(conninfo: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(conninfo)
+    return (f"postgresql+psycopg://{info['user']}:{info['password']}@{info['host']}:"
+            f"{info['port']}/{info['dbname']}")
+
+
+def outbox_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "outbox.cli", *args], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Relay:
+    """The relay as a real process (so it can be SIGKILLed), with its metrics port."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.args, self.log = args, log
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.published_before = 0  # by earlier (killed) processes
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "outbox.cli", "relay", *self.args,
+                 "--metrics-port", str(self.port), "--log-format", "json"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    def metrics(self) -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1) as r:
+                body = r.read().decode()
+        except OSError:
+            return {}
+        values: dict[str, float] = {}
+        for line in body.splitlines():
+            if line.startswith("outbox_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                base = name.split("{", 1)[0]
+                values[base] = values.get(base, 0.0) + float(value)
+        return values
+
+    def published(self) -> int:
+        return self.published_before + int(self.metrics().get("outbox_events_published_total", 0))
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.published_before = self.published()
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+
+def write_orders(service: OrderService, tally: Tally, stop: threading.Event, rate: float) -> None:
+    """Place orders and settle them; about one settlement in six fails its payment check."""
+    rng = random.Random(7)
+    pending: list[int] = []
+    while not stop.is_set():
+        event = service.place_order(rng.choice(["ada", "grace", "linus"]), rng.randint(100, 9999))
+        with tally.lock:
+            tally.committed[str(event.id)] = (int(event.aggregate_id), 1)
+        pending.append(int(event.aggregate_id))
+        if len(pending) > 5:
+            order_id = pending.pop(rng.randrange(len(pending)))
+            try:
+                if rng.random() < 0.25:
+                    event = service.cancel(order_id)
+                else:
+                    event = service.approve(order_id, payment_ok=rng.random() > 0.18)
+                with tally.lock:
+                    tally.committed[str(event.id)] = (order_id, 2)
+            except PaymentDeclined:
+                with tally.lock:
+                    tally.rolled_back.add(f"order {order_id} approval")
+                pending.append(order_id)  # still pending: settle it later
+        stop.wait(1.0 / rate)
+
+
+def billing_view(billing_url: str) -> list[tuple[str, int, int]]:
+    with psycopg.connect(billing_url) as conn:
+        return [(str(i), o, v) for i, o, v in conn.execute(
+            "SELECT event_id, order_id, version FROM billing_applied ORDER BY seq").fetchall()]
+
+
+def backlog(relay: Relay) -> str:
+    metrics = relay.metrics()
+    if "outbox_slot_lag_bytes" in metrics:
+        return f"slot lag {int(metrics['outbox_slot_lag_bytes'])} B"
+    if "outbox_backlog_events" in metrics:
+        return f"backlog {int(metrics['outbox_backlog_events'])}"
+    return "relay restarting"
+
+
+def verdict(tally: Tally, applied: list[tuple[str, int, int]]) -> list[str]:
+    problems = []
+    applied_ids = [event_id for event_id, _, _ in applied]
+    missing = set(tally.committed) - set(applied_ids)
+    extra = set(applied_ids) - set(tally.committed)
+    twice = len(applied_ids) - len(set(applied_ids))
+    if missing:
+        problems.append(f"{len(missing)} committed events were never applied")
+    if extra:
+        problems.append(f"{len(extra)} applied events were never committed (rolled back?)")
+    if twice:
+        problems.append(f"{twice} events were applied twice")
+    last: dict[int, int] = {}
+    for _, order, version in applied:
+        if version <= last.get(order, 0):
+            problems.append(f"order {order}: version {version} applied after {last[order]}")
+        last[order] = version
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
+    parser.add_argument("--source", choices=SOURCES, default=SOURCES[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of writing")
+    parser.add_argument("--rate", type=float, default=40.0, help="orders per second")
+    parser.add_argument("--prefix", default="outbox_demo", help="names of the demo databases")
+    args = parser.parse_args(argv)
+
+    run = uuid.uuid4().hex[:6]
+    home = REPO / ".local" / "demo"
+    home.mkdir(parents=True, exist_ok=True)
+    settings = stack_settings()
+    admin, bootstrap = settings["OUTBOX_DB_URL"], settings["OUTBOX_KAFKA_BOOTSTRAP"]
+    print(f"== outbox-relay demo (source {args.source}, run {run}) ==")
+    orders_url = recreate_database(admin, f"{args.prefix}_orders")
+    billing_url = recreate_database(admin, f"{args.prefix}_billing")
+    for url in (orders_url, billing_url):
+        outbox_cli("migrate", "up", "--db", url)
+    topic = f"demo-{run}.Order"
+    kafka_admin = AdminClient({"bootstrap.servers": bootstrap})
+    kafka_admin.create_topics(
+        [NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
+
+    orders_engine = create_engine(sqlalchemy_url(orders_url), pool_size=2)
+    billing_engine = create_engine(sqlalchemy_url(billing_url), pool_size=2)
+    Base.metadata.create_all(orders_engine)
+    with billing_engine.begin() as conn:
+        conn.execute(text(BILLING_SCHEMA))
+    relay_args = ["--source", args.source, "--db", orders_url, "--kafka", bootstrap,
+                  "--topic-template", f"demo-{run}.{{aggregate_type}}"]
+    if args.source == "postgres-wal":
+        outbox_cli("slot", "create", "--db", orders_url)
+    relay = Relay(relay_args, home / "relay.log")
+    consumer = billing_consumer(billing_engine, bootstrap, [topic])
+    tally, stop_writing = Tally(), threading.Event()
+    writer = threading.Thread(target=write_orders, name="orders",
+                              args=(OrderService(orders_engine), tally, stop_writing, args.rate))
+    consuming = threading.Thread(target=consumer.run, name="billing", daemon=True)
+    print(f"orders db, billing db, topic {topic}; relay log {relay.log}")
+    relay.start()
+    consuming.start()
+    writer.start()
+    started, killed = time.monotonic(), False
+    deadline = started + args.duration + 90
+    try:
+        while True:
+            elapsed = time.monotonic() - started
+            if not killed and elapsed > args.duration / 2:
+                relay.kill()
+                killed = True
+                print(f"[{elapsed:5.1f}s] relay killed with SIGKILL; restarting it")
+                relay.start()
+            if elapsed > args.duration and not stop_writing.is_set():
+                stop_writing.set()
+                writer.join()
+            stats = consumer.stats
+            with tally.lock:
+                written, declined = len(tally.committed), len(tally.rolled_back)
+            print(f"[{elapsed:5.1f}s] written {written} (rolled back {declined})  "
+                  f"published {relay.published()}  applied {stats.processed}  "
+                  f"duplicates skipped {stats.duplicates}  {backlog(relay)}", flush=True)
+            if stop_writing.is_set() and stats.processed >= written:
+                break
+            if time.monotonic() > deadline:
+                print("timed out waiting for the billing service to catch up")
+                break
+            time.sleep(1.0)
+    finally:
+        stop_writing.set()
+        if writer.is_alive():
+            writer.join()
+        relay_exit = relay.stop()
+        consumer.stop()
+        consuming.join(30)
+    problems = verdict(tally, billing_view(billing_url))
+    if relay_exit != 0:
+        problems.append(f"the relay exited with {relay_exit} on SIGTERM")
+    print(f"\ncommitted events {len(tally.committed)}, rolled back {len(tally.rolled_back)}, "
+          f"applied {len(billing_view(billing_url))}, duplicates skipped "
+          f"{consumer.stats.duplicates}")
+    if problems:
+        print("VERDICT: FAILED\n  " + "\n  ".join(problems))
+        return 1
+    print("VERDICT: OK - every committed event applied exactly once, in order per order; "
+          "no rolled-back event applied; nothing lost across the SIGKILL")
+    orders_engine.dispose()
+    billing_engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -290,6 +290,133 @@ def parked_retry(
     typer.echo(f"re-queued {len(moved)} event(s)")
 
 
+OptionalKafkaOption = Annotated[
+    str | None,
+    typer.Option("--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+                 help="Kafka bootstrap servers; without it the broker is not checked."),
+]
+KafkaSettingOption = Annotated[
+    list[str] | None,
+    typer.Option("--kafka-setting", envvar="OUTBOX_KAFKA_SETTINGS", show_envvar=True,
+                 help="librdkafka setting key=value (repeatable): the relay's TLS/SASL settings."),
+]
+SlotOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_SLOT", show_envvar=True,
+                      help="Logical replication slot of the WAL relay.")
+]
+PublicationOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_PUBLICATION", show_envvar=True,
+                      help="Publication of the WAL relay.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+@app.command("status")
+def status_command(
+    db: DbOption,
+    kafka: OptionalKafkaOption = None,
+    kafka_setting: KafkaSettingOption = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    kafka_timeout: Annotated[float, typer.Option(
+        envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True,
+        help="Seconds to wait for the broker.")] = 10.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the backlog, oldest pending event, parked events, leader, slot state and lag."""
+    import dataclasses
+    import json
+
+    from relay import doctor, status
+    from relay.postgres_poll import PollConfig
+    from relay.settings import parse_kafka_settings
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    leader_key = PollConfig(db_url=db, names=names).leader_key
+    with connect(db) as conn:
+        conn.autocommit = True  # read-only report: no transaction to hold open
+        report = guarded(lambda: status.gather(
+            conn, names, leader_key=leader_key, slot=slot, publication=publication))
+    if kafka:
+        facts = guarded(lambda: doctor.inspect_kafka(
+            kafka, parse_kafka_settings(kafka_setting or []), timeout=kafka_timeout))
+        report = dataclasses.replace(report, kafka=status.KafkaReport(
+            kafka, facts.brokers, facts.cluster_id, facts.error))
+    if as_json:
+        typer.echo(redact(json.dumps(status.as_json(report), indent=2)))
+    else:
+        typer.echo(redact(status.render(report)))
+
+
+@app.command("doctor")
+def doctor_command(
+    db: DbOption,
+    kafka: OptionalKafkaOption = None,
+    kafka_setting: KafkaSettingOption = None,
+    allow_unsafe_kafka_settings: Annotated[bool, typer.Option(
+        envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
+        help="Allow librdkafka settings that run commands or load libraries.")] = False,
+    source: Annotated[str, typer.Option(
+        envvar="OUTBOX_SOURCE", show_envvar=True,
+        help="postgres-poll | postgres-wal: which relay the checks are for.")] = "postgres-poll",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    max_payload_bytes: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_MAX_PAYLOAD_BYTES", show_envvar=True,
+        help="Largest payload the writers accept (Outbox.max_payload_bytes; default 1 MiB).",
+    )] = None,
+    topics: Annotated[str, typer.Option(
+        envvar="OUTBOX_DOCTOR_TOPICS", show_envvar=True,
+        help="Comma-separated topics that must exist.")] = "",
+    partitions: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_DOCTOR_PARTITIONS", show_envvar=True,
+        help="Partitions each of --topics must have.")] = None,
+    kafka_timeout: Annotated[float, typer.Option(
+        envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True,
+        help="Seconds to wait for the broker.")] = 10.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the setup before going live: one line per check (OK, WARN, FAIL) with a fix.
+    Run it with the relay's own --db URL, so that its role's privileges are checked. Exits 1
+    when a check fails."""
+    import json
+
+    from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
+    from relay import doctor
+    from relay.settings import parse_kafka_settings
+
+    def options() -> doctor.DoctorOptions:
+        return doctor.DoctorOptions(
+            source=source,
+            names=SchemaNames(schema, table),
+            slot=slot,
+            publication=publication,
+            max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES,
+            topics=tuple(t.strip() for t in topics.split(",") if t.strip()),
+            partitions=partitions,
+        )
+
+    checked = guarded(options)
+    settings = guarded(lambda: parse_kafka_settings(kafka_setting or []))
+    gather_kafka = None
+    if kafka:
+        def gather_kafka() -> doctor.KafkaFacts:
+            return doctor.inspect_kafka(
+                kafka, settings, topics=checked.topics, timeout=kafka_timeout,
+                allow_unsafe=allow_unsafe_kafka_settings)
+    results = guarded(lambda: doctor.run(db, checked, gather_kafka))
+    if as_json:
+        typer.echo(json.dumps(doctor.as_json(results), indent=2))
+    else:
+        typer.echo(doctor.render(results))
+    if doctor.failed(results):
+        raise typer.Exit(1)
+
+
 # Sub-commands that live in their own modules are registered here, one line each.
 from outbox.consumer_cli import dlq_app, inbox_app  # noqa: E402 - sub-apps registered below
 

@@ -6,18 +6,7 @@ import re
 from collections.abc import Mapping
 
 from outbox.errors import ConfigurationError
-
-# Settings that make librdkafka run a command or load code: refused unless explicitly allowed,
-# because relay settings often come from environment variables or shared config files.
-UNSAFE_SETTINGS = frozenset(
-    {
-        "plugin.library.paths",
-        "sasl.kerberos.kinit.cmd",
-        "ssl.engine.location",
-        "ssl.providers",
-        "sasl.oauthbearer.config.file",
-    }
-)
+from outbox.kafka_safety import refuse_unsafe
 
 # The relay's guarantees rest on these: a user may not weaken them by pass-through.
 REQUIRED = {
@@ -54,11 +43,7 @@ def producer_settings(
     settings = dict(DEFAULTS)
     for key, value in (overrides or {}).items():
         key = key.strip()
-        if key in UNSAFE_SETTINGS and not allow_unsafe:
-            raise ConfigurationError(
-                f"kafka setting {key!r} runs commands or loads libraries; it is refused unless "
-                "allow_unsafe_kafka_settings is set"
-            )
+        refuse_unsafe(key, allow_unsafe=allow_unsafe)
         if key in REQUIRED and str(value).lower() != REQUIRED[key]:
             raise ConfigurationError(
                 f"kafka setting {key}={value!r} would break the relay's guarantees; "

@@ -1,0 +1,401 @@
+"""Inbox stores for the asyncio consumer: SQLAlchemy AsyncEngine, psycopg async, pymongo async."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import psycopg
+import psycopg_pool
+from bson import Binary
+from psycopg.pq import TransactionStatus
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from outbox.conninfo import libpq_url, redact
+from outbox.consumer import queries
+from outbox.consumer.errors import InboxStoreError
+from outbox.consumer.mongo import (
+    DEFAULT_INBOX_COLLECTION,
+    ConcurrentClaim,
+    as_uuid,
+    mongo_transient,
+)
+from outbox.consumer.stores import PURGE_CHUNK, CommitGuard, _as_uuid, pg_transient, translate
+from outbox.errors import UnsupportedTargetError
+from outbox.identifiers import check_identifier
+from outbox.names import SchemaNames
+
+log = logging.getLogger("outbox.consumer")
+
+
+class AsyncInboxTransaction(Protocol):
+    @property
+    def handle(self) -> Any: ...
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]: ...
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+
+class AsyncInboxStore(Protocol):
+    async def check(self) -> None: ...
+
+    async def begin(self) -> AsyncInboxTransaction: ...
+
+    def is_transient(self, error: BaseException) -> bool: ...
+
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+# -- SQLAlchemy asyncio ------------------------------------------------------------------------
+
+
+class _AsyncSqlAlchemyTransaction:
+    def __init__(self, session: AsyncSession, claim_sql: str, consumer: str) -> None:
+        self._session = session
+        self._claim = claim_sql
+        self._consumer = consumer
+        self._guard = CommitGuard(session.sync_session)
+
+    @property
+    def handle(self) -> AsyncSession:
+        return self._session
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        result = await self._session.execute(
+            text(self._claim), {"consumer": self._consumer, "ids": list(ids)}
+        )
+        return {_as_uuid(row[0]) for row in result.all()}
+
+    async def commit(self) -> None:
+        self._guard.armed = False
+        try:
+            await self._session.commit()
+        finally:
+            await self._session.close()
+
+    async def rollback(self) -> None:
+        try:
+            await self._session.rollback()
+        except SQLAlchemyError as exc:
+            log.debug("rollback failed", extra={"event": "rollback_failed", "error": str(exc)})
+        finally:
+            try:
+                await self._session.close()
+            except SQLAlchemyError:
+                log.debug("session close failed", extra={"event": "close_failed"})
+
+
+class AsyncSqlAlchemyStore:
+    """Handlers get an `AsyncSession` whose transaction also holds the dedup rows."""
+
+    def __init__(
+        self, db: AsyncEngine | async_sessionmaker[AsyncSession], consumer: str,
+        names: SchemaNames,
+    ) -> None:
+        self._sessions: async_sessionmaker[AsyncSession] = (
+            async_sessionmaker(db) if isinstance(db, AsyncEngine) else db
+        )
+        self._consumer = consumer
+        self._names = names
+        self._claim = queries.claim(names, sqlalchemy=True)
+
+    async def check(self) -> None:
+        try:
+            async with self._sessions() as session:
+                await session.execute(text(queries.check(self._names)))
+        except SQLAlchemyError as exc:
+            raise translate(exc, "reading the inbox table") from exc
+
+    async def begin(self) -> AsyncInboxTransaction:
+        return _AsyncSqlAlchemyTransaction(self._sessions(), self._claim, self._consumer)
+
+    def is_transient(self, error: BaseException) -> bool:
+        return pg_transient(error)
+
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        statement = text(queries.purge(self._names, sqlalchemy=True))
+        total = 0
+        while True:
+            async with self._sessions() as session, session.begin():
+                result = await session.execute(
+                    statement,
+                    {"older_than": older_than, "consumer": consumer, "limit": PURGE_CHUNK},
+                )
+                deleted = int(getattr(result, "rowcount", 0) or 0)
+            total += deleted
+            if deleted < PURGE_CHUNK:
+                return total
+
+    async def close(self) -> None:
+        """The engine belongs to the application: nothing to close."""
+
+
+# -- psycopg asyncio ---------------------------------------------------------------------------
+
+
+class _AsyncPsycopgTransaction:
+    def __init__(self, store: AsyncPsycopgStore, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._store = store
+        self._conn = conn
+        self._pipeline = conn.pipeline() if store.pipeline else None
+        # See _PsycopgTransaction: a block makes a handler's own commit() an error.
+        self._block = conn.transaction()
+
+    async def open(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.__aenter__()
+        try:
+            await self._block.__aenter__()
+        except BaseException:
+            await self._end_pipeline()
+            raise
+
+    async def _end_pipeline(self) -> None:
+        if self._pipeline is not None:
+            pipeline, self._pipeline = self._pipeline, None
+            try:
+                await pipeline.__aexit__(None, None, None)
+            except psycopg.Error as exc:
+                log.debug("pipeline exit failed", extra={"event": "pipeline_failed",
+                                                         "error": str(exc)})
+
+    @property
+    def handle(self) -> psycopg.AsyncConnection[Any]:
+        return self._conn
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        cursor = await self._conn.execute(
+            self._store.claim_sql, {"consumer": self._store.consumer, "ids": list(ids)}
+        )
+        return {row[0] for row in await cursor.fetchall()}
+
+    async def commit(self) -> None:
+        try:
+            await self._block.__aexit__(None, None, None)
+            if self._pipeline is not None:
+                pipeline, self._pipeline = self._pipeline, None
+                await pipeline.__aexit__(None, None, None)
+        finally:
+            await self._end_pipeline()
+            await self._store.release(self._conn)
+
+    async def rollback(self) -> None:
+        try:
+            await self._block.__aexit__(psycopg.Rollback, psycopg.Rollback(), None)
+        except psycopg.Error as exc:
+            log.debug("rollback failed", extra={"event": "rollback_failed", "error": str(exc)})
+        finally:
+            await self._end_pipeline()
+            await self._store.release(self._conn)
+
+
+class AsyncPsycopgStore:
+    """Handlers get the `psycopg.AsyncConnection` whose transaction also holds the dedup rows;
+    `db` is an AsyncConnectionPool, an AsyncConnection or a conninfo string."""
+
+    def __init__(
+        self,
+        db: psycopg_pool.AsyncConnectionPool[Any] | psycopg.AsyncConnection[Any] | str,
+        consumer: str,
+        names: SchemaNames,
+        *,
+        pipeline: bool = False,
+    ) -> None:
+        self._pool = db if isinstance(db, psycopg_pool.AsyncConnectionPool) else None
+        self._conninfo = libpq_url(db) if isinstance(db, str) else None
+        self._conn: psycopg.AsyncConnection[Any] | None = (
+            db if isinstance(db, psycopg.AsyncConnection) else None
+        )
+        self.consumer = consumer
+        self._names = names
+        self.claim_sql = queries.claim(names)
+        self.pipeline = pipeline
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        if self._pool is not None:
+            conn: psycopg.AsyncConnection[Any] = await self._pool.getconn()
+            return conn
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conninfo is None:
+                raise InboxStoreError("the psycopg connection given as db= is closed or broken")
+            self._conn = await psycopg.AsyncConnection.connect(self._conninfo, connect_timeout=10)
+        return self._conn
+
+    async def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self._pool is not None:
+            await self._pool.putconn(conn)
+        elif conn.broken and self._conninfo is not None:
+            await conn.close()
+
+    async def check(self) -> None:
+        try:
+            conn = await self._connect()
+        except psycopg.Error as exc:
+            raise InboxStoreError(f"cannot connect to the database: {redact(str(exc))}") from exc
+        try:
+            async with conn.transaction():
+                await conn.execute(queries.check(self._names))
+        except psycopg.Error as exc:
+            raise translate(exc, "reading the inbox table") from exc
+        finally:
+            await self.release(conn)
+
+    async def begin(self) -> AsyncInboxTransaction:
+        conn = await self._connect()
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            await self.release(conn)
+            raise InboxStoreError("the database connection is already inside a transaction")
+        tx = _AsyncPsycopgTransaction(self, conn)
+        try:
+            await tx.open()
+        except BaseException:
+            await self.release(conn)
+            raise
+        return tx
+
+    def is_transient(self, error: BaseException) -> bool:
+        return pg_transient(error)
+
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        total = 0
+        while True:
+            conn = await self._connect()
+            try:
+                async with conn.transaction():
+                    cursor = await conn.execute(
+                        queries.purge(self._names),
+                        {"older_than": older_than, "consumer": consumer, "limit": PURGE_CHUNK},
+                    )
+                    deleted = cursor.rowcount
+            finally:
+                await self.release(conn)
+            total += max(deleted, 0)
+            if deleted < PURGE_CHUNK:
+                return total
+
+    async def close(self) -> None:
+        if self._conninfo is not None and self._conn is not None:
+            await self._conn.close()
+
+
+# -- pymongo asyncio ---------------------------------------------------------------------------
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class _AsyncMongoTransaction:
+    def __init__(self, session: AsyncClientSession, inbox: AsyncCollection[Any],
+                 consumer: str) -> None:
+        self._session = session
+        self._inbox = inbox
+        self._consumer = consumer
+
+    @property
+    def handle(self) -> AsyncClientSession:
+        return self._session
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        # As in the synchronous store: look first, insert the new ones, a race aborts.
+        keys = [Binary.from_uuid(event_id) for event_id in ids]
+        cursor = self._inbox.find(
+            {"consumer": self._consumer, "event_id": {"$in": keys}},
+            {"event_id": 1, "_id": 0},
+            session=self._session,
+        )
+        seen = {as_uuid(doc["event_id"]) async for doc in cursor}
+        new = [event_id for event_id in ids if event_id not in seen]
+        if new:
+            now = dt.datetime.now(dt.UTC)
+            try:
+                await self._inbox.insert_many(
+                    [{"consumer": self._consumer, "event_id": Binary.from_uuid(event_id),
+                      "processed_at": now} for event_id in new],
+                    ordered=True,
+                    session=self._session,
+                )
+            except DuplicateKeyError as exc:
+                raise ConcurrentClaim(str(exc)) from exc
+            except OperationFailure as exc:
+                if exc.code == 11000:
+                    raise ConcurrentClaim(str(exc)) from exc
+                raise
+        return set(new)
+
+    async def commit(self) -> None:
+        try:
+            await self._session.commit_transaction()
+        finally:
+            await self._session.end_session()
+
+    async def rollback(self) -> None:
+        try:
+            if self._session.in_transaction:
+                await self._session.abort_transaction()
+        except PyMongoError as exc:
+            log.debug("abort failed", extra={"event": "rollback_failed", "error": str(exc)})
+        finally:
+            await self._session.end_session()
+
+
+class AsyncMongoStore:
+    """Handlers get the `AsyncClientSession` of a transaction that also inserts the dedup
+    document; pass `session=` to every write that must be atomic with it."""
+
+    def __init__(self, db: AsyncDatabase[Any], consumer: str,
+                 collection: str = DEFAULT_INBOX_COLLECTION) -> None:
+        if not isinstance(db, AsyncDatabase):
+            raise UnsupportedTargetError(
+                f"mongo= must be a pymongo AsyncDatabase, not {type(db).__name__}"
+            )
+        check_identifier(collection, "inbox_table")
+        self._db = db
+        self._inbox: AsyncCollection[Any] = db[collection]
+        self._consumer = consumer
+
+    async def check(self) -> None:
+        try:
+            await self._inbox.create_index(
+                [("consumer", 1), ("event_id", 1)], unique=True, name="consumer_event_id"
+            )
+            await self._inbox.create_index([("processed_at", 1)], name="processed_at")
+        except PyMongoError as exc:
+            raise InboxStoreError(f"creating the inbox indexes failed: {exc}") from exc
+
+    async def begin(self) -> AsyncInboxTransaction:
+        session: AsyncClientSession = await _maybe_await(self._db.client.start_session())
+        try:
+            await session.start_transaction()
+        except BaseException:
+            await session.end_session()
+            raise
+        return _AsyncMongoTransaction(session, self._inbox, self._consumer)
+
+    def is_transient(self, error: BaseException) -> bool:
+        return mongo_transient(error)
+
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        query: dict[str, Any] = {"processed_at": {"$lt": dt.datetime.now(dt.UTC) - older_than}}
+        if consumer is not None:
+            query["consumer"] = consumer
+        result = await self._inbox.delete_many(query)
+        return int(result.deleted_count)
+
+    async def close(self) -> None:
+        """The client belongs to the application: nothing to close."""

@@ -1,0 +1,263 @@
+"""The consumer's decisions for one batch, as a generator of steps that sync and asyncio drivers
+carry out: claim, handle, commit, retry, dead-letter. No I/O happens here.
+
+A batch runs optimistically in one transaction: claim every event id (one statement), call the
+handlers, commit. When a handler raises, the transaction is rolled back whole and the batch is
+cut at that message: the messages before it run again in their own transaction, the failing one
+is retried alone with backoff (then dead-lettered), the rest go on. No savepoints are needed,
+so the common case costs no extra round trip per message, and no message is applied twice,
+because every commit carries the inbox rows of exactly the messages it applied.
+"""
+
+from __future__ import annotations
+
+import enum
+import random as _random
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.consumer.message import Message, Received
+from outbox.consumer.policy import RetryPolicy, Verdict, describe
+
+# Store failures (connection lost, serialization failure) are retried without limit: a database
+# outage is backpressure, not a reason to dead-letter. The wait grows like a handler retry's.
+_STORE_BACKOFF_CAP = 16
+
+
+# -- steps: what the engine asks its driver to do -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Open a transaction (and get a connection/session for it). Reply: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Insert `(consumer, id)` for each id, skipping existing rows. Reply: the ids inserted."""
+
+    ids: tuple[uuid.UUID, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """Call the message's handler in the open transaction. Reply: None or a HandlerFailure."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Commit the open transaction, which applied `messages`. Reply: None."""
+
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rollback:
+    """Roll back and release the open transaction; must not fail. Reply: None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait before the next try. Reply: True to go on, False when the consumer is stopping."""
+
+    seconds: float
+    why: str
+    message: Message | None = None
+    failures: int = 0
+    error: str = ""
+
+
+Step = Begin | Claim | Handle | Commit | Rollback | Sleep
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerFailure:
+    """A handler raised `error`; `transient` if it came from the store (connection lost,
+    serialization failure), which is retried without counting a try."""
+
+    error: BaseException
+    transient: bool = False
+
+
+class StoreUnavailable(Exception):
+    """Thrown into the engine by a driver: Begin, Claim or Commit failed transiently and the
+    transaction is gone (a commit in doubt is safe to redo: the inbox rows tell)."""
+
+
+class CommitRejected(Exception):
+    """Thrown into the engine by a driver: the commit failed for good (e.g. a deferred
+    constraint); the transaction is rolled back and the culprit is unknown."""
+
+
+# -- the result ----------------------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    PROCESSED = "processed"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"  # no handler for its event type
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRequest:
+    index: int
+    received: Received
+    reason: str
+    attempts: int
+
+
+@dataclass
+class BatchReport:
+    """What happened to each message of a batch (by index); absent = unresolved (stopping)."""
+
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    dead_letters: list[DeadLetterRequest] = field(default_factory=list)
+    retries: int = 0
+    store_retries: int = 0
+    stopped: bool = False
+    exhausted: DeadLetterRequest | None = None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for value in self.outcomes.values() if value is outcome)
+
+
+class _Stopping(Exception):
+    """Unwinds the engine when the driver says the consumer is stopping."""
+
+
+class BatchEngine:
+    """Decides, step by step, how a batch of received messages is applied exactly once."""
+
+    def __init__(
+        self,
+        items: Sequence[Received],
+        policy: RetryPolicy,
+        has_handler: Callable[[Message], bool],
+        rand: Callable[[], float] = _random.random,
+    ) -> None:
+        self.items = items
+        self.policy = policy
+        self.has_handler = has_handler
+        self.rand = rand
+        self.report = BatchReport()
+
+    def run(self) -> Generator[Step, Any, BatchReport]:
+        work: list[int] = []
+        for index, item in enumerate(self.items):
+            if item.message is None:
+                self._dead_letter(index, item.problem or "unreadable message", attempts=0)
+            elif not self.has_handler(item.message):
+                self.report.outcomes[index] = Outcome.IGNORED
+            else:
+                work.append(index)
+        try:
+            yield from self._run(work)
+        except _Stopping:
+            self.report.stopped = True
+        return self.report
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _message(self, index: int) -> Message:
+        message = self.items[index].message
+        assert message is not None  # only readable messages are ever in `work`
+        return message
+
+    def _dead_letter(self, index: int, reason: str, attempts: int) -> None:
+        request = DeadLetterRequest(index, self.items[index], reason, attempts)
+        self.report.dead_letters.append(request)
+        self.report.outcomes[index] = Outcome.DEAD_LETTER
+
+    def _run(self, work: list[int]) -> Generator[Step, Any, None]:
+        while work:
+            failure = yield from self._transaction(work)
+            if failure is None:
+                return
+            position, error = failure
+            if position:
+                # The messages before the failing one did succeed: apply them without it.
+                yield from self._run(work[:position])
+            yield from self._retry_alone(work[position], error)
+            work = work[position + 1 :]
+
+    def _transaction(
+        self, work: list[int]
+    ) -> Generator[Step, Any, tuple[int, BaseException] | None]:
+        """Apply `work` in one transaction. Returns None once committed, or (position in
+        `work`, error) of the first failing handler, with everything rolled back."""
+        store_failures = 0
+        while True:
+            outcomes: dict[int, Outcome] = {}
+            try:
+                yield Begin()
+                ids = tuple(dict.fromkeys(self._message(i).id for i in work))
+                claimed: set[uuid.UUID] = set((yield Claim(ids)))
+                applied: list[Message] = []
+                for position, index in enumerate(work):
+                    message = self._message(index)
+                    if message.id not in claimed:
+                        outcomes[index] = Outcome.DUPLICATE
+                        continue
+                    # The same id twice in one batch: the first one applies it.
+                    claimed.discard(message.id)
+                    failure: HandlerFailure | None = yield Handle(message)
+                    if failure is not None:
+                        yield Rollback()
+                        if failure.transient:
+                            raise StoreUnavailable(failure.error)
+                        return position, failure.error
+                    outcomes[index] = Outcome.PROCESSED
+                    applied.append(message)
+                if applied:
+                    yield Commit(tuple(applied))
+                else:
+                    # Only duplicates: there is nothing to commit.
+                    yield Rollback()
+            except StoreUnavailable as exc:
+                store_failures += 1
+                self.report.store_retries += 1
+                delay = self.policy.delay(min(store_failures, _STORE_BACKOFF_CAP), self.rand())
+                cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+                if not (yield Sleep(delay, "store_retry", None, store_failures, describe(cause))):
+                    raise _Stopping from None
+                continue
+            except CommitRejected as exc:
+                cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+                if len(work) == 1:
+                    return 0, cause
+                # Which message broke the commit is unknown: halve the batch until the culprit
+                # is alone (a few transactions, not one per message); halves keep their order.
+                middle = len(work) // 2
+                yield from self._run(work[:middle])
+                yield from self._run(work[middle:])
+                return None
+            self.report.outcomes.update(outcomes)
+            return None
+
+    def _retry_alone(self, index: int, error: BaseException) -> Generator[Step, Any, None]:
+        failures = 1
+        message = self._message(index)
+        while True:
+            decision = self.policy.decide(failures, error, self.rand())
+            if decision.verdict is Verdict.DEAD_LETTER:
+                self._dead_letter(index, describe(error), failures)
+                return
+            if decision.verdict is Verdict.STOP:
+                self.report.exhausted = DeadLetterRequest(
+                    index, self.items[index], describe(error), failures
+                )
+                raise _Stopping
+            self.report.retries += 1
+            go_on = yield Sleep(decision.delay, "handler_retry", message, failures, describe(error))
+            if not go_on:
+                raise _Stopping
+            failures += 1
+            failure = yield from self._transaction([index])
+            if failure is None:
+                return
+            error = failure[1]

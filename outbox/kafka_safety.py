@@ -1,0 +1,28 @@
+"""librdkafka settings that run a command or load code: refused unless explicitly allowed.
+
+Relay and consumer settings often come from environment variables or shared config files, so a
+setting that executes something is treated as an attack until the operator says otherwise.
+"""
+
+from __future__ import annotations
+
+from outbox.errors import ConfigurationError
+
+UNSAFE_SETTINGS = frozenset(
+    {
+        "plugin.library.paths",
+        "sasl.kerberos.kinit.cmd",
+        "ssl.engine.location",
+        "ssl.providers",
+        "sasl.oauthbearer.config.file",
+    }
+)
+
+
+def refuse_unsafe(key: str, *, allow_unsafe: bool) -> None:
+    """Raise ConfigurationError for a setting in UNSAFE_SETTINGS unless `allow_unsafe`."""
+    if key in UNSAFE_SETTINGS and not allow_unsafe:
+        raise ConfigurationError(
+            f"kafka setting {key!r} runs commands or loads libraries; it is refused unless "
+            "allow_unsafe_kafka_settings is set"
+        )

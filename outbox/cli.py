@@ -309,6 +309,11 @@ PublicationOption = Annotated[
                       help="Publication of the WAL relay.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+KafkaTimeoutOption = Annotated[float, typer.Option(
+    envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True, help="Seconds to wait for the broker.")]
+AllowUnsafeOption = Annotated[bool, typer.Option(
+    envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
+    help="Allow librdkafka settings that run commands or load libraries.")]
 
 
 @app.command("status")
@@ -320,9 +325,8 @@ def status_command(
     table: TableOption = "outbox",
     slot: SlotOption = "outbox_relay",
     publication: PublicationOption = "outbox_relay",
-    kafka_timeout: Annotated[float, typer.Option(
-        envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True,
-        help="Seconds to wait for the broker.")] = 10.0,
+    kafka_timeout: KafkaTimeoutOption = 10.0,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Show the backlog, oldest pending event, parked events, leader, slot state and lag."""
@@ -341,7 +345,8 @@ def status_command(
             conn, names, leader_key=leader_key, slot=slot, publication=publication))
     if kafka:
         facts = guarded(lambda: doctor.inspect_kafka(
-            kafka, parse_kafka_settings(kafka_setting or []), timeout=kafka_timeout))
+            kafka, parse_kafka_settings(kafka_setting or []), timeout=kafka_timeout,
+            allow_unsafe=allow_unsafe_kafka_settings))
         report = dataclasses.replace(report, kafka=status.KafkaReport(
             kafka, facts.brokers, facts.cluster_id, facts.error))
     if as_json:
@@ -355,9 +360,7 @@ def doctor_command(
     db: DbOption,
     kafka: OptionalKafkaOption = None,
     kafka_setting: KafkaSettingOption = None,
-    allow_unsafe_kafka_settings: Annotated[bool, typer.Option(
-        envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
-        help="Allow librdkafka settings that run commands or load libraries.")] = False,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
     source: Annotated[str, typer.Option(
         envvar="OUTBOX_SOURCE", show_envvar=True,
         help="postgres-poll | postgres-wal: which relay the checks are for.")] = "postgres-poll",
@@ -375,9 +378,7 @@ def doctor_command(
     partitions: Annotated[int | None, typer.Option(
         envvar="OUTBOX_DOCTOR_PARTITIONS", show_envvar=True,
         help="Partitions each of --topics must have.")] = None,
-    kafka_timeout: Annotated[float, typer.Option(
-        envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True,
-        help="Seconds to wait for the broker.")] = 10.0,
+    kafka_timeout: KafkaTimeoutOption = 10.0,
     as_json: JsonOption = False,
 ) -> None:
     """Check the setup before going live: one line per check (OK, WARN, FAIL) with a fix.

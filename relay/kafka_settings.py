@@ -19,6 +19,10 @@ DEFAULTS = {
     # messages, so per-key order survives and nothing is acknowledged without a delivery.
     "message.timeout.ms": "0",
     "linger.ms": "5",
+    # Room for the writer's largest payload (Outbox.max_payload_bytes, 1 MiB by default) plus
+    # key, headers and record overhead; the broker's message.max.bytes must allow it too
+    # (`outbox doctor` checks).
+    "message.max.bytes": "1200000",
     "batch.num.messages": "10000",
     "queue.buffering.max.messages": "200000",
     # Bounds the relay's memory while the broker is away (BufferError means: wait).

@@ -74,7 +74,9 @@ class RelayCollector(Collector):
 
 
 def readiness(stats: RelayStats) -> tuple[bool, dict[str, Any]]:
-    """Ready: connected to the source and the broker, and not stalled with work in flight."""
+    """Ready: the active relay is connected to the source and the broker and not stalled with
+    work in flight; a standby is ready while it is connected to the source, waiting its turn
+    (so an orchestrator can roll out a second replica)."""
     stalled = stats.in_flight > 0 and time.monotonic() - stats.last_progress_at > STALL_SECONDS
     detail = {
         "source_connected": stats.source_connected,
@@ -83,6 +85,8 @@ def readiness(stats: RelayStats) -> tuple[bool, dict[str, Any]]:
         "in_flight": stats.in_flight,
         "stalled": stalled,
     }
+    if not stats.leader:
+        return stats.source_connected, detail
     return stats.source_connected and stats.broker_connected and not stalled, detail
 
 

@@ -230,6 +230,9 @@ class KafkaService:
             "num.partitions": "1",
             # Demo convenience; the tests create their topics explicitly.
             "auto.create.topics.enable": "true",
+            # Matches the relay producer's limit, so an event the writer accepts (1 MiB
+            # payload) is accepted by the broker too.
+            "message.max.bytes": "1200000",
             # One broker: every internal topic must make do with one replica.
             "offsets.topic.replication.factor": "1",
             "transaction.state.log.replication.factor": "1",

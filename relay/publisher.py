@@ -130,7 +130,9 @@ class KafkaPublisher(Generic[Token]):
         self._on_delivery = on_delivery
         self._on_broker_state = on_broker_state or (lambda _up: None)
         self._producer = producer or Producer(
-            {**config.producer_settings(), "error_cb": self._on_client_error}
+            # librdkafka's own log lines go through Python logging (structured, redacted).
+            {**config.producer_settings(), "error_cb": self._on_client_error,
+             "logger": logging.getLogger("relay.librdkafka")}
         )
         self.in_flight = 0
 

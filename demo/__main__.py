@@ -160,8 +160,8 @@ def billing_view(billing_url: str) -> list[tuple[str, int, int]]:
 
 def backlog(relay: Relay) -> str:
     metrics = relay.metrics()
-    if "outbox_slot_lag_bytes" in metrics:
-        return f"slot lag {int(metrics['outbox_slot_lag_bytes'])} B"
+    if "outbox_slot_retained_wal_bytes" in metrics:
+        return f"slot retains {int(metrics['outbox_slot_retained_wal_bytes']) // 1024} KiB WAL"
     if "outbox_backlog_events" in metrics:
         return f"backlog {int(metrics['outbox_backlog_events'])}"
     return "relay restarting"
@@ -217,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(text(BILLING_SCHEMA))
     relay_args = ["--source", args.source, "--db", orders_url, "--kafka", bootstrap,
                   "--topic-template", f"demo-{run}.{{aggregate_type}}"]
+    wal_names: list[str] = []
     if args.source == "postgres-wal":
-        outbox_cli("slot", "create", "--db", orders_url)
+        # Slots are cluster-wide: name them after the demo's databases.
+        wal_names += ["--slot", args.prefix, "--publication", args.prefix]
+        outbox_cli("slot", "create", "--db", orders_url, *wal_names)
+        relay_args += wal_names
     relay = Relay(relay_args, home / "relay.log")
     consumer = billing_consumer(billing_engine, bootstrap, [topic])
     tally, stop_writing = Tally(), threading.Event()
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         relay_exit = relay.stop()
         consumer.stop()
         consuming.join(30)
+        if args.source == "postgres-wal":  # a slot left behind would keep WAL forever
+            outbox_cli("slot", "drop", "--db", orders_url, *wal_names)
     problems = verdict(tally, billing_view(billing_url))
     if relay_exit != 0:
         problems.append(f"the relay exited with {relay_exit} on SIGTERM")

@@ -2,17 +2,24 @@
 -- published, and the notification that wakes it up.
 
 CREATE TABLE {schema}.{parked_table} (
-    id             uuid        PRIMARY KEY,
-    aggregate_type text        NOT NULL,
-    aggregate_id   text        NOT NULL,
-    event_type     text        NOT NULL,
+    parked_id      bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The event, when it could be read as one (it was then refused by Kafka). A change the WAL
+    -- relay could not read as an event at all has only `raw` (the columns or message as sent).
+    id             uuid        UNIQUE,
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
     topic          text,
-    payload        bytea       NOT NULL,
-    content_type   text        NOT NULL,
-    headers        jsonb       NOT NULL,
-    created_at     timestamptz NOT NULL,
+    payload        bytea,
+    content_type   text,
+    headers        jsonb,
+    created_at     timestamptz,
+    raw            jsonb,
     reason         text        NOT NULL,
-    parked_at      timestamptz NOT NULL DEFAULT now()
+    parked_at      timestamptz NOT NULL DEFAULT now(),
+    CHECK (raw IS NOT NULL OR (id IS NOT NULL AND aggregate_type IS NOT NULL
+        AND aggregate_id IS NOT NULL AND event_type IS NOT NULL AND payload IS NOT NULL
+        AND content_type IS NOT NULL AND headers IS NOT NULL))
 );
 
 -- One notification per inserting statement (not per row); NOTIFYs with the same payload in a

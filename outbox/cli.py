@@ -261,11 +261,11 @@ def parked_list(
     if not events:
         typer.echo("no parked events")
     for event in events:
-        typer.echo(
-            f"{event.id}  {event.aggregate_type}/{event.aggregate_id}  {event.event_type}  "
-            f"{event.payload_bytes} bytes  parked {event.parked_at:%Y-%m-%d %H:%M:%S}  "
-            f"reason: {event.reason}"
-        )
+        what = ("unreadable change (see its raw column)" if event.unreadable else
+                f"{event.id}  {event.aggregate_type}/{event.aggregate_id}  {event.event_type}  "
+                f"{event.payload_bytes} bytes")
+        typer.echo(f"#{event.parked_id}  {what}  parked {event.parked_at:%Y-%m-%d %H:%M:%S}  "
+                   f"reason: {event.reason}")
 
 
 @parked_app.command("retry")
@@ -416,6 +416,74 @@ def doctor_command(
         typer.echo(doctor.render(results))
     if doctor.failed(results):
         raise typer.Exit(1)
+
+
+slot_app = typer.Typer(
+    help="The WAL relay's publication and replication slot (an admin step, before the relay).",
+    no_args_is_help=True)
+app.add_typer(slot_app, name="slot")
+
+
+def _wal_config(slot: str, publication: str, schema: str, table: str, table_less: bool) -> Any:
+    from relay.wal.source import WalSourceConfig
+
+    return WalSourceConfig(slot=slot, publication=publication, schema=schema,
+                           table=None if table_less else table)
+
+
+@slot_app.command("create")
+def slot_create(
+    db: DbOption,
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    table_less: Annotated[bool, typer.Option(
+        help="Only pg_logical_emit_message events: the publication covers no table.")] = False,
+) -> None:
+    """Create the publication (outbox table only) and the pgoutput slot."""
+    from relay.wal import format_lsn, setup
+
+    config = guarded(lambda: _wal_config(slot, publication, schema, table, table_less))
+    with connect(db) as conn:
+        conn.autocommit = True
+        position = guarded(lambda: setup(conn, config))
+    typer.echo(f"created publication {publication} and slot {slot}; events committed after "
+               f"{format_lsn(position)} will be relayed")
+
+
+@slot_app.command("status")
+def slot_status_command(db: DbOption, slot: SlotOption = "outbox_relay") -> None:
+    """Show the slot: active, WAL status, confirmed position, WAL it retains."""
+    from relay.wal import format_lsn, slots
+
+    with connect(db) as conn:
+        status = guarded(lambda: slots.slot_status(conn, slot))
+    if status is None:
+        fail(f"slot {slot} does not exist: create it with `outbox slot create`")
+        return
+    confirmed = format_lsn(status.confirmed_flush_lsn) if status.confirmed_flush_lsn else "-"
+    typer.echo(f"slot {status.slot_name}: active={status.active} pid={status.active_pid} "
+               f"wal_status={status.wal_status} confirmed={confirmed} "
+               f"retained_bytes={status.retained_bytes}")
+
+
+@slot_app.command("drop")
+def slot_drop(
+    db: DbOption,
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Drop the slot and the publication (the server frees the WAL the slot kept)."""
+    from relay.wal import teardown
+
+    config = guarded(lambda: _wal_config(slot, publication, schema, table, False))
+    with connect(db) as conn:
+        conn.autocommit = True
+        guarded(lambda: teardown(conn, config))
+    typer.echo(f"dropped slot {slot} and publication {publication}")
 
 
 # Sub-commands that live in their own modules are registered here, one line each.

@@ -33,6 +33,52 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         publisher = settings.publisher()
         stats.gauges.update(poll_gauges(config))
         return lambda: PollingRelay(config, publisher, stats)
+    if settings.source == "postgres-wal":
+        from relay.wal.relay import WalRelay, WalRelayConfig, check_setup, wal_gauges
+        from relay.wal.source import WalSourceConfig
+
+        assert settings.db_url is not None
+        wal = WalRelayConfig(
+            db_url=settings.db_url,
+            source=WalSourceConfig(
+                slot=settings.slot, publication=settings.publication, schema=settings.schema,
+                table=settings.table, message_prefix=settings.message_prefix,
+                # Confirm the slot every second: after a crash, at most about a second of
+                # events is sent again (besides what was in flight).
+                status_interval=1.0),
+            names=settings.names,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+        check_setup(wal)
+        publisher = settings.publisher()
+        stats.gauges.update(wal_gauges(wal))
+        return lambda: WalRelay(wal, publisher, stats)
+    if settings.source in ("mongo-poll", "mongo-stream"):
+        from relay.mongo import (
+            MongoPollRelay,
+            MongoRelayConfig,
+            MongoStreamRelay,
+            check_source,
+            mongo_gauges,
+        )
+
+        assert settings.mongo_url is not None
+        mongo = MongoRelayConfig(
+            url=settings.mongo_url,
+            collections=settings.collections,
+            # --table names the outbox collection of outbox.mongo.publish for these sources.
+            outbox_collection=settings.table,
+            batch_size=settings.batch_size,
+            max_in_flight=max(20_000, 4 * settings.batch_size),
+            poll_interval=settings.poll_interval,
+            shutdown_timeout=settings.shutdown_timeout,
+        )
+        streaming = settings.source == "mongo-stream"
+        check_source(mongo, stream=streaming)
+        publisher = settings.publisher()
+        stats.gauges.update(mongo_gauges(mongo))
+        mongo_relay = MongoStreamRelay if streaming else MongoPollRelay
+        return lambda: mongo_relay(mongo, publisher, stats)
     raise FatalRelayError(f"source {settings.source!r} is not available in this version")
 
 

@@ -18,6 +18,7 @@ from psycopg import sql
 from outbox import migrate
 from outbox.conninfo import libpq_url
 from outbox.names import SchemaNames
+from tests.support.pg import drop_database
 from tests.support.services import Services, discover
 
 TEMPLATE_DB = "outbox_test_template"
@@ -53,20 +54,6 @@ def pg_template(pg_admin_url: str) -> str:
     with psycopg.connect(with_database(pg_admin_url, TEMPLATE_DB)) as conn:
         migrate.up(conn, SchemaNames())
     return TEMPLATE_DB
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        # Replication slots pin a database: drop the test's own slots first.
-        admin.execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-            " WHERE database = %s AND active_pid IS NOT NULL", [name])
-        for (slot,) in admin.execute(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [name]
-        ).fetchall():
-            admin.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -22,17 +22,22 @@ CREATE INDEX outbox_txid_idx ON public.outbox (txid) WHERE published_at IS NULL;
 
 -- 0002: events the relay could never publish, and the notification that wakes the relay.
 CREATE TABLE public.outbox_parked (
-    id             uuid        PRIMARY KEY,
-    aggregate_type text        NOT NULL,
-    aggregate_id   text        NOT NULL,
-    event_type     text        NOT NULL,
+    parked_id      bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id             uuid        UNIQUE,
+    aggregate_type text,
+    aggregate_id   text,
+    event_type     text,
     topic          text,
-    payload        bytea       NOT NULL,
-    content_type   text        NOT NULL,
-    headers        jsonb       NOT NULL,
-    created_at     timestamptz NOT NULL,
+    payload        bytea,
+    content_type   text,
+    headers        jsonb,
+    created_at     timestamptz,
+    raw            jsonb,
     reason         text        NOT NULL,
-    parked_at      timestamptz NOT NULL DEFAULT now()
+    parked_at      timestamptz NOT NULL DEFAULT now(),
+    CHECK (raw IS NOT NULL OR (id IS NOT NULL AND aggregate_type IS NOT NULL
+        AND aggregate_id IS NOT NULL AND event_type IS NOT NULL AND payload IS NOT NULL
+        AND content_type IS NOT NULL AND headers IS NOT NULL))
 );
 CREATE FUNCTION public.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

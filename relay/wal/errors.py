@@ -17,6 +17,10 @@ class UnknownMessageError(PgOutputDecodeError):
     """The server sent a pgoutput message type this relay does not know."""
 
 
+class AcknowledgementError(WalError, ValueError):
+    """A position was acknowledged that the source never handed out: that would skip events."""
+
+
 class ReplicationConnectionError(WalError):
     """The replication connection failed or was lost; reconnect with backoff and resume."""
 
@@ -55,3 +59,7 @@ class SlotMismatchError(SlotError):
 
 class PublicationMissingError(WalError):
     """The publication does not exist in the database; create it before streaming."""
+
+
+class PublicationMismatchError(WalError):
+    """The publication exists but does not publish the outbox table's inserts."""

@@ -7,16 +7,16 @@ import subprocess
 import sys
 import uuid
 
-import psycopg
 import pytest
-from psycopg import sql
 
+from outbox.conninfo import libpq_url
+from tests.support.pg import drop_database
 from tests.support.services import Services
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("source", ["postgres-poll"])
+@pytest.mark.parametrize("source", ["postgres-wal", "postgres-poll"])
 def test_demo_short_run_reaches_a_good_verdict(services: Services, source: str) -> None:
     prefix = f"demo_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "OUTBOX_DB_URL": services.db_url,
@@ -28,10 +28,8 @@ def test_demo_short_run_reaches_a_good_verdict(services: Services, source: str) 
             capture_output=True, text=True, env=env, timeout=300,
         )
     finally:
-        with psycopg.connect(services.db_url, autocommit=True) as admin:
-            for suffix in ("orders", "billing"):
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(f"{prefix}_{suffix}")))
+        for suffix in ("orders", "billing"):
+            drop_database(libpq_url(services.db_url), f"{prefix}_{suffix}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "relay killed with SIGKILL" in result.stdout
     assert "VERDICT: OK" in result.stdout

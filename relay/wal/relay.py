@@ -1,0 +1,196 @@
+"""The log-tailing relay: pgoutput changes of the outbox -> Kafka, slot confirmed after acks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from outbox.conninfo import libpq_url, redact
+from outbox.names import SchemaNames
+from relay import parked
+from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
+from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
+from relay.stats import RelayStats
+from relay.wal import slots
+from relay.wal.acks import CommitTracker, Transaction
+from relay.wal.decoder import WalCommit, WalEvent, WalRejected
+from relay.wal.errors import ReplicationConnectionError, SlotError, WalError
+from relay.wal.lsn import format_lsn
+from relay.wal.source import WalSource, WalSourceConfig, open_as_standby
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WalRelayConfig:
+    db_url: str
+    source: WalSourceConfig
+    names: SchemaNames  # where the parked table is
+    # Events handed to Kafka and not yet acknowledged: bounds memory while Kafka is slow.
+    max_in_flight: int = 50_000
+    standby_retry: float = 5.0
+    shutdown_timeout: float = 30.0
+
+
+class WalRelay:
+    """Runs until `stop`; raises RetryableError (restart from the slot) or FatalRelayError."""
+
+    def __init__(
+        self, config: WalRelayConfig, publisher_config: PublisherConfig, stats: RelayStats
+    ) -> None:
+        self.config = config
+        self.publisher_config = publisher_config
+        self.stats = stats
+        self.tracker = CommitTracker()
+        self._refused: list[tuple[Transaction, Delivery]] = []
+        self._failure: Delivery | None = None
+
+    def _on_delivery(self, transaction: Transaction, delivery: Delivery) -> None:
+        if delivery.ok:
+            created = delivery.record.created_at
+            self.stats.delivered(delivery.topic, created.timestamp() if created else None)
+            self.tracker.event_done(transaction)
+        elif delivery.permanent:
+            self._refused.append((transaction, delivery))  # parked before it counts as done
+        else:
+            self.stats.delivery_errors += 1
+            self._failure = self._failure or delivery
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            source = open_as_standby(self.config.db_url, self.config.source, stop,
+                                     retry_interval=self.config.standby_retry)
+        except ReplicationConnectionError as exc:
+            raise SourceUnavailableError(str(exc)) from exc
+        except WalError as exc:
+            # A missing or invalidated slot, a wrong publication, missing privileges: an
+            # operator has to act; never carry on from a fresh slot (events would be lost).
+            raise FatalRelayError(str(exc)) from exc
+        if source is None:
+            return
+        try:
+            with source, psycopg.connect(libpq_url(self.config.db_url), autocommit=True) as conn:
+                self.stats.source_connected = self.stats.leader = True
+                self._stream(source, conn, stop)
+        except ReplicationConnectionError as exc:
+            raise SourceUnavailableError(f"lost the replication connection: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
+        finally:
+            self.stats.source_connected = self.stats.leader = False
+
+    def _stream(
+        self, source: WalSource, conn: psycopg.Connection[Any], stop: threading.Event
+    ) -> None:
+        publisher: KafkaPublisher[Transaction] = KafkaPublisher(
+            self.publisher_config, self._on_delivery,
+            on_broker_state=lambda up: setattr(self.stats, "broker_connected", up))
+        publisher.broker_reachable(timeout=5.0)
+        log.info("WAL relay streaming", extra={
+            "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
+            "from": format_lsn(source.acknowledged_lsn)})
+        try:
+            while not stop.is_set():
+                if self.tracker.outstanding < self.config.max_in_flight:
+                    wait = 0.002 if self.tracker.outstanding else 0.2
+                    self._handle(source, conn, publisher, source.poll(wait))
+                else:
+                    source.heartbeat()  # keep the replication session alive while Kafka is slow
+                    publisher.poll(0.05)
+                publisher.poll(0)
+                self._settle(source, conn)
+                self.stats.in_flight = self.tracker.outstanding
+                if not self.tracker.outstanding:
+                    self.stats.progressed()
+            remaining = publisher.flush(self.config.shutdown_timeout)
+            self._settle(source, conn)
+            log.info("WAL relay stopped", extra={
+                "event": "relay_stopped", "unacknowledged": remaining,
+                "confirmed": format_lsn(source.acknowledged_lsn)})
+        except BaseException:
+            publisher.purge()
+            raise
+
+    def _handle(
+        self,
+        source: WalSource,
+        conn: psycopg.Connection[Any],
+        publisher: KafkaPublisher[Transaction],
+        items: list[WalEvent | WalRejected | WalCommit],
+    ) -> None:
+        sent = 0
+        for item in items:
+            if isinstance(item, WalEvent):
+                publisher.send(item.record, self.tracker.event_sent())
+                sent += 1
+            elif isinstance(item, WalCommit):
+                self.tracker.committed(item.end_lsn)
+            else:
+                parked.park_raw(conn, self.config.names, {"source": item.source, **item.raw},
+                                item.reason)
+                self.stats.parked += 1
+                log.error("unreadable outbox change parked", extra={
+                    "event": "event_parked", "reason": item.reason, "lsn": format_lsn(item.lsn)})
+        if sent:
+            self.stats.batches += 1
+            self.stats.batch_events += sent
+
+    def _settle(self, source: WalSource, conn: psycopg.Connection[Any]) -> None:
+        """Park refused events, then confirm what is safe; fail on a lost delivery."""
+        for transaction, delivery in self._refused:
+            parked.park_record(conn, self.config.names, delivery.record, delivery.error or "")
+            self.stats.parked += 1
+            log.error("event parked: it can never be published", extra={
+                "event": "event_parked", "id": str(delivery.record.id), "reason": delivery.error})
+            self.tracker.event_done(transaction)
+        self._refused.clear()
+        position = self.tracker.confirmable()
+        if position is not None:
+            source.acknowledge(position)
+        if self._failure is not None:
+            raise DeliveryFailedError(
+                f"delivery to {self._failure.topic} failed: {self._failure.error}; "
+                "the relay restarts from the slot's confirmed position")
+
+
+def check_setup(config: WalRelayConfig) -> None:
+    """At start-up: the slot and publication exist and fit, the parked table exists."""
+    try:
+        with psycopg.connect(libpq_url(config.db_url), autocommit=True,
+                             connect_timeout=10) as conn:
+            slots.check_slot(slots.slot_status(conn, config.source.slot), config.source.slot,
+                             slots.current_database(conn))
+            parked_table = config.names.qualified(config.names.parked_table).as_string(conn)
+            row = conn.execute("SELECT to_regclass(%s)", [parked_table]).fetchone()
+    except SlotError as exc:
+        raise FatalRelayError(str(exc)) from exc
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
+    if row == (None,):
+        raise FatalRelayError(
+            f"table {parked_table} is missing: run `outbox migrate up --db URL` first "
+            "(the WAL relay parks unpublishable events there)")
+
+
+def wal_gauges(config: WalRelayConfig) -> dict[str, Callable[[], float | None]]:
+    """Slot lag and confirmed position for the metrics endpoint."""
+
+    def status() -> slots.SlotStatus | None:
+        with psycopg.connect(libpq_url(config.db_url), connect_timeout=5,
+                             autocommit=True) as conn:
+            return slots.slot_status(conn, config.source.slot)
+
+    def retained() -> float | None:
+        found = status()
+        return float(found.retained_bytes) if found and found.retained_bytes is not None else None
+
+    def confirmed() -> float | None:
+        found = status()
+        return float(found.confirmed_flush_lsn) if found and found.confirmed_flush_lsn else None
+
+    return {"slot_retained_wal_bytes": retained, "slot_confirmed_lsn": confirmed}

@@ -1,0 +1,285 @@
+"""OutboxDecoder: captured pgoutput streams (tests/unit/data) -> outbox events per transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import uuid
+from typing import Any
+
+import pytest
+
+from outbox.columns import ColumnMapping
+from outbox.errors import ConfigurationError
+from outbox.record import OutboxRecord
+from relay.wal.decoder import OutboxDecoder, WalCommit, WalEvent, WalItem, WalRejected
+from relay.wal.errors import PgOutputDecodeError, WalError
+from relay.wal.pgoutput import Begin, Commit, Insert, PgOutputParser, Relation, TupleData
+from tests.unit.test_pgoutput import captures, frames
+
+
+def run(scenario: str, decoder: OutboxDecoder | None = None) -> list[WalItem]:
+    decoder = decoder or OutboxDecoder()
+    parser = PgOutputParser()
+    items = []
+    for lsn, frame in frames(scenario):
+        item = decoder.feed(lsn, parser.decode(frame))
+        if item is not None:
+            items.append(item)
+    assert not decoder.in_transaction
+    return items
+
+
+def expected(scenario: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = captures()[scenario]["events"]
+    return events
+
+
+def as_dict(record: OutboxRecord) -> dict[str, Any]:
+    return {
+        "id": str(record.id),
+        "aggregate_type": record.aggregate_type,
+        "aggregate_id": record.aggregate_id,
+        "event_type": record.event_type,
+        "payload_hex": record.payload.hex(),
+        "content_type": record.content_type,
+        "headers": dict(record.headers),
+        "topic": record.topic,
+        "created_at": record.created_at.isoformat() if record.created_at else None,
+    }
+
+
+def events(items: list[WalItem]) -> list[dict[str, Any]]:
+    return [as_dict(item.record) for item in items if isinstance(item, WalEvent)]
+
+
+def same_instant(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    return dt.datetime.fromisoformat(recorded["created_at"]) == dt.datetime.fromisoformat(
+        wanted["created_at"]
+    )
+
+
+@pytest.mark.parametrize("scenario", ["table_insert_binary", "table_insert_text"])
+def test_inserted_rows_become_the_events_that_were_written(scenario: str) -> None:
+    items = run(scenario)
+    got, wanted = events(items), expected(scenario)
+    assert len(got) == len(wanted) == 4
+    for recorded, written in zip(got, wanted, strict=True):
+        assert same_instant(recorded, written)
+        assert {**recorded, "created_at": None} == {**written, "created_at": None}
+    assert got[1]["topic"] == "orders.special"
+    assert bytes.fromhex(got[2]["payload_hex"]) == b"\x00\xffraw"
+    assert got[2]["content_type"] == "x/bin"
+
+
+def test_each_transaction_ends_with_its_commit_position() -> None:
+    items = run("table_insert_binary")
+    assert [type(i).__name__ for i in items] == [
+        "WalEvent", "WalEvent", "WalEvent", "WalCommit", "WalEvent", "WalCommit"
+    ]
+    commits = [i for i in items if isinstance(i, WalCommit)]
+    raw_commits = [m for m in map(PgOutputParser().decode, (f for _, f in frames(
+        "table_insert_binary"))) if isinstance(m, Commit)]
+    assert [(c.commit_lsn, c.end_lsn) for c in commits] == [
+        (m.commit_lsn, m.end_lsn) for m in raw_commits
+    ]
+    assert [c.events for c in commits] == [3, 1]
+    first_xid = commits[0].xid
+    assert all(i.xid == first_xid for i in items[:3])
+    # Events carry their change's LSN, which lies before the commit.
+    event_lsns = [i.lsn for i in items[:3] if isinstance(i, WalEvent)]
+    assert event_lsns == sorted(event_lsns) and event_lsns[-1] < commits[0].commit_lsn
+
+
+def test_events_are_handed_out_before_their_transaction_commits() -> None:
+    # Large transactions must not be held in memory: each insert yields its event at once.
+    decoder = OutboxDecoder()
+    parser = PgOutputParser()
+    first_event_at = commit_at = None
+    for position, (lsn, frame) in enumerate(frames("table_insert_binary")):
+        item = decoder.feed(lsn, parser.decode(frame))
+        if isinstance(item, WalEvent) and first_event_at is None:
+            first_event_at = position
+            assert decoder.in_transaction
+        if isinstance(item, WalCommit) and commit_at is None:
+            commit_at = position
+    assert first_event_at is not None and commit_at is not None
+    assert first_event_at < commit_at
+
+
+def test_messages_with_the_prefix_become_events() -> None:
+    items = run("message")
+    wanted = expected("message")
+    got = events(items)
+    assert len(got) == 2
+    for recorded, written in zip(got, wanted, strict=True):
+        assert recorded == written
+
+
+def test_other_prefixes_are_ignored_and_bad_content_is_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="relay.wal.decoder"):
+        items = run("message")
+    commits = [i for i in items if isinstance(i, WalCommit)]
+    # second transaction: only an 'other-prefix' message; third: content that is not an event
+    assert [(c.events, c.rejected) for c in commits] == [(2, 0), (0, 0), (0, 1)]
+    rejected = [i for i in items if isinstance(i, WalRejected)]
+    assert len(rejected) == 1
+    assert rejected[0].source == "message outbox"
+    assert "too short" in rejected[0].reason
+    assert rejected[0].raw == {"content": b"\x09\xff"}
+    # A non-transactional message would be sent even if its transaction rolled back.
+    assert any("non-transactional" in r.getMessage() for r in caplog.records)
+
+
+def test_message_prefix_none_ignores_all_messages() -> None:
+    items = run("message", OutboxDecoder(message_prefix=None))
+    assert all(isinstance(i, WalCommit) and i.events == 0 for i in items)
+
+
+def test_relation_changes_are_followed_while_streaming() -> None:
+    items = run("alter_table")
+    got, wanted = events(items), expected("alter_table")
+    assert [g["id"] for g in got] == [w["id"] for w in wanted[:3]]
+    assert got[2]["topic"] is None  # the column was dropped: optional, so the event stays
+    rejected = [i for i in items if isinstance(i, WalRejected)]
+    assert len(rejected) == 1
+    assert "'event_type'" in rejected[0].reason and rejected[0].source == "public.outbox"
+    assert rejected[0].raw["kind"] == b"OrderCreated"
+
+
+def test_truncate_is_ignored() -> None:
+    items = run("truncate")
+    assert [e["id"] for e in events(items)] == [w["id"] for w in expected("truncate")]
+    assert sum(isinstance(i, WalCommit) for i in items) == 4
+
+
+def test_updates_and_deletes_are_ignored_and_an_inserted_then_deleted_row_is_an_event() -> None:
+    items = run("update_delete")
+    got = events(items)
+    assert [g["id"] for g in got] == [w["id"] for w in expected("update_delete")]
+    assert len(got) == 4  # three plus the Debezium-style insert-then-delete
+    assert bytes.fromhex(got[2]["payload_hex"]) == bytes.fromhex(
+        expected("update_delete")[2]["payload_hex"]
+    )
+
+
+@pytest.mark.parametrize("scenario", ["debezium_binary", "debezium_text"])
+def test_debezium_columns(scenario: str) -> None:
+    decoder = OutboxDecoder(table="outbox_dbz", columns=ColumnMapping.debezium())
+    got = [i.record for i in run(scenario, decoder) if isinstance(i, WalEvent)]
+    wanted = expected(scenario)
+    assert [str(r.id) for r in got] == [w["id"] for w in wanted]
+    for record, written in zip(got, wanted, strict=True):
+        # jsonb stores JSON in its own normal form: same value, maybe other spacing/order.
+        assert json.loads(record.payload) == json.loads(bytes.fromhex(written["payload_hex"]))
+        assert record.content_type == "application/json"
+        assert record.headers == {} and record.topic is None and record.created_at is None
+        assert (record.aggregate_type, record.aggregate_id, record.event_type) == (
+            written["aggregate_type"], written["aggregate_id"], written["event_type"]
+        )
+
+
+def test_only_the_configured_table_is_read() -> None:
+    items = run("table_insert_binary", OutboxDecoder(table="another", message_prefix=None))
+    assert [type(i) for i in items] == [WalCommit, WalCommit]
+    items = run("table_insert_binary", OutboxDecoder(schema="elsewhere"))
+    assert not any(isinstance(i, WalEvent) for i in items)
+
+
+@pytest.mark.parametrize("scenario", ["custom_type", "origin"])
+def test_custom_types_and_origins_do_not_disturb_events(scenario: str) -> None:
+    assert [e["id"] for e in events(run(scenario))] == [w["id"] for w in expected(scenario)]
+
+
+def test_streamed_transactions_are_refused() -> None:
+    with pytest.raises(WalError, match="streaming"):
+        run("streamed")
+
+
+# -- rows that are not valid events -------------------------------------------------------------
+
+
+def relation_and_insert() -> tuple[Relation, Insert]:
+    messages = [PgOutputParser().decode(f) for _, f in frames("table_insert_binary")]
+    relation = next(m for m in messages if isinstance(m, Relation))
+    insert = next(m for m in messages if isinstance(m, Insert))
+    return relation, insert
+
+
+def feed_row(change: dict[str, bytes | None]) -> WalItem | None:
+    relation, insert = relation_and_insert()
+    names = [c.name for c in relation.columns]
+    values = list(insert.new.values)
+    kinds = list(insert.new.kinds)
+    for name, value in change.items():
+        values[names.index(name)] = value
+        kinds[names.index(name)] = "n" if value is None else "b"
+    decoder = OutboxDecoder()
+    decoder.feed(0, Begin(1, 0, 7))
+    decoder.feed(0, relation)
+    row = TupleData("".join(kinds), tuple(values))
+    return decoder.feed(99, dataclasses.replace(insert, new=row))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"id": None}, "'id' of public.outbox cannot be read: it is null"),
+        ({"id": b"\x01\x02"}, "'id'"),
+        ({"headers": b"\x01[1, 2]"}, "headers must be a JSON object of strings"),
+        ({"headers": b"\x01{not json"}, "'headers'"),
+        ({"headers": b"\x02{}"}, "jsonb binary format version"),
+        ({"aggregate_type": b"\xff\xfe"}, "'aggregate_type'"),
+    ],
+)
+def test_invalid_rows_are_rejected_with_a_reason(change: dict[str, bytes | None],
+                                                 reason: str) -> None:
+    item = feed_row(change)
+    assert isinstance(item, WalRejected)
+    assert reason in item.reason
+    assert (item.xid, item.lsn, item.source) == (7, 99, "public.outbox")
+    assert set(change) <= set(item.raw)
+
+
+def test_optional_columns_may_be_null() -> None:
+    item = feed_row({"topic": None, "content_type": None, "headers": None, "created_at": None})
+    assert isinstance(item, WalEvent)
+    assert item.record.topic is None and item.record.created_at is None
+    assert item.record.content_type == "application/octet-stream"  # bytea payload
+    assert item.record.headers == {}
+
+
+def test_infinite_timestamps_become_none() -> None:
+    item = feed_row({"created_at": (2**63 - 1).to_bytes(8, "big")})
+    assert isinstance(item, WalEvent) and item.record.created_at is None
+
+
+def test_protocol_violations_are_errors() -> None:
+    relation, insert = relation_and_insert()
+    decoder = OutboxDecoder()
+    with pytest.raises(PgOutputDecodeError, match="before its Relation"):
+        decoder.feed(0, insert)
+    decoder.feed(0, relation)
+    with pytest.raises(PgOutputDecodeError, match="outside a transaction"):
+        decoder.feed(0, insert)
+    decoder.feed(0, Begin(1, 0, 5))
+    with pytest.raises(PgOutputDecodeError, match="began inside"):
+        decoder.feed(0, Begin(2, 0, 6))
+
+
+def test_configuration_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="nothing to read"):
+        OutboxDecoder(table=None, message_prefix=None)
+    with pytest.raises(ConfigurationError):
+        OutboxDecoder(table="bad-name")
+    with pytest.raises(ConfigurationError, match="NUL"):
+        OutboxDecoder(message_prefix="a\x00b")
+
+
+def test_ids_are_uuids() -> None:
+    item = run("table_insert_binary")[0]
+    assert isinstance(item, WalEvent) and isinstance(item.record.id, uuid.UUID)

@@ -115,6 +115,9 @@ ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
 -- stream the whole cluster's WAL (physical replication). Logical replication connections match
 -- the database's own pg_hba.conf lines, so give this role none of the `replication` lines.
 GRANT SELECT ON :"schema".:"table" TO :"wal_role";
+-- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
+-- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";
 
 -- Both relays may read the migration bookkeeping, so `outbox doctor` run with the relay's own
 -- URL can tell whether the schema is up to date.

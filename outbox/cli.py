@@ -12,6 +12,7 @@ import psycopg
 import typer
 
 from outbox import migrate as migrations
+from outbox.cli_errors import explain, fail
 from outbox.conninfo import libpq_url, redact
 from outbox.errors import OutboxError
 from outbox.names import SchemaNames
@@ -42,28 +43,12 @@ TableOption = Annotated[
 T = TypeVar("T")
 
 
-def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {redact(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def explain(exc: BaseException) -> str:
-    """The exception and its causes, one per line, most specific last."""
-    lines = [str(exc) or type(exc).__name__]
-    cause = exc.__cause__
-    while cause is not None:
-        lines.append(f"  caused by: {cause}")
-        cause = cause.__cause__
-    return "\n".join(lines)
-
-
 def guarded(action: Callable[[], T]) -> T:
     """Run a library call; turn the project's and the drivers' errors into a readable exit."""
     try:
         return action()
     except (OutboxError, psycopg.Error) as exc:
         fail(explain(exc))
-        raise AssertionError("unreachable") from exc
 
 
 def connect(db: str) -> psycopg.Connection[Any]:
@@ -71,7 +56,6 @@ def connect(db: str) -> psycopg.Connection[Any]:
         return psycopg.connect(libpq_url(db), connect_timeout=10)
     except psycopg.Error as exc:
         fail(f"cannot connect to the database: {exc}")
-        raise AssertionError("unreachable") from exc
 
 
 @migrate_app.command("up")
@@ -200,9 +184,10 @@ def relay_command(
         help="Print the effective settings (secrets redacted) and exit.")] = False,
 ) -> None:
     """Run the relay daemon: publish committed events to Kafka until SIGTERM/SIGINT."""
+    from outbox.kafka_safety import parse_kafka_settings
     from relay import logs
     from relay import main as relay_main
-    from relay.settings import RelaySettings, parse_duration, parse_kafka_settings
+    from relay.settings import RelaySettings, parse_duration
 
     def build() -> RelaySettings:
         return RelaySettings(
@@ -333,9 +318,9 @@ def status_command(
     import dataclasses
     import json
 
+    from outbox.kafka_safety import parse_kafka_settings
     from relay import doctor, status
     from relay.postgres_poll import PollConfig
-    from relay.settings import parse_kafka_settings
 
     names = guarded(lambda: SchemaNames(schema, table))
     leader_key = PollConfig(db_url=db, names=names).leader_key
@@ -386,9 +371,9 @@ def doctor_command(
     when a check fails."""
     import json
 
+    from outbox.kafka_safety import parse_kafka_settings
     from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
     from relay import doctor
-    from relay.settings import parse_kafka_settings
 
     def options() -> doctor.DoctorOptions:
         return doctor.DoctorOptions(

@@ -11,11 +11,12 @@ import typer
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
-from outbox.conninfo import redact
+from outbox.cli_errors import explain, fail
 from outbox.consumer.mongo import MongoStore
 from outbox.consumer.replay import DEFAULT_GROUP, replay
 from outbox.consumer.stores import PsycopgStore
 from outbox.errors import ConfigurationError, OutboxError
+from outbox.kafka_safety import parse_kafka_settings
 from outbox.names import SchemaNames
 
 dlq_app = typer.Typer(help="Dead letters of the idempotent consumer.", no_args_is_help=True)
@@ -39,24 +40,8 @@ def parse_duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
-def _fail(exc: BaseException) -> None:
-    lines = [str(exc) or type(exc).__name__]
-    cause = exc.__cause__
-    while cause is not None:
-        lines.append(f"  caused by: {cause}")
-        cause = cause.__cause__
-    typer.echo(f"error: {redact(chr(10).join(lines))}", err=True)
-    raise typer.Exit(1)
-
-
 def _kafka_settings(bootstrap: str, settings: list[str] | None) -> dict[str, Any]:
-    kafka: dict[str, Any] = {"bootstrap.servers": bootstrap}
-    for item in settings or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigurationError(f"kafka setting {item!r} must look like key=value")
-        kafka[key.strip()] = value
-    return kafka
+    return {"bootstrap.servers": bootstrap, **parse_kafka_settings(settings or [])}
 
 
 KafkaOption = Annotated[
@@ -97,7 +82,7 @@ def dlq_replay(
             group=group, target_topic=to, idle_timeout=idle_timeout,
         )
     except OutboxError as exc:
-        _fail(exc)
+        fail(explain(exc))
         return
     typer.echo(f"replayed {result.replayed} dead letters from {topic}"
                + (f", skipped {result.skipped} without an original topic" if result.skipped
@@ -147,6 +132,6 @@ def inbox_purge(
             finally:
                 client.close()
     except (OutboxError, psycopg.Error, PyMongoError) as exc:
-        _fail(exc)
+        fail(explain(exc))
         return
     typer.echo(f"deleted {deleted} dedup rows older than {older_than}")

@@ -26,3 +26,14 @@ def refuse_unsafe(key: str, *, allow_unsafe: bool) -> None:
             f"kafka setting {key!r} runs commands or loads libraries; it is refused unless "
             "allow_unsafe_kafka_settings is set"
         )
+
+
+def parse_kafka_settings(items: list[str], setting: str = "kafka_setting") -> dict[str, str]:
+    """`key=value` pairs (librdkafka names), as given on a command line, into a dict."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigurationError(f"{setting}={item!r} must look like key=value")
+        parsed[key.strip()] = value.strip()
+    return parsed

@@ -27,17 +27,6 @@ def parse_duration(text: str, setting: str) -> dt.timedelta:
     return dt.timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
-def parse_kafka_settings(items: list[str], setting: str = "kafka_setting") -> dict[str, str]:
-    """`key=value` pairs (librdkafka names) into a dict."""
-    parsed = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigurationError(f"{setting}={item!r} must look like key=value")
-        parsed[key.strip()] = value.strip()
-    return parsed
-
-
 SECRET_FIELDS = ("db_url", "mongo_url")
 
 

@@ -1,0 +1,24 @@
+"""How every `outbox` command reports a failure: the cause chain, redacted, and exit code 1."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+from outbox.conninfo import redact
+
+
+def explain(exc: BaseException) -> str:
+    """The exception and its causes, one per line, most specific last."""
+    lines = [str(exc) or type(exc).__name__]
+    cause = exc.__cause__
+    while cause is not None:
+        lines.append(f"  caused by: {cause}")
+        cause = cause.__cause__
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {redact(message)}", err=True)
+    raise typer.Exit(code)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -24,16 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from psycopg import sql
+from pymongo import MongoClient
 from sqlalchemy import create_engine, text
 
 from demo.billing import SCHEMA as BILLING_SCHEMA
 from demo.billing import billing_consumer
 from demo.order_service import Base, OrderService, PaymentDeclined
+from demo.order_service_mongo import MongoOrderService
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("postgres-wal", "postgres-poll")
+SOURCES = ("postgres-wal", "postgres-poll", "mongo-poll", "mongo-stream")
 
 
 @dataclass
@@ -43,13 +46,19 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def stack_settings() -> dict[str, str]:
-    names = ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP")
+def stack_settings(mongo: bool) -> dict[str, str]:
+    names = ("OUTBOX_DB_URL", "OUTBOX_KAFKA_BOOTSTRAP") + (("OUTBOX_MONGO_URL",) if mongo else ())
     if all(os.environ.get(n) for n in names):
         return {n: os.environ[n] for n in names}
     from deploy.local import stack
 
-    return stack.up(names=["postgres", "kafka"])
+    return stack.up(names=["postgres", "kafka"] + (["mongo"] if mongo else []))
+
+
+def mongo_database_url(url: str, name: str) -> str:
+    """The MongoDB URL with its database part replaced by `name`."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def recreate_database(admin_url: str, name: str) -> str:
@@ -127,7 +136,9 @@ class Relay:
         return self.process.wait(60)
 
 
-def write_orders(service: OrderService, tally: Tally, stop: threading.Event, rate: float) -> None:
+def write_orders(
+    service: OrderService | MongoOrderService, tally: Tally, stop: threading.Event, rate: float
+) -> None:
     """Place orders and settle them; about one settlement in six fails its payment check."""
     rng = random.Random(7)
     pending: list[int] = []
@@ -198,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     run = uuid.uuid4().hex[:6]
     home = REPO / ".local" / "demo"
     home.mkdir(parents=True, exist_ok=True)
-    settings = stack_settings()
+    on_mongo = args.source.startswith("mongo")
+    settings = stack_settings(on_mongo)
     admin, bootstrap = settings["OUTBOX_DB_URL"], settings["OUTBOX_KAFKA_BOOTSTRAP"]
     print(f"== outbox-relay demo (source {args.source}, run {run}) ==")
     orders_url = recreate_database(admin, f"{args.prefix}_orders")
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         [NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
 
     orders_engine = create_engine(sqlalchemy_url(orders_url), pool_size=2)
+    service: OrderService | MongoOrderService = OrderService(orders_engine)
     billing_engine = create_engine(sqlalchemy_url(billing_url), pool_size=2)
     Base.metadata.create_all(orders_engine)
     with billing_engine.begin() as conn:
@@ -218,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     relay_args = ["--source", args.source, "--db", orders_url, "--kafka", bootstrap,
                   "--topic-template", f"demo-{run}.{{aggregate_type}}"]
     wal_names: list[str] = []
+    if on_mongo:
+        mongo_url = mongo_database_url(settings["OUTBOX_MONGO_URL"], f"{args.prefix}_orders")
+        mongo_client: MongoClient[Any] = MongoClient(mongo_url)
+        mongo_client.drop_database(f"{args.prefix}_orders")
+        mongo_db = mongo_client.get_default_database()
+        mongo_db.create_collection("orders")  # before any transaction writes to it
+        service = MongoOrderService(mongo_db)
+        relay_args = ["--source", args.source, "--mongo", mongo_url, "--collections", "orders",
+                      "--kafka", bootstrap, "--topic-template", f"demo-{run}.{{aggregate_type}}"]
     if args.source == "postgres-wal":
         # Slots are cluster-wide: name them after the demo's databases.
         wal_names += ["--slot", args.prefix, "--publication", args.prefix]
@@ -227,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     consumer = billing_consumer(billing_engine, bootstrap, [topic])
     tally, stop_writing = Tally(), threading.Event()
     writer = threading.Thread(target=write_orders, name="orders",
-                              args=(OrderService(orders_engine), tally, stop_writing, args.rate))
+                              args=(service, tally, stop_writing, args.rate))
     consuming = threading.Thread(target=consumer.run, name="billing", daemon=True)
     print(f"orders db, billing db, topic {topic}; relay log {relay.log}")
     relay.start()

@@ -59,6 +59,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             MongoRelayConfig,
             MongoStreamRelay,
             check_source,
+            lease_owner,
             mongo_gauges,
         )
 
@@ -78,7 +79,8 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         publisher = settings.publisher()
         stats.gauges.update(mongo_gauges(mongo))
         mongo_relay = MongoStreamRelay if streaming else MongoPollRelay
-        return lambda: mongo_relay(mongo, publisher, stats)
+        owner = lease_owner()
+        return lambda: mongo_relay(mongo, publisher, stats, owner=owner)
     raise FatalRelayError(f"source {settings.source!r} is not available in this version")
 
 

@@ -89,10 +89,18 @@ def migrate_status(
 
 
 @migrate_app.command("sql")
-def migrate_sql(schema: SchemaOption = "public", table: TableOption = "outbox") -> None:
-    """Print the SQL of every migration (for Alembic or another migration tool)."""
+def migrate_sql(
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    since: Annotated[int, typer.Option(
+        help="Only migrations after this version (what a new outbox-relay release added).")] = 0,
+    with_tracking: Annotated[bool, typer.Option(
+        help="Also record them in outbox_migrations, so `migrate status` sees them.")] = False,
+) -> None:
+    """Print the SQL of the migrations (for Alembic or another migration tool)."""
     names = guarded(lambda: SchemaNames(schema, table))
-    typer.echo(guarded(lambda: migrations.render_all(names)))
+    typer.echo(guarded(lambda: migrations.render_all(
+        names, since=since, with_tracking=with_tracking)))
 
 
 def _load_config_file(ctx: typer.Context, path: Path | None) -> Path | None:

@@ -57,27 +57,48 @@ def available() -> list[Migration]:
     return found
 
 
-def render_all(names: SchemaNames, conn: psycopg.Connection[Any] | None = None) -> str:
-    """The SQL of every migration, for teams that apply schema changes with their own tool."""
+def render_all(
+    names: SchemaNames,
+    conn: psycopg.Connection[Any] | None = None,
+    *,
+    since: int = 0,
+    with_tracking: bool = False,
+) -> str:
+    """The SQL of the migrations after version `since`, for teams that apply schema changes
+    with their own tool (Alembic: docs/alembic.md). `with_tracking` adds the bookkeeping rows,
+    so `outbox migrate status` and `outbox doctor` see them as applied."""
     parts = []
+    if with_tracking:
+        parts.append(_tracking_table(names).as_string(conn) + ";")
     for migration in available():
+        if migration.version <= since:
+            continue
         body = migration.render(names).as_string(conn)
         parts.append(f"-- outbox migration {migration.version:04d}_{migration.name}\n{body}")
+        if with_tracking:
+            parts.append(sql.SQL(
+                "INSERT INTO {} (target, version, name, checksum) VALUES ({}, {}, {}, {});"
+            ).format(names.qualified(names.migrations_table), sql.Literal(names.table),
+                     sql.Literal(migration.version), sql.Literal(migration.name),
+                     sql.Literal(migration.checksum)).as_string(conn))
     return "\n".join(parts)
+
+
+def _tracking_table(names: SchemaNames) -> sql.Composed:
+    return sql.SQL(
+        "CREATE SCHEMA IF NOT EXISTS {schema};\n"
+        "CREATE TABLE IF NOT EXISTS {table} ("
+        " target text NOT NULL, version int NOT NULL, name text NOT NULL,"
+        " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (target, version))"
+    ).format(schema=sql.Identifier(names.schema),
+             table=names.qualified(names.migrations_table))
 
 
 def _ensure_tracking(conn: psycopg.Connection[Any], names: SchemaNames) -> None:
     # The bookkeeping table has to exist before versions can be read; it is the only object
     # created with IF NOT EXISTS, and only under the advisory lock.
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(names.schema)))
-    conn.execute(
-        sql.SQL(
-            "CREATE TABLE IF NOT EXISTS {} ("
-            " target text NOT NULL, version int NOT NULL, name text NOT NULL,"
-            " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
-            " PRIMARY KEY (target, version))"
-        ).format(names.qualified(names.migrations_table))
-    )
+    conn.execute(_tracking_table(names))
 
 
 def _applied(conn: psycopg.Connection[Any], names: SchemaNames) -> dict[int, tuple[str, str]]:

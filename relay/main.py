@@ -28,6 +28,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             batch_size=settings.batch_size,
             poll_interval=settings.poll_interval,
             keep_published=settings.keep_published,
+            shutdown_timeout=settings.shutdown_timeout,
         )
         check_schema(config)
         publisher = settings.publisher()

@@ -47,6 +47,8 @@ class PollConfig:
     ack_interval: float = 0.05
     keep_published: dt.timedelta | None = None
     standby_interval: float = 2.0
+    # On stop: how long to wait for outstanding deliveries before exiting without their ack.
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         checks = {
@@ -237,7 +239,7 @@ class PollingRelay:
 
     def _drain(self, conn: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
         """On stop: wait for outstanding deliveries (bounded) and acknowledge them."""
-        remaining = publisher.flush(30.0)
+        remaining = publisher.flush(self.config.shutdown_timeout)
         self._acknowledge(conn, force=True)
         log.info("polling relay stopped", extra={
             "event": "relay_stopped", "unacknowledged": remaining})

@@ -104,3 +104,17 @@ def test_cli_rejects_bad_names_and_redacts_passwords(empty_db_url: str) -> None:
     failed = run_cli("migrate", "up", "--db", unreachable)
     assert failed.returncode == 1
     assert "cannot connect" in failed.stderr and "s3cret-pw" not in failed.stderr
+
+
+def test_sql_for_other_tools_records_itself_so_status_agrees(empty_db_url: str) -> None:
+    """The Alembic recipe (docs/alembic.md): apply render_all's SQL, then status is clean."""
+    names = SchemaNames()
+    first, rest = migrate.available()[0], migrate.available()[1:]
+    with psycopg.connect(empty_db_url) as conn:
+        conn.execute(migrate.render_all(names, with_tracking=True))
+        conn.commit()
+        assert all(s.applied for s in migrate.status(conn, names))
+        assert migrate.up(conn, names) == []
+    later = migrate.render_all(names, since=first.version)
+    assert f"{first.version:04d}_{first.name}" not in later
+    assert all(f"{m.version:04d}_{m.name}" in later for m in rest)

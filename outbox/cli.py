@@ -179,6 +179,10 @@ def relay_command(
         envvar="OUTBOX_MESSAGE_PREFIX", show_envvar=True,
         help="Prefix of table-less events written with mode='message' (postgres-wal).",
     )] = "outbox",
+    table_less: Annotated[bool, typer.Option(
+        envvar="OUTBOX_TABLE_LESS", show_envvar=True,
+        help="postgres-wal: read only mode='message' events (slot created with --table-less).",
+    )] = False,
     metrics_port: Annotated[int | None, typer.Option(
         envvar="OUTBOX_METRICS_PORT", show_envvar=True,
         help="Serve /metrics, /healthz and /readyz on this port.")] = None,
@@ -216,6 +220,7 @@ def relay_command(
             slot=slot,
             publication=publication,
             message_prefix=message_prefix,
+            table_less=table_less,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,

@@ -43,7 +43,8 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             db_url=settings.db_url,
             source=WalSourceConfig(
                 slot=settings.slot, publication=settings.publication, schema=settings.schema,
-                table=settings.table, message_prefix=settings.message_prefix,
+                table=None if settings.table_less else settings.table,
+                message_prefix=settings.message_prefix,
                 # Confirm the slot every second: after a crash, at most about a second of
                 # events is sent again (besides what was in flight).
                 status_interval=1.0),

@@ -36,7 +36,7 @@ BROKER_CHECK_INTERVAL = 5.0
 
 @dataclass(frozen=True)
 class PollConfig:
-    db_url: str
+    db_url: str = field(repr=False)  # holds the password
     names: SchemaNames = field(default_factory=SchemaNames)
     batch_size: int = 5000
     # Events sent but not yet acknowledged by Kafka: bounds memory while the broker is slow.

@@ -34,8 +34,8 @@ SECRET_FIELDS = ("db_url", "mongo_url")
 class RelaySettings:
     source: str
     kafka_bootstrap: str
-    db_url: str | None = None
-    mongo_url: str | None = None
+    db_url: str | None = field(default=None, repr=False)  # secrets: see redacted()
+    mongo_url: str | None = field(default=None, repr=False)
     collections: tuple[str, ...] = ()
     schema: str = "public"
     table: str = "outbox"
@@ -48,6 +48,7 @@ class RelaySettings:
     slot: str = "outbox_relay"
     publication: str = "outbox_relay"
     message_prefix: str = "outbox"
+    table_less: bool = False  # postgres-wal: events only as messages, no outbox table
     shutdown_timeout: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from outbox.conninfo import redact
 from outbox.errors import ConfigurationError
@@ -39,7 +39,7 @@ class MongoRelayConfig:
         (needs the createIndex privilege; without it the relay only warns).
     """
 
-    url: str
+    url: str = field(repr=False)  # may hold the password
     collections: tuple[str, ...]
     field: str = DEFAULT_FIELD
     outbox_collection: str = DEFAULT_COLLECTION

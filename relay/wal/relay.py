@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -19,7 +20,7 @@ from relay.stats import RelayStats
 from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
-from relay.wal.errors import ReplicationConnectionError, SlotError, WalError
+from relay.wal.errors import ReplicationConnectionError, SlotError, SlotInUseError, WalError
 from relay.wal.lsn import format_lsn
 from relay.wal.source import WalSource, WalSourceConfig, open_as_standby
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WalRelayConfig:
-    db_url: str
+    db_url: str = field(repr=False)  # holds the password
     source: WalSourceConfig
     names: SchemaNames  # where the parked table is
     # Events handed to Kafka and not yet acknowledged: bounds memory while Kafka is slow.
@@ -163,8 +164,10 @@ def check_setup(config: WalRelayConfig) -> None:
     try:
         with psycopg.connect(libpq_url(config.db_url), autocommit=True,
                              connect_timeout=10) as conn:
-            slots.check_slot(slots.slot_status(conn, config.source.slot), config.source.slot,
-                             slots.current_database(conn))
+            # In use by another relay: this one starts as its standby (open_as_standby waits).
+            with contextlib.suppress(SlotInUseError):
+                slots.check_slot(slots.slot_status(conn, config.source.slot),
+                                 config.source.slot, slots.current_database(conn))
             parked_table = config.names.qualified(config.names.parked_table).as_string(conn)
             row = conn.execute("SELECT to_regclass(%s)", [parked_table]).fetchone()
     except SlotError as exc:

@@ -1,0 +1,87 @@
+"""The benchmark suite in --quick mode runs end to end; no assertion here is about time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import cli
+from tests.support.services import Services
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MACHINE_KEYS = {"cpu_model", "cpus", "memory_mb", "python", "postgresql", "kafka", "git_commit"}
+
+
+def _assert_ledger_held(ledger: dict[str, Any]) -> None:
+    assert ledger["held"] is True, ledger
+    assert ledger["lost"] == 0 and ledger["phantom"] == 0, ledger
+
+
+def _assert_available_or_explained(outcome: dict[str, Any]) -> bool:
+    """True when the phase ran; otherwise it must say why it could not (not fail)."""
+    assert "error" not in outcome, outcome.get("traceback") or outcome
+    if outcome["available"] is False:
+        assert outcome["reason"], outcome
+        return False
+    return True
+
+
+@pytest.mark.timeout(900)
+def test_quick_run_writes_well_formed_results_and_every_ledger_holds(
+    services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main([
+        "--quick", "--quiet", "--out", str(tmp_path), "--rates", "200", "--duration", "1",
+        "--db", services.db_url, "--kafka", services.kafka_bootstrap,
+        "--mongo", services.mongo_url,
+    ])
+    printed = capsys.readouterr().out
+    files = sorted(tmp_path.glob("*.json"))
+    assert len(files) == 1, files
+    results = json.loads(files[0].read_text())
+    assert code == 0, printed
+
+    assert results["machine"].keys() >= MACHINE_KEYS
+    assert results["loadavg_before"] and results["loadavg_after"]
+    assert "postgres-poll" in printed and "target" in printed
+
+    poll = results["sources"]["postgres-poll"]
+    drain = poll["drain"]
+    assert _assert_available_or_explained(drain), "the polling relay must always be measurable"
+    _assert_ledger_held(drain["ledger"])
+    assert drain["ledger"]["committed"] == 2_000 and drain["ledger"]["rolled_back"] > 0
+    figures = drain["drain"]
+    assert figures["events_per_s"] > 0 and figures["relay_peak_rss_mb"] > 0
+    assert figures["relay_cpu_s"] > 0 and figures["relay_exit_code"] == 0
+    latency = poll["latency"]
+    assert _assert_available_or_explained(latency)
+    [rate] = latency["rates"]
+    assert rate["offered_rate"] == 200 and rate["events"] > 0
+    assert rate["p50_ms"] <= rate["p95_ms"] <= rate["p99_ms"] <= rate["max_ms"]
+    _assert_ledger_held(rate["ledger"])
+
+    for name, result in results["sources"].items():
+        for phase in ("drain", "latency", "mongo"):
+            outcome = result.get(phase)
+            if outcome is None or not _assert_available_or_explained(outcome):
+                continue
+            for ledger in [outcome.get("ledger"), *(r["ledger"] for r in outcome.get("rates", []))]:
+                if ledger is not None:
+                    _assert_ledger_held(ledger)
+        if name.startswith("postgres-wal") and "raw_decode" in result.get("drain", {}):
+            assert result["drain"]["raw_decode"].get("events_per_s", 1) > 0
+
+    cases = results["write_overhead"]["cases"]
+    assert {(c["mode"], c["events_per_transaction"]) for c in cases} == {
+        ("table", 1), ("table", 100), ("message", 1), ("message", 100)}
+    for case in cases:
+        assert case["transactions"] > 0 and case["publish_us_per_event"] > 0
+        _assert_ledger_held(case["ledger"])
+
+    for key in ("consumer_rate", "consumer_rate_pipeline"):
+        if _assert_available_or_explained(results[key]):
+            _assert_ledger_held(results[key]["ledger"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from outbox import aggregates
 from outbox.columns import ColumnMapping
 from outbox.errors import (
     AtomicityError,
@@ -34,3 +33,12 @@ __all__ = [
     "publish",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # `outbox.aggregates` needs SQLAlchemy: load it on first use, not with the package.
+    if name == "aggregates":
+        import importlib
+
+        return importlib.import_module("outbox.aggregates")
+    raise AttributeError(f"module 'outbox' has no attribute {name!r}")

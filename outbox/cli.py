@@ -157,8 +157,9 @@ def relay_command(
         help="Topic of events without an explicit topic.")] = "{aggregate_type}",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
-    batch_size: Annotated[int, typer.Option(
-        envvar="OUTBOX_BATCH_SIZE", show_envvar=True, help="Events read per query.")] = 5000,
+    batch_size: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_BATCH_SIZE", show_envvar=True,
+        help="Events read per query (default: the source's own).")] = None,
     poll_interval: Annotated[str, typer.Option(
         envvar="OUTBOX_POLL_INTERVAL", show_envvar=True,
         help="Fallback poll interval when no notification arrives.")] = "1s",

@@ -8,13 +8,8 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
-from pymongo import MongoClient
-from pymongo.errors import PyMongoError
 
 from outbox.cli_errors import explain, fail
-from outbox.consumer.mongo import MongoStore
-from outbox.consumer.replay import DEFAULT_GROUP, replay
-from outbox.consumer.stores import PsycopgStore
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.kafka_safety import parse_kafka_settings
 from outbox.names import SchemaNames
@@ -66,7 +61,7 @@ def dlq_replay(
         help="Replay at most this many dead letters.")] = None,
     group: Annotated[str, typer.Option(
         envvar="OUTBOX_DLQ_GROUP", show_envvar=True,
-        help="Consumer group that remembers how far the replay went.")] = DEFAULT_GROUP,
+        help="Consumer group that remembers how far the replay went.")] = "outbox-dlq-replay",
     to: Annotated[str | None, typer.Option(
         envvar="OUTBOX_DLQ_TO", show_envvar=True,
         help="Publish to this topic instead of each dead letter's original topic.")] = None,
@@ -76,6 +71,10 @@ def dlq_replay(
     kafka_setting: KafkaSettingOption = None,
 ) -> None:
     """Re-publish dead letters to their original topic with their original headers."""
+    # The consumer package (SQLAlchemy, pymongo) loads only when a command runs, not with
+    # `outbox` itself, so that the relay process stays small.
+    from outbox.consumer.replay import replay
+
     try:
         result = replay(
             _kafka_settings(kafka, kafka_setting), topic, max_messages=max_messages,
@@ -111,6 +110,12 @@ def inbox_purge(
         help="Name of the inbox table (MongoDB: collection).")] = "outbox_inbox",
 ) -> None:
     """Delete old dedup rows of the idempotent consumer."""
+    from pymongo import MongoClient
+    from pymongo.errors import PyMongoError
+
+    from outbox.consumer.mongo import MongoStore
+    from outbox.consumer.stores import PsycopgStore
+
     try:
         age = parse_duration(older_than)
         if (db is None) == (mongo is None):

@@ -6,16 +6,10 @@ import json
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from sqlalchemy import text
-from sqlalchemy.engine import Connection as SAConnection
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
 
 from outbox import statements
 from outbox.columns import ColumnMapping
@@ -32,11 +26,19 @@ from outbox.identifiers import check_identifier
 from outbox.record import OutboxRecord
 from outbox.tracing import current_traceparent
 
-WriteMode = Literal["table", "message"]
-SyncTarget = Session | SAConnection | psycopg.Connection[Any]
-AsyncTarget = AsyncSession | SAAsyncConnection | psycopg.AsyncConnection[Any]
+if TYPE_CHECKING:
+    # SQLAlchemy is imported only when a SQLAlchemy target is used (outbox/_sqlalchemy.py):
+    # the relay daemon, which never writes, is spared its memory.
+    from sqlalchemy.engine import Connection as SAConnection
+    from sqlalchemy.ext.asyncio import AsyncConnection as SAAsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
 
-UNDEFINED_TABLE = "42P01"
+    SyncTarget: TypeAlias = Session | SAConnection | psycopg.Connection[Any]
+    AsyncTarget: TypeAlias = AsyncSession | SAAsyncConnection | psycopg.AsyncConnection[Any]
+
+WriteMode = Literal["table", "message"]
+
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
@@ -159,77 +161,40 @@ class Outbox:
         records = self.records(events)
         params = self.parameters(records) if records else {}
         ids = [record.id for record in records]
-        if isinstance(target, AsyncSession | SAAsyncConnection | psycopg.AsyncConnection):
-            return self._publish_async(target, params, ids)
-        if not records:
-            self._check_sync_target(target)
-            return ids
+        if isinstance(target, psycopg.AsyncConnection):
+            return self._publish_psycopg_async(target, params, ids)
         if isinstance(target, psycopg.Connection):
             self._check_psycopg(target)
-            self._run_psycopg(target, params)
-        elif isinstance(target, Session | SAConnection):
-            connection = target.connection() if isinstance(target, Session) else target
-            self._check_sqlalchemy(connection)
-            self._run_sqlalchemy(connection, params)
-        else:
-            raise UnsupportedTargetError(
-                f"publish needs a SQLAlchemy Session/Connection or a psycopg Connection "
-                f"(sync or async), not {type(target).__name__}"
-            )
-        return ids
-
-    async def _publish_async(
-        self, target: AsyncTarget, params: dict[str, Any], ids: list[uuid.UUID]
-    ) -> list[uuid.UUID]:
-        if isinstance(target, psycopg.AsyncConnection):
-            if target.autocommit and target.info.transaction_status == TransactionStatus.IDLE:
-                self._refuse_autocommit()
             if params:
-                try:
-                    await target.execute(self.statement(statements.psycopg_placeholder), params)
-                except psycopg.errors.UndefinedTable as exc:
-                    raise SchemaMissingError() from exc
+                self._run_psycopg(target, params)
             return ids
-        connection = await target.connection() if isinstance(target, AsyncSession) else target
-        self._check_sqlalchemy_options(connection.sync_connection.get_execution_options()
-                                       if connection.sync_connection else {})
-        raw = await connection.get_raw_connection()
-        if getattr(raw.driver_connection, "autocommit", False) and not self.allow_autocommit:
-            self._refuse_autocommit()
+        if any(cls.__module__.startswith("sqlalchemy.") for cls in type(target).__mro__):
+            from outbox import _sqlalchemy
+
+            return _sqlalchemy.publish(self, target, params, ids)
+        raise UnsupportedTargetError(
+            f"publish needs a SQLAlchemy Session/Connection or a psycopg Connection "
+            f"(sync or async), not {type(target).__name__}"
+        )
+
+    async def _publish_psycopg_async(
+        self, target: psycopg.AsyncConnection[Any], params: dict[str, Any], ids: list[uuid.UUID]
+    ) -> list[uuid.UUID]:
+        self._check_psycopg(target)
         if params:
             try:
-                await connection.execute(
-                    text(self.statement(statements.sqlalchemy_placeholder)), params
-                )
-            except DBAPIError as exc:
-                _raise_schema_missing(exc)
-                raise
+                await target.execute(self.statement(statements.psycopg_placeholder), params)
+            except psycopg.errors.UndefinedTable as exc:
+                raise SchemaMissingError() from exc
         return ids
 
-    def _check_sync_target(self, target: object) -> None:
-        if not isinstance(target, psycopg.Connection | Session | SAConnection):
-            raise UnsupportedTargetError(
-                f"publish needs a SQLAlchemy Session/Connection or a psycopg Connection "
-                f"(sync or async), not {type(target).__name__}"
-            )
-
-    def _check_psycopg(self, conn: psycopg.Connection[Any]) -> None:
+    def _check_psycopg(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
         # With autocommit and no `with conn.transaction():` block, each statement would commit
         # alone: the events would no longer be atomic with the business change.
         if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
-            self._refuse_autocommit()
+            self.refuse_autocommit()
 
-    def _check_sqlalchemy(self, connection: SAConnection) -> None:
-        self._check_sqlalchemy_options(connection.get_execution_options())
-        driver = connection.connection.driver_connection
-        if getattr(driver, "autocommit", False) and not self.allow_autocommit:
-            self._refuse_autocommit()
-
-    def _check_sqlalchemy_options(self, options: Any) -> None:
-        if options.get("isolation_level") == "AUTOCOMMIT":
-            self._refuse_autocommit()
-
-    def _refuse_autocommit(self) -> None:
+    def refuse_autocommit(self) -> None:
         if not self.allow_autocommit:
             raise AtomicityError()
 
@@ -238,19 +203,6 @@ class Outbox:
             conn.execute(self.statement(statements.psycopg_placeholder), params)
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaMissingError() from exc
-
-    def _run_sqlalchemy(self, connection: SAConnection, params: dict[str, Any]) -> None:
-        try:
-            connection.execute(text(self.statement(statements.sqlalchemy_placeholder)), params)
-        except DBAPIError as exc:
-            _raise_schema_missing(exc)
-            raise
-
-
-def _raise_schema_missing(exc: DBAPIError) -> None:
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    if code == UNDEFINED_TABLE:
-        raise SchemaMissingError() from exc
 
 
 default_outbox = Outbox()

@@ -25,7 +25,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         config = PollConfig(
             db_url=settings.db_url,
             names=settings.names,
-            batch_size=settings.batch_size,
+            batch_size=settings.batch_size or PollConfig.batch_size,
             poll_interval=settings.poll_interval,
             keep_published=settings.keep_published,
             shutdown_timeout=settings.shutdown_timeout,
@@ -71,8 +71,8 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             collections=settings.collections,
             # --table names the outbox collection of outbox.mongo.publish for these sources.
             outbox_collection=settings.table,
-            batch_size=settings.batch_size,
-            max_in_flight=max(20_000, 4 * settings.batch_size),
+            batch_size=settings.batch_size or MongoRelayConfig.batch_size,
+            max_in_flight=max(20_000, 4 * (settings.batch_size or MongoRelayConfig.batch_size)),
             poll_interval=settings.poll_interval,
             shutdown_timeout=settings.shutdown_timeout,
         )

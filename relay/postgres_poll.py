@@ -38,7 +38,9 @@ BROKER_CHECK_INTERVAL = 5.0
 class PollConfig:
     db_url: str = field(repr=False)  # holds the password
     names: SchemaNames = field(default_factory=SchemaNames)
-    batch_size: int = 5000
+    # Rows per read: larger pages gain little throughput here and cost memory (each row is a
+    # Python object until Kafka acknowledges it).
+    batch_size: int = 1000
     # Events sent but not yet acknowledged by Kafka: bounds memory while the broker is slow.
     max_in_flight: int = 20_000
     # Fallback when no NOTIFY arrives (e.g. a long transaction held the window back).

@@ -42,7 +42,7 @@ class RelaySettings:
     topic_template: str = "{aggregate_type}"
     kafka_settings: dict[str, str] = field(default_factory=dict)
     allow_unsafe_kafka_settings: bool = False
-    batch_size: int = 5000
+    batch_size: int | None = None  # None: the source's own default
     poll_interval: float = 1.0
     keep_published: dt.timedelta | None = None
     slot: str = "outbox_relay"
@@ -65,6 +65,8 @@ class RelaySettings:
             if not self.collections:
                 raise ConfigurationError(
                     f"source {self.source} needs collections (--collections a,b)")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ConfigurationError(f"batch_size={self.batch_size} must be positive")
         if self.shutdown_timeout <= 0:
             raise ConfigurationError("shutdown_timeout must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

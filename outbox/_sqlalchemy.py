@@ -1,0 +1,80 @@
+"""The SQLAlchemy adapter of `Outbox.publish`: Session/Connection, sync or asyncio.
+
+Imported on first use, so that processes that never write through SQLAlchemy (the relay) do not
+load it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from outbox import statements
+from outbox.errors import SchemaMissingError, UnsupportedTargetError
+
+if TYPE_CHECKING:
+    from outbox.writer import Outbox
+
+UNDEFINED_TABLE = "42P01"
+
+
+def publish(
+    outbox: Outbox, target: Any, params: dict[str, Any], ids: list[uuid.UUID]
+) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
+    if isinstance(target, AsyncSession | AsyncConnection):
+        return _publish_async(outbox, target, params, ids)
+    if not isinstance(target, Session | Connection):
+        raise UnsupportedTargetError(
+            f"publish needs a SQLAlchemy Session or Connection, not {type(target).__name__}"
+        )
+    connection = target.connection() if isinstance(target, Session) else target
+    _check_autocommit(outbox, connection.get_execution_options(),
+                      connection.connection.driver_connection)
+    if params:
+        try:
+            connection.execute(text(outbox.statement(statements.sqlalchemy_placeholder)), params)
+        except DBAPIError as exc:
+            _raise_schema_missing(exc)
+            raise
+    return ids
+
+
+async def _publish_async(
+    outbox: Outbox,
+    target: AsyncSession | AsyncConnection,
+    params: dict[str, Any],
+    ids: list[uuid.UUID],
+) -> list[uuid.UUID]:
+    connection = await target.connection() if isinstance(target, AsyncSession) else target
+    sync = connection.sync_connection
+    options = sync.get_execution_options() if sync is not None else {}
+    raw = await connection.get_raw_connection()
+    _check_autocommit(outbox, options, raw.driver_connection)
+    if params:
+        try:
+            await connection.execute(
+                text(outbox.statement(statements.sqlalchemy_placeholder)), params
+            )
+        except DBAPIError as exc:
+            _raise_schema_missing(exc)
+            raise
+    return ids
+
+
+def _check_autocommit(outbox: Outbox, options: Mapping[str, Any], driver: Any) -> None:
+    # AUTOCOMMIT isolation (engine- or connection-level) commits each statement alone.
+    if options.get("isolation_level") == "AUTOCOMMIT" or getattr(driver, "autocommit", False):
+        outbox.refuse_autocommit()
+
+
+def _raise_schema_missing(exc: DBAPIError) -> None:
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    if code == UNDEFINED_TABLE:
+        raise SchemaMissingError() from exc

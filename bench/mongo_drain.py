@@ -34,6 +34,7 @@ from pymongo import MongoClient
 from pymongo.database import Database
 
 import outbox
+from bench import topics
 from outbox import mongo as outbox_mongo
 from relay.daemon import supervise
 from relay.mongo import MongoPollRelay, MongoRelayConfig, MongoStore, MongoStreamRelay, check_source
@@ -207,6 +208,7 @@ def run_one(kind: str, args: argparse.Namespace, mongo_url: str, kafka: str) -> 
     finally:
         client.drop_database(name)
         client.close()
+        topics.delete(kafka, [topic])  # the shared broker keeps no bench leftovers
 
 
 def main() -> None:

@@ -174,6 +174,33 @@ class Relayer:
             log.debug("purge failed", extra={"event": "purge_failed", "error": str(exc)})
 
 
+class MongoRelayBase:
+    """What both MongoDB relays are made of: configuration, stats, and the store and publisher
+    factories (real ones by default, in-memory fakes in unit tests)."""
+
+    def __init__(
+        self,
+        config: MongoRelayConfig,
+        publisher_config: PublisherConfig | None = None,
+        stats: RelayStats | None = None,
+        *,
+        store_factory: StoreFactory | None = None,
+        publisher_factory: PublisherFactory | None = None,
+        owner: str | None = None,
+    ) -> None:
+        from relay.mongo.store import MongoStore
+
+        self.config = config
+        self.owner = owner or lease_owner()
+        self.stats = stats or RelayStats()
+        self._store_factory = store_factory or (lambda: MongoStore(config))
+        if publisher_factory is None:
+            if publisher_config is None:
+                raise TypeError("pass publisher_config or publisher_factory")
+            publisher_factory = kafka_publisher(publisher_config, self.stats)
+        self._publisher_factory = publisher_factory
+
+
 def lease_owner() -> str:
     """A lease owner id. One per daemon, kept across its restarts: a relay restarted after an
     error takes its own lease back at once instead of waiting for it to expire."""

@@ -6,24 +6,17 @@ import logging
 import threading
 import time
 
-from relay.mongo.config import MongoRelayConfig
 from relay.mongo.engine import (
     Lease,
-    PublisherFactory,
+    MongoRelayBase,
     Relayer,
     Scanner,
-    StoreFactory,
-    kafka_publisher,
-    lease_owner,
 )
-from relay.mongo.store import MongoStore
-from relay.publisher import PublisherConfig
-from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
 
 
-class MongoPollRelay:
+class MongoPollRelay(MongoRelayBase):
     """The polling source for MongoDB. Runs until `stop` is set; raises RetryableError for the
     supervisor to restart it.
 
@@ -34,26 +27,6 @@ class MongoPollRelay:
     """
 
     source = "mongo-poll"
-
-    def __init__(
-        self,
-        config: MongoRelayConfig,
-        publisher_config: PublisherConfig | None = None,
-        stats: RelayStats | None = None,
-        *,
-        store_factory: StoreFactory | None = None,
-        publisher_factory: PublisherFactory | None = None,
-        owner: str | None = None,
-    ) -> None:
-        self.config = config
-        self.owner = owner or lease_owner()
-        self.stats = stats or RelayStats()
-        self._store_factory = store_factory or (lambda: MongoStore(config))
-        if publisher_factory is None:
-            if publisher_config is None:
-                raise TypeError("pass publisher_config or publisher_factory")
-            publisher_factory = kafka_publisher(publisher_config, self.stats)
-        self._publisher_factory = publisher_factory
 
     def run(self, stop: threading.Event) -> None:
         store = self._store_factory()

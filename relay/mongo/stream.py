@@ -12,16 +12,15 @@ from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.engine import (
     Lease,
+    MongoRelayBase,
     PublisherFactory,
     Relayer,
     Scanner,
     StoreFactory,
-    kafka_publisher,
-    lease_owner,
 )
 from relay.mongo.entries import in_change
 from relay.mongo.errors import ResumeTokenInvalidError
-from relay.mongo.store import ChangeSource, MongoStore, OutboxStore
+from relay.mongo.store import ChangeSource, OutboxStore
 from relay.mongo.tracker import TokenLog
 from relay.publisher import PublisherConfig
 from relay.stats import RelayStats
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 Token = Mapping[str, Any]
 
 
-class MongoStreamRelay:
+class MongoStreamRelay(MongoRelayBase):
     """The change-stream source for MongoDB. Runs until `stop` is set; raises RetryableError for
     the supervisor to restart it.
 
@@ -57,15 +56,8 @@ class MongoStreamRelay:
         publisher_factory: PublisherFactory | None = None,
         owner: str | None = None,
     ) -> None:
-        self.config = config
-        self.owner = owner or lease_owner()
-        self.stats = stats or RelayStats()
-        self._store_factory = store_factory or (lambda: MongoStore(config))
-        if publisher_factory is None:
-            if publisher_config is None:
-                raise TypeError("pass publisher_config or publisher_factory")
-            publisher_factory = kafka_publisher(publisher_config, self.stats)
-        self._publisher_factory = publisher_factory
+        super().__init__(config, publisher_config, stats, store_factory=store_factory,
+                         publisher_factory=publisher_factory, owner=owner)
         # A short server-side wait keeps delivery reports and the lease served while idle.
         self._max_await = min(config.poll_interval, 0.1)
         self._saved: Token | None = None

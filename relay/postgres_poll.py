@@ -42,7 +42,7 @@ class PollConfig:
     # Python object until Kafka acknowledges it).
     batch_size: int = 1000
     # Events sent but not yet acknowledged by Kafka: bounds memory while the broker is slow.
-    max_in_flight: int = 20_000
+    max_in_flight: int = 10_000
     # Fallback when no NOTIFY arrives (e.g. a long transaction held the window back).
     poll_interval: float = 1.0
     # Acknowledged rows are deleted in batches at least this often.

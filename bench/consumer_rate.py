@@ -20,7 +20,6 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -30,25 +29,17 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from sqlalchemy import create_engine, text
 
+from bench.env import setting
 from outbox import migrate
 from outbox.consumer import Consumer, Message
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay.publisher import kafka_headers
 
-STACK_ENV = Path(__file__).resolve().parent.parent / ".local" / "stack.env"
-
 
 def settings(args: argparse.Namespace) -> tuple[str, str]:
-    found: dict[str, str] = {}
-    if STACK_ENV.exists():
-        for line in STACK_ENV.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                found[key.strip()] = value.strip()
-    db = args.db or os.environ.get("OUTBOX_DB_URL") or found.get("OUTBOX_DB_URL")
-    kafka = (args.kafka or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP")
-             or found.get("OUTBOX_KAFKA_BOOTSTRAP"))
+    db = setting("OUTBOX_DB_URL", args.db)
+    kafka = setting("OUTBOX_KAFKA_BOOTSTRAP", args.kafka)
     if not db or not kafka:
         sys.exit("no database/kafka: pass --db and --kafka or run `python -m deploy.local up`")
     return db, kafka

@@ -46,19 +46,22 @@ def _pid_in(text: str | None) -> int | None:
     return int(match[1]) if match else None
 
 
+def setting(name: str, given: str | None = None) -> str | None:
+    """A service URL: the option given, else the OUTBOX_* variable, else `.local/stack.env`."""
+    from deploy.local.stack import read_env
+
+    return given or os.environ.get(name) or read_env().get(name)
+
+
 def discover(db: str | None, kafka: str | None, mongo: str | None) -> Stack:
     """Options first, then OUTBOX_* variables, then the local stack's `.local/stack.env`."""
     from deploy.local.stack import read_env
 
     local = read_env()
     found = {
-        "OUTBOX_DB_URL": db or os.environ.get("OUTBOX_DB_URL") or local.get("OUTBOX_DB_URL"),
-        "OUTBOX_KAFKA_BOOTSTRAP": kafka
-        or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP")
-        or local.get("OUTBOX_KAFKA_BOOTSTRAP"),
-        "OUTBOX_MONGO_URL": mongo
-        or os.environ.get("OUTBOX_MONGO_URL")
-        or local.get("OUTBOX_MONGO_URL"),
+        "OUTBOX_DB_URL": setting("OUTBOX_DB_URL", db),
+        "OUTBOX_KAFKA_BOOTSTRAP": setting("OUTBOX_KAFKA_BOOTSTRAP", kafka),
+        "OUTBOX_MONGO_URL": setting("OUTBOX_MONGO_URL", mongo),
     }
     db_url, bootstrap = found["OUTBOX_DB_URL"], found["OUTBOX_KAFKA_BOOTSTRAP"]
     if not db_url or not bootstrap:

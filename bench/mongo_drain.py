@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import threading
 import time
 import urllib.parse
 import uuid
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer
@@ -35,26 +33,19 @@ from pymongo.database import Database
 
 import outbox
 from bench import topics
+from bench.env import setting
 from outbox import mongo as outbox_mongo
 from relay.daemon import supervise
 from relay.mongo import MongoPollRelay, MongoRelayConfig, MongoStore, MongoStreamRelay, check_source
 from relay.mongo.tracker import AckPlan
 from relay.publisher import PublisherConfig
 
-STACK_ENV = Path(__file__).resolve().parent.parent / ".local" / "stack.env"
 Document = dict[str, Any]
 
 
 def services(args: argparse.Namespace) -> tuple[str, str]:
-    found: dict[str, str] = {}
-    if STACK_ENV.exists():
-        for line in STACK_ENV.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and not key.startswith("#"):
-                found[key.strip()] = value.strip()
-    mongo = args.mongo or os.environ.get("OUTBOX_MONGO_URL") or found.get("OUTBOX_MONGO_URL")
-    kafka = (args.kafka or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP")
-             or found.get("OUTBOX_KAFKA_BOOTSTRAP"))
+    mongo = setting("OUTBOX_MONGO_URL", args.mongo)
+    kafka = setting("OUTBOX_KAFKA_BOOTSTRAP", args.kafka)
     if not mongo or not kafka:
         sys.exit("no mongo/kafka: pass --mongo and --kafka or run `python -m deploy.local up`")
     return mongo, kafka

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
@@ -20,51 +21,63 @@ from outbox import statements
 from outbox.errors import SchemaMissingError, UnsupportedTargetError
 
 if TYPE_CHECKING:
+    from outbox.record import OutboxRecord
     from outbox.writer import Outbox
 
 UNDEFINED_TABLE = "42P01"
 
 
 def publish(
-    outbox: Outbox, target: Any, params: dict[str, Any], ids: list[uuid.UUID]
+    outbox: Outbox, target: Any, records: list[OutboxRecord], ids: list[uuid.UUID]
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
     if isinstance(target, AsyncSession | AsyncConnection):
-        return _publish_async(outbox, target, params, ids)
+        return _publish_async(outbox, target, records, ids)
     if not isinstance(target, Session | Connection):
         raise UnsupportedTargetError(
             f"publish needs a SQLAlchemy Session or Connection, not {type(target).__name__}"
         )
     connection = target.connection() if isinstance(target, Session) else target
-    _check_autocommit(outbox, connection.get_execution_options(),
-                      connection.connection.driver_connection)
-    if params:
-        try:
-            connection.execute(text(outbox.statement(statements.sqlalchemy_placeholder)), params)
-        except DBAPIError as exc:
-            _raise_schema_missing(exc)
-            raise
+    driver = connection.connection.driver_connection
+    _check_autocommit(outbox, connection.get_execution_options(), driver)
+    if not records:
+        return ids
+    if isinstance(driver, psycopg.Connection) and outbox.copies(records):
+        # The psycopg connection under SQLAlchemy is in the same transaction: the fast path.
+        outbox.write_psycopg(driver, records)
+        return ids
+    try:
+        connection.execute(
+            text(outbox.statement(statements.sqlalchemy_placeholder)), outbox.parameters(records)
+        )
+    except DBAPIError as exc:
+        _raise_schema_missing(exc)
+        raise
     return ids
 
 
 async def _publish_async(
     outbox: Outbox,
     target: AsyncSession | AsyncConnection,
-    params: dict[str, Any],
+    records: list[OutboxRecord],
     ids: list[uuid.UUID],
 ) -> list[uuid.UUID]:
     connection = await target.connection() if isinstance(target, AsyncSession) else target
     sync = connection.sync_connection
     options = sync.get_execution_options() if sync is not None else {}
-    raw = await connection.get_raw_connection()
-    _check_autocommit(outbox, options, raw.driver_connection)
-    if params:
-        try:
-            await connection.execute(
-                text(outbox.statement(statements.sqlalchemy_placeholder)), params
-            )
-        except DBAPIError as exc:
-            _raise_schema_missing(exc)
-            raise
+    driver = (await connection.get_raw_connection()).driver_connection
+    _check_autocommit(outbox, options, driver)
+    if not records:
+        return ids
+    if isinstance(driver, psycopg.AsyncConnection) and outbox.copies(records):
+        await outbox.write_psycopg_async(driver, records)
+        return ids
+    try:
+        await connection.execute(
+            text(outbox.statement(statements.sqlalchemy_placeholder)), outbox.parameters(records)
+        )
+    except DBAPIError as exc:
+        _raise_schema_missing(exc)
+        raise
     return ids
 
 

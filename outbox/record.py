@@ -7,7 +7,8 @@ import json
 import struct
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
 from outbox.errors import InvalidEventError
 
@@ -22,9 +23,13 @@ MESSAGE_FORMAT_V1 = 1
 _HEADER_LENGTH = struct.Struct(">BI")
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRecord:
-    """One event as stored: payload already bytes. `position` orders it within its source."""
+class OutboxRecord(NamedTuple):
+    """One event as stored: payload already bytes.
+
+    A named tuple because every event passes through one on each side (write and relay), and it
+    is the cheapest immutable record to build. Its field order is the column order of the COPY
+    in `outbox.copy_rows`.
+    """
 
     id: uuid.UUID
     aggregate_type: str
@@ -32,7 +37,7 @@ class OutboxRecord:
     event_type: str
     payload: bytes
     content_type: str
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = MappingProxyType({})
     topic: str | None = None
     created_at: dt.datetime | None = None
 

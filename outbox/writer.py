@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from outbox import statements
+from outbox import copy_rows, statements
 from outbox.columns import ColumnMapping
 from outbox.errors import (
     AtomicityError,
@@ -80,30 +80,31 @@ class Outbox:
     def records(self, events: Sequence[Event]) -> list[OutboxRecord]:
         """Validate and serialise `events`; raises before anything is written."""
         traceparent = current_traceparent() if self.capture_trace_context else None
+        serializer, max_bytes = self.serializer, self.max_payload_bytes
         records = []
         for event in events:
             if not isinstance(event, Event):
                 raise InvalidEventError(f"expected outbox.Event, got {type(event).__name__}")
-            payload = event.encode_payload(self.serializer)
-            if len(payload) > self.max_payload_bytes:
+            payload = event.encode_payload(serializer)
+            if len(payload) > max_bytes:
                 raise PayloadTooLargeError(
                     f"payload of {event.event_type} event {event.id} is {len(payload)} bytes; "
-                    f"the maximum is {self.max_payload_bytes} (Outbox.max_payload_bytes)"
+                    f"the maximum is {max_bytes} (Outbox.max_payload_bytes)"
                 )
-            headers = dict(event.headers)
+            headers = event.headers  # the event's own copy, never changed: safe to share
             if traceparent and "traceparent" not in headers:
-                headers["traceparent"] = traceparent
+                headers = {**headers, "traceparent": traceparent}
             records.append(
                 OutboxRecord(
-                    id=event.id,
-                    aggregate_type=event.aggregate_type,
-                    aggregate_id=event.aggregate_id,
-                    event_type=event.event_type,
-                    payload=payload,
-                    content_type=event.resolved_content_type,
-                    headers=headers,
-                    topic=event.topic,
-                    created_at=event.created_at,
+                    event.id,
+                    event.aggregate_type,
+                    event.aggregate_id,
+                    event.event_type,
+                    payload,
+                    event.resolved_content_type,
+                    headers,
+                    event.topic,
+                    event.created_at,
                 )
             )
         return records
@@ -159,34 +160,70 @@ class Outbox:
         For an AsyncSession, AsyncConnection or psycopg AsyncConnection the result is awaitable.
         """
         records = self.records(events)
-        params = self.parameters(records) if records else {}
         ids = [record.id for record in records]
         if isinstance(target, psycopg.AsyncConnection):
-            return self._publish_psycopg_async(target, params, ids)
+            return self._publish_psycopg_async(target, records, ids)
         if isinstance(target, psycopg.Connection):
             self._check_psycopg(target)
-            if params:
-                self._run_psycopg(target, params)
+            if records:
+                self.write_psycopg(target, records)
             return ids
         if any(cls.__module__.startswith("sqlalchemy.") for cls in type(target).__mro__):
             from outbox import _sqlalchemy
 
-            return _sqlalchemy.publish(self, target, params, ids)
+            return _sqlalchemy.publish(self, target, records, ids)
         raise UnsupportedTargetError(
             f"publish needs a SQLAlchemy Session/Connection or a psycopg Connection "
             f"(sync or async), not {type(target).__name__}"
         )
 
     async def _publish_psycopg_async(
-        self, target: psycopg.AsyncConnection[Any], params: dict[str, Any], ids: list[uuid.UUID]
+        self,
+        target: psycopg.AsyncConnection[Any],
+        records: list[OutboxRecord],
+        ids: list[uuid.UUID],
     ) -> list[uuid.UUID]:
         self._check_psycopg(target)
-        if params:
-            try:
-                await target.execute(self.statement(statements.psycopg_placeholder), params)
-            except psycopg.errors.UndefinedTable as exc:
-                raise SchemaMissingError() from exc
+        if records:
+            await self.write_psycopg_async(target, records)
         return ids
+
+    def copies(self, records: Sequence[OutboxRecord]) -> bool:
+        """Whether `records` go in with binary COPY rather than INSERT.
+
+        COPY needs the exact column types of the table `outbox migrate` creates. It takes two
+        round trips to INSERT's one and is cheaper per row: from about 4 events on it is the
+        faster (docs/performance.md).
+        """
+        return (
+            len(records) >= copy_rows.MIN_EVENTS
+            and self.mode == "table"
+            and self.columns.is_native
+        )
+
+    def write_psycopg(self, conn: psycopg.Connection[Any], records: list[OutboxRecord]) -> None:
+        try:
+            if self.copies(records):
+                statement = copy_rows.copy_statement(self.schema, self.table)
+                copy_rows.copy_records(conn, statement, records)
+            else:
+                query = self.statement(statements.psycopg_placeholder)
+                conn.execute(query, self.parameters(records))
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaMissingError() from exc
+
+    async def write_psycopg_async(
+        self, conn: psycopg.AsyncConnection[Any], records: list[OutboxRecord]
+    ) -> None:
+        try:
+            if self.copies(records):
+                statement = copy_rows.copy_statement(self.schema, self.table)
+                await copy_rows.copy_records_async(conn, statement, records)
+            else:
+                query = self.statement(statements.psycopg_placeholder)
+                await conn.execute(query, self.parameters(records))
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaMissingError() from exc
 
     def _check_psycopg(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
         # With autocommit and no `with conn.transaction():` block, each statement would commit
@@ -197,12 +234,6 @@ class Outbox:
     def refuse_autocommit(self) -> None:
         if not self.allow_autocommit:
             raise AtomicityError()
-
-    def _run_psycopg(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> None:
-        try:
-            conn.execute(self.statement(statements.psycopg_placeholder), params)
-        except psycopg.errors.UndefinedTable as exc:
-            raise SchemaMissingError() from exc
 
 
 default_outbox = Outbox()

@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from outbox.columns import ColumnMapping
@@ -248,7 +248,7 @@ def _converter(name: str, type_oid: int, binary: bool) -> Converter:
 
 # OutboxRecord's fields in the order of its constructor (records are built positionally, the
 # cheapest call); every event needs the first five, the others have defaults in the table.
-_RECORD_FIELDS = tuple(item.name for item in fields(OutboxRecord))
+_RECORD_FIELDS = OutboxRecord._fields
 _REQUIRED = frozenset(("id", "aggregate_type", "aggregate_id", "event_type", "payload"))
 # At most this many patterns of null columns are remembered per table version.
 _MAX_READERS = 64

@@ -65,6 +65,42 @@ def test_commit_writes_business_row_and_events_together(db_url: str, orders_tabl
     assert first[6] == {"tenant": "eu"}
 
 
+def test_copy_and_insert_paths_store_the_same_row(db_url: str) -> None:
+    """A batch goes through binary COPY (psycopg, or SQLAlchemy on psycopg), one event through
+    INSERT: the stored rows are the same."""
+    import datetime as dt
+
+    from outbox.copy_rows import MIN_EVENTS
+
+    def event() -> outbox.Event:
+        return outbox.Event(
+            "Ordér", "ä-1", "Créé", {"note": "tab\tand\nnewline \\ é"},
+            headers={"tenant": "eu", "naïve": "✓"}, topic="orders.custom",
+            created_at=dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
+        )
+
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, *[event() for _ in range(MIN_EVENTS)])
+        outbox.publish(conn, event())
+        conn.commit()
+    engine = create_engine(sa_url(db_url))
+    try:
+        with Session(engine) as session:
+            outbox.publish(session, *[event() for _ in range(MIN_EVENTS)])
+            session.commit()
+    finally:
+        engine.dispose()
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT aggregate_type, aggregate_id, event_type, topic, payload, content_type,"
+            " headers, created_at FROM outbox ORDER BY position"
+        ).fetchall()
+    assert len(rows) == 2 * MIN_EVENTS + 1 and all(row == rows[0] for row in rows)
+    assert rows[0][6] == {"tenant": "eu", "naïve": "✓"}
+    assert json.loads(rows[0][4]) == {"note": "tab\tand\nnewline \\ é"}
+    assert rows[0][7] == dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+
+
 def test_rolled_back_transaction_leaves_neither_row_nor_event(
     db_url: str, orders_table: None
 ) -> None:
@@ -138,9 +174,12 @@ async def _async_sqlalchemy(db_url: str) -> list[uuid.UUID]:
     engine = create_async_engine(sa_url(db_url))
     async with AsyncSession(engine) as session:
         ids = await outbox.publish(session, order_event(1))
+        # A batch takes the binary COPY path, on the psycopg connection under the session.
+        ids += await outbox.publish(session, *[order_event(n) for n in range(10, 16)])
         await session.commit()
     async with engine.connect() as connection:
         await outbox.publish(connection, order_event(2))
+        await outbox.publish(connection, *[order_event(n) for n in range(20, 26)])
         await connection.rollback()
     await engine.dispose()
     return ids
@@ -149,6 +188,8 @@ async def _async_sqlalchemy(db_url: str) -> list[uuid.UUID]:
 async def _async_psycopg(db_url: str) -> list[uuid.UUID]:
     async with await psycopg.AsyncConnection.connect(db_url) as conn:
         ids = await outbox.publish(conn, order_event(3))
+        # A batch takes the binary COPY path.
+        ids += await outbox.publish(conn, *[order_event(n) for n in range(4, 10)])
         await conn.commit()
         return ids
 
@@ -206,11 +247,12 @@ def test_bad_event_fails_before_any_sql_and_leaves_transaction_usable(
     assert len(outbox_rows(db_url)) == 1
 
 
-def test_writing_before_migrate_says_to_migrate(empty_db_url: str) -> None:
+@pytest.mark.parametrize("count", [1, 10], ids=["insert", "copy"])
+def test_writing_before_migrate_says_to_migrate(empty_db_url: str, count: int) -> None:
     with psycopg.connect(empty_db_url) as conn, pytest.raises(
         outbox.SchemaMissingError, match="outbox migrate up"
     ):
-        outbox.publish(conn, order_event(1))
+        outbox.publish(conn, *[order_event(n) for n in range(count)])
 
 
 def test_configured_schema_and_table_are_quoted(db_url: str) -> None:

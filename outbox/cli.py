@@ -237,6 +237,7 @@ def relay_command(
         logs.setup(log_level, log_format)
     except ValueError as exc:
         fail(str(exc))
+    relay_main.tune_garbage_collector()
     guarded(lambda: relay_main.run(settings))
 
 

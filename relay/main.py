@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Callable
@@ -14,6 +15,13 @@ from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
+
+
+# The WAL relay drains a backlog at up to ~90,000 events/s: waiting 5 ms (not the default 1) to
+# fill batches sends it in fewer, larger produce requests, cutting the CPU librdkafka and the
+# broker spend per event (relay 13.9 -> 12.1 us/event, drain +15% on a 2-core machine shared
+# with PostgreSQL and Kafka). It adds up to 5 ms of latency: p99 5.7 ms at 1,000 events/s.
+WAL_KAFKA_DEFAULTS = {"linger.ms": "5"}
 
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
@@ -52,7 +60,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             shutdown_timeout=settings.shutdown_timeout,
         )
         check_setup(wal)
-        publisher = settings.publisher()
+        publisher = settings.publisher(WAL_KAFKA_DEFAULTS)
         stats.gauges.update(wal_gauges(wal))
         return lambda: WalRelay(wal, publisher, stats)
     if settings.source in ("mongo-poll", "mongo-stream"):
@@ -84,6 +92,22 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         owner = lease_owner()
         return lambda: mongo_relay(mongo, publisher, stats, owner=owner)
     raise FatalRelayError(f"source {settings.source!r} is not available in this version")
+
+
+# The relay's hot path makes short-lived objects without reference cycles (records, closures,
+# tuples), which reference counting frees; with CPython's default threshold (700) the cyclic
+# collector still ran every few dozen events and scanned every event in flight: a tenth of a
+# WAL drain's time. Collections stay on, just rarer.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_garbage_collector() -> None:
+    """Make cyclic garbage collection rare; what start-up loaded is never scanned again.
+
+    For a process that runs the relay and nothing else (the `outbox relay` command).
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:

@@ -58,7 +58,8 @@ class RelayCollector(Collector):
                                     value=s.last_published_at)
         latency = HistogramMetricFamily(
             "outbox_commit_to_kafka_seconds",
-            "From the event's creation (in the writer's transaction) to Kafka's acknowledgement.")
+            "From the event's commit (postgres-wal) or creation (other sources) to Kafka's "
+            "acknowledgement.")
         latency.add_metric([], s.latency.cumulative(), sum_value=s.latency.total)
         yield latency
         for name, probe in list(s.gauges.items()):

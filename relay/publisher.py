@@ -33,6 +33,8 @@ PERMANENT_ERRORS = frozenset(
 TEMPLATE_FIELDS = ("aggregate_type", "aggregate_id", "event_type")
 DEFAULT_TOPIC_TEMPLATE = "{aggregate_type}"
 RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
+# Topic names checked per publisher; templates over aggregate ids could make many.
+_MAX_TOPICS_REMEMBERED = 4096
 
 
 class PublishError(OutboxError):
@@ -49,9 +51,6 @@ class Delivery(NamedTuple):
     topic: str
     error: str | None = None
     permanent: bool = False
-    partition: int | None = None
-    offset: int | None = None
-    timestamp_ms: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -141,6 +140,8 @@ class KafkaPublisher(Generic[Token]):
              "logger": logging.getLogger("relay.librdkafka")}
         )
         self.in_flight = 0
+        self._default_topics = config.topic_template == DEFAULT_TOPIC_TEMPLATE
+        self._valid_topics: dict[str, bool] = {}
 
     def _on_client_error(self, error: KafkaError) -> None:
         # Transport errors (broker down) are retried by librdkafka; log them, mark not ready.
@@ -152,24 +153,38 @@ class KafkaPublisher(Generic[Token]):
             log.warning("kafka client error", extra={"event": "kafka_error", "error": str(error)})
 
     def send(self, record: OutboxRecord, token: Token) -> None:
-        topic = topic_for(record, self.config.topic_template)
-        if not valid_topic(topic):
+        # Once per event: local names, a dict for the topic check, one closure.
+        topic = record.topic or (
+            record.aggregate_type if self._default_topics
+            else topic_for(record, self.config.topic_template)
+        )
+        valid = self._valid_topics.get(topic)
+        if valid is None:
+            valid = self._remember_topic(topic)
+        if not valid:
             self._on_delivery(
                 token,
                 Delivery(record, topic, f"invalid topic name {topic!r}", permanent=True),
             )
             return
 
-        def delivered(error: KafkaError | None, message: Message) -> None:
-            self.in_flight -= 1
-            self._on_delivery(token, self._outcome(record, topic, error, message))
+        on_delivery = self._on_delivery
 
+        def delivered(error: KafkaError | None, _message: Message) -> None:
+            self.in_flight -= 1
+            if error is None:
+                on_delivery(token, Delivery(record, topic))
+            else:
+                on_delivery(token, Delivery(
+                    record, topic, str(error), permanent=error.code() in PERMANENT_ERRORS))
+
+        produce = self._producer.produce
         while True:
             try:
-                self._producer.produce(
+                produce(
                     topic,
-                    value=record.payload,
-                    key=record.aggregate_id.encode(),
+                    record.payload,
+                    record.aggregate_id,  # a str: the binding encodes it to UTF-8 in C
                     headers=kafka_headers(record),
                     on_delivery=delivered,
                 )
@@ -187,20 +202,11 @@ class KafkaPublisher(Generic[Token]):
                 )
                 return
 
-    @staticmethod
-    def _outcome(
-        record: OutboxRecord, topic: str, error: KafkaError | None, message: Message
-    ) -> Delivery:
-        if error is not None:
-            return Delivery(record, topic, str(error), permanent=error.code() in PERMANENT_ERRORS)
-        _, timestamp = message.timestamp()
-        return Delivery(
-            record,
-            topic,
-            partition=message.partition(),
-            offset=message.offset(),
-            timestamp_ms=timestamp,
-        )
+    def _remember_topic(self, topic: str) -> bool:
+        if len(self._valid_topics) >= _MAX_TOPICS_REMEMBERED:
+            self._valid_topics.clear()
+        valid = self._valid_topics[topic] = valid_topic(topic)
+        return valid
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery reports, waiting up to `timeout` seconds for the first."""

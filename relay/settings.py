@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -78,11 +79,13 @@ class RelaySettings:
     def names(self) -> SchemaNames:
         return SchemaNames(self.schema, self.table)
 
-    def publisher(self) -> PublisherConfig:
+    def publisher(self, defaults: Mapping[str, str] | None = None) -> PublisherConfig:
+        """The Kafka side; `defaults` are librdkafka settings of this source that the user's
+        own `kafka_settings` override."""
         config = PublisherConfig(
             bootstrap_servers=self.kafka_bootstrap,
             topic_template=self.topic_template,
-            kafka_settings=self.kafka_settings,
+            kafka_settings={**(defaults or {}), **self.kafka_settings},
             allow_unsafe_kafka_settings=self.allow_unsafe_kafka_settings,
         )
         config.producer_settings()

@@ -260,7 +260,7 @@ class InMemoryPublisher(Generic[T]):
                 self._on_delivery(token, Delivery(record, topic, refused[0], permanent=refused[1]))
             else:
                 self.delivered.append(record)
-                self._on_delivery(token, Delivery(record, topic, partition=0, offset=served))
+                self._on_delivery(token, Delivery(record, topic))
         return served
 
     def flush(self, timeout: float) -> int:

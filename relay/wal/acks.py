@@ -11,10 +11,12 @@ from collections import deque
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Transaction:
-    outstanding: int = 0
+    outstanding: int = 0  # events handed to Kafka, not yet reported
+    events: int = 0  # events handed to Kafka in all
     end_lsn: int | None = None  # known once its Commit has been read
+    commit_time_us: int = 0  # from its Commit: microseconds since 2000-01-01 UTC
 
 
 class CommitTracker:
@@ -25,27 +27,32 @@ class CommitTracker:
 
     def event_sent(self) -> Transaction:
         """An event of the transaction being read was handed to Kafka; returns its token."""
-        self._current.outstanding += 1
+        current = self._current
+        current.outstanding += 1
+        current.events += 1
         self.outstanding += 1
-        return self._current
+        return current
 
     def event_done(self, transaction: Transaction) -> None:
         """A delivery report succeeded (or the event was parked)."""
         transaction.outstanding -= 1
         self.outstanding -= 1
 
-    def committed(self, end_lsn: int) -> None:
+    def committed(self, end_lsn: int, commit_time_us: int = 0) -> None:
         """The Commit of the transaction being read: it is complete."""
         self._current.end_lsn = end_lsn
+        self._current.commit_time_us = commit_time_us
         self._queue.append(self._current)
         self._current = Transaction()
 
-    def confirmable(self) -> int | None:
-        """The highest end position whose transaction, and all earlier ones, are done."""
-        position = None
-        while self._queue and self._queue[0].outstanding == 0:
-            position = self._queue.popleft().end_lsn
-        return position
+    def pop_done(self) -> list[Transaction]:
+        """The committed transactions whose events, and all earlier ones', are done, oldest
+        first; the slot may be confirmed up to the last one's `end_lsn`."""
+        done = []
+        queue = self._queue
+        while queue and queue[0].outstanding == 0:
+            done.append(queue.popleft())
+        return done
 
     @property
     def transactions_waiting(self) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import struct
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
@@ -46,12 +48,12 @@ logger = logging.getLogger(__name__)
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 
-# Items are slotted dataclasses, not frozen ones, for the same reason as the pgoutput messages:
-# one is built per event. Treat them as immutable.
+# Items are cheap to build: one is made per event. WalEvent is a named tuple; the others are
+# slotted dataclasses, not frozen ones (a frozen dataclass costs three times as much to build).
+# Treat them all as immutable.
 
 
-@dataclass(slots=True)
-class WalEvent:
+class WalEvent(NamedTuple):
     """An outbox event of a committed transaction; `lsn` is its change's (or message's) LSN."""
 
     record: OutboxRecord
@@ -179,31 +181,33 @@ def _headers(text: str) -> dict[str, str]:
     return value
 
 
-# Most events of a service carry the same few header sets: parse each set once. Bounded, and
-# every event gets its own copy of the dict.
-_HEADERS_MEMO: dict[bytes, dict[str, str]] = {}
+# Most events of a service carry the same few header sets: parse each set once. Bounded; the
+# records share one read-only view of each set, so no event can change another's headers.
+_HEADERS_MEMO: dict[bytes, Mapping[str, str]] = {}
 _HEADERS_MEMO_SIZE = 1024
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
-def _memo_headers(raw: bytes, text: Callable[[bytes], str]) -> dict[str, str]:
+def _memo_headers(raw: bytes, text: Callable[[bytes], str]) -> Mapping[str, str]:
     found = _HEADERS_MEMO.get(raw)
     if found is None:
-        found = _headers(text(raw))
+        parsed = _headers(text(raw))
+        found = MappingProxyType(parsed) if parsed else _NO_HEADERS
         if len(_HEADERS_MEMO) >= _HEADERS_MEMO_SIZE:
             _HEADERS_MEMO.clear()
         _HEADERS_MEMO[raw] = found
-    return found.copy()
+    return found
 
 
 def _jsonb_text(raw: bytes) -> str:
     return _jsonb_binary(raw).decode()
 
 
-def _headers_jsonb(raw: bytes) -> dict[str, str]:
+def _headers_jsonb(raw: bytes) -> Mapping[str, str]:
     return _memo_headers(raw, _jsonb_text)
 
 
-def _headers_text(raw: bytes) -> dict[str, str]:
+def _headers_text(raw: bytes) -> Mapping[str, str]:
     return _memo_headers(raw, bytes.decode)
 
 
@@ -253,15 +257,46 @@ _REQUIRED = frozenset(("id", "aggregate_type", "aggregate_id", "event_type", "pa
 # At most this many patterns of null columns are remembered per table version.
 _MAX_READERS = 64
 
-Reader = tuple[tuple[int, Converter], ...]
+Fields = tuple[tuple[int, Converter], ...]
+"""(column index, converter) of each OutboxRecord field, in field order."""
+
+
+class Reader:
+    """Reads an OutboxRecord from a row's column values: one straight call per field."""
+
+    __slots__ = ("fields", "read")
+
+    def __init__(self, fields: Fields) -> None:
+        self.fields = fields
+        self.read = _compile(fields)
+
+
+_new_tuple = tuple.__new__
+
+
+def _compile(fields: Fields) -> Callable[[tuple[bytes | None, ...]], OutboxRecord]:
+    # Unrolled for the nine fields of OutboxRecord (tests/unit/test_pgoutput_decoder.py checks
+    # the count): per row, no loop, no list, and the tuple made without the named tuple's
+    # Python-level __new__. This runs once per event.
+    (i0, c0), (i1, c1), (i2, c2), (i3, c3), (i4, c4), (i5, c5), (i6, c6), (i7, c7), (i8, c8) = (
+        fields
+    )
+
+    def read(values: tuple[bytes | None, ...]) -> OutboxRecord:
+        return _new_tuple(OutboxRecord, (
+            c0(values[i0]), c1(values[i1]), c2(values[i2]), c3(values[i3]), c4(values[i4]),
+            c5(values[i5]), c6(values[i6]), c7(values[i7]), c8(values[i8]),
+        ))
+
+    return read
 
 
 def _constant(value: Any) -> Converter:
     return lambda _raw: value
 
 
-def _empty_headers(_raw: Any) -> dict[str, str]:
-    return {}
+def _empty_headers(_raw: Any) -> Mapping[str, str]:
+    return _NO_HEADERS
 
 
 def _default_content_type(payload_oid: int | None) -> str:
@@ -272,11 +307,61 @@ def _default_content_type(payload_oid: int | None) -> str:
     return TEXT_CONTENT_TYPE
 
 
+FastReader = Callable[[bytes, int], OutboxRecord | None]
+_U32 = struct.Struct(">I")
+
+
+def _fast_reader(
+    count: int, columns: Mapping[str, tuple[int, int]], default_content_type: str
+) -> FastReader:
+    """Reads a record straight from an Insert message's bytes (the tuple at `offset`) when
+    every column comes in binary form or null, the relay's usual case: one pass, no TupleData.
+    Returns None when it cannot (text or unchanged-TOAST columns, a required column null, a
+    short message): the caller then takes the general path, which also says what is wrong.
+    """
+    slots = [-1] * count  # the record field of each column, -1 for columns it does not use
+    converters: list[Converter] = [_identity] * count
+    for slot, name in enumerate(_RECORD_FIELDS):
+        if name in columns:
+            index, type_oid = columns[name]
+            slots[index], converters[index] = slot, _converter(name, type_oid, True)
+    plan = tuple(zip(slots, converters, strict=True))
+    required = frozenset(i for i, name in enumerate(_RECORD_FIELDS) if name in _REQUIRED)
+    defaults: list[Any] = [
+        default_content_type if name == "content_type"
+        else _NO_HEADERS if name == "headers" else None
+        for name in _RECORD_FIELDS
+    ]
+    unpack_length = _U32.unpack_from
+
+    def read(data: bytes, offset: int) -> OutboxRecord | None:
+        if ((data[offset] << 8) | data[offset + 1]) != count:
+            return None
+        offset += 2
+        values = defaults.copy()
+        for slot, convert in plan:
+            kind = data[offset]
+            if kind == 0x62:  # 'b': Int32 length, then the value in binary form
+                start = offset + 5
+                offset = start + unpack_length(data, offset + 1)[0]
+                if slot >= 0:
+                    values[slot] = convert(data[start:offset])
+            elif kind == 0x6E and slot not in required:  # 'n': null
+                offset += 1
+            else:
+                return None
+        if offset > len(data):
+            return None
+        return _new_tuple(OutboxRecord, values)
+
+    return read
+
+
 class _TablePlan:
     """How to read events from the rows of one version (Relation message) of the outbox table."""
 
-    __slots__ = ("column_names", "columns", "default_content_type", "problem", "readers",
-                 "source")
+    __slots__ = ("column_names", "columns", "default_content_type", "fast_read", "problem",
+                 "readers", "source")
 
     def __init__(self, relation: Relation, mapping: ColumnMapping) -> None:
         self.source = f"{relation.namespace}.{relation.name}"
@@ -300,6 +385,10 @@ class _TablePlan:
                 "table altered?); the relay's column mapping needs it"
             )
         self.readers: dict[str, Reader | str] = {}
+        self.fast_read = (
+            None if self.problem else
+            _fast_reader(len(relation.columns), self.columns, self.default_content_type)
+        )
 
     def reader(self, kinds: str) -> Reader | str:
         """The converters for rows whose columns come in `kinds`, or why such rows are invalid."""
@@ -313,7 +402,7 @@ class _TablePlan:
     def _build(self, kinds: str) -> Reader | str:
         if self.problem is not None:
             return self.problem
-        reader: list[tuple[int, Converter]] = []
+        fields: list[tuple[int, Converter]] = []
         for name in _RECORD_FIELDS:
             index, type_oid = self.columns.get(name, (-1, 0))
             kind = kinds[index] if 0 <= index < len(kinds) else "n"
@@ -321,20 +410,20 @@ class _TablePlan:
                 if name in _REQUIRED:
                     return f"column for {name!r} of {self.source} cannot be read: it is null"
                 if name == "content_type":
-                    reader.append((0, _constant(self.default_content_type)))
+                    fields.append((0, _constant(self.default_content_type)))
                 elif name == "headers":
-                    reader.append((0, _empty_headers))
+                    fields.append((0, _empty_headers))
                 else:
-                    reader.append((0, _constant(None)))
+                    fields.append((0, _constant(None)))
             elif kind == "u":
                 return f"column for {name!r} of {self.source} was not sent (unchanged TOAST)"
             else:
-                reader.append((index, _converter(name, type_oid, kind == "b")))
-        return tuple(reader)
+                fields.append((index, _converter(name, type_oid, kind == "b")))
+        return Reader(tuple(fields))
 
     def explain(self, reader: Reader, values: tuple[bytes | None, ...]) -> str:
         """Which field of a row could not be read, and why (the slow path, for rejects only)."""
-        for name, (index, convert) in zip(_RECORD_FIELDS, reader, strict=True):
+        for name, (index, convert) in zip(_RECORD_FIELDS, reader.fields, strict=True):
             try:
                 convert(values[index])
             except (ValueError, TypeError, IndexError) as exc:
@@ -471,18 +560,37 @@ class OutboxDecoder:
         if xid is None:
             raise PgOutputDecodeError("an Insert arrived outside a transaction")
         row = message.new
-        reader = plan.reader(row.kinds)
+        reader = plan.readers.get(row.kinds) or plan.reader(row.kinds)
         if type(reader) is str:
             return self._reject(xid, lsn, plan.source, reader, _raw_row(plan, row))
         assert not isinstance(reader, str)
         values = row.values
         try:
-            record = OutboxRecord(*[convert(values[index]) for index, convert in reader])
+            record = reader.read(values)
         except (ValueError, TypeError, IndexError):
             reason = plan.explain(reader, values)
             return self._reject(xid, lsn, plan.source, reason, _raw_row(plan, row))
         self._events += 1
-        return WalEvent(record, xid, lsn)
+        return _new_tuple(WalEvent, (record, xid, lsn))
+
+    def feed_insert(
+        self, lsn: int, data: bytes, decode: Callable[[bytes], PgOutputMessage]
+    ) -> WalItem | None:
+        """An Insert message outside a streamed block, as bytes: the usual row is read straight
+        from them; any other goes through `decode` and `feed`, which handle every case."""
+        plan = self._relations.get(_U32.unpack_from(data, 1)[0])
+        xid = self._xid
+        if plan is not None and plan.fast_read is not None and xid is not None and (
+            data[5] == 0x4E  # 'N': a new tuple follows
+        ):
+            try:
+                record = plan.fast_read(data, 6)
+            except (ValueError, TypeError, IndexError, struct.error):
+                record = None  # the general path says which column, and rejects the row
+            if record is not None:
+                self._events += 1
+                return _new_tuple(WalEvent, (record, xid, lsn))
+        return self.feed(lsn, decode(data))
 
     # -- table-less mode ---------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ _COLUMN_TYPE = struct.Struct(">Ii")  # type OID, type modifier
 _Q = struct.Struct(">Q")
 
 PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+PG_EPOCH_UNIX = 946_684_800  # PG_EPOCH as a Unix time
 
 # The message classes are slotted dataclasses but not frozen: they are built once per change
 # (a million times in a backlog) and a frozen dataclass costs three times as much to build.
@@ -225,10 +226,9 @@ class PgOutputParser:
 
     def decode(self, data: Buffer) -> PgOutputMessage:
         message = decode(data, streamed=self._streamed)
-        if isinstance(message, StreamStart):
-            self._streamed = True
-        elif isinstance(message, StreamStop):
-            self._streamed = False
+        kind = type(message)
+        if kind is StreamStart or kind is StreamStop:  # one type test per message: the hot path
+            self._streamed = kind is StreamStart
         return message
 
 
@@ -265,20 +265,19 @@ def _tuple(data: bytes, offset: int) -> tuple[TupleData, int]:
         raise PgOutputDecodeError(f"tuple data with a negative column count {count - 0x10000}")
     offset += 2
     kinds = bytearray(count)
-    values: list[bytes | None] = [None] * count
+    values: list[bytes | None] = []
+    append = values.append
     unpack_length = _U32.unpack_from
     # The hot loop of the relay: one pass per column of every inserted row.
     for index in range(count):
-        kind = data[offset]
-        kinds[index] = kind
+        kind = kinds[index] = data[offset]
         if kind == 0x62 or kind == 0x74:  # 'b' binary, 't' text: Int32 length, then bytes
-            (length,) = unpack_length(data, offset + 1)
-            offset += 5
-            end = offset + length
-            values[index] = data[offset:end]
-            offset = end
+            start = offset + 5
+            offset = start + unpack_length(data, offset + 1)[0]
+            append(data[start:offset])
         elif kind == 0x6E or kind == 0x75:  # 'n' null, 'u' unchanged TOAST: no value
             offset += 1
+            append(None)
         else:
             raise PgOutputDecodeError(f"unknown column kind 0x{kind:02x} in tuple data")
     if offset > len(data):

@@ -22,6 +22,7 @@ from relay.wal.acks import CommitTracker, Transaction
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
 from relay.wal.errors import ReplicationConnectionError, SlotError, SlotInUseError, WalError
 from relay.wal.lsn import format_lsn
+from relay.wal.pgoutput import PG_EPOCH_UNIX
 from relay.wal.source import WalSource, WalSourceConfig, open_as_standby
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class WalRelayConfig:
     source: WalSourceConfig
     names: SchemaNames  # where the parked table is
     # Events handed to Kafka and not yet acknowledged: bounds memory while Kafka is slow.
-    max_in_flight: int = 50_000
+    # 10,000 is ~0.15 s of a full-speed drain: enough to keep Kafka busy, and the relay's peak
+    # RSS stays near 60 MB (50,000 let it reach 130 MB when the broker was slow to start).
+    max_in_flight: int = 10_000
     standby_retry: float = 5.0
     shutdown_timeout: float = 30.0
 
@@ -49,12 +52,14 @@ class WalRelay:
         self.stats = stats
         self.tracker = CommitTracker()
         self._refused: list[tuple[Transaction, Delivery]] = []
+        self._published = stats.published
         self._failure: Delivery | None = None
 
     def _on_delivery(self, transaction: Transaction, delivery: Delivery) -> None:
-        if delivery.ok:
-            created = delivery.record.created_at
-            self.stats.delivered(delivery.topic, created.timestamp() if created else None)
+        # Once per event: count it and settle its transaction; the latency is observed per
+        # transaction when the slot is confirmed (see _settle).
+        if delivery.error is None:
+            self._published[delivery.topic] += 1
             self.tracker.event_done(transaction)
         elif delivery.permanent:
             self._refused.append((transaction, delivery))  # parked before it counts as done
@@ -125,13 +130,14 @@ class WalRelay:
         items: list[WalEvent | WalRejected | WalCommit],
     ) -> None:
         sent = 0
+        send, event_sent = publisher.send, self.tracker.event_sent
         for item in items:
-            if isinstance(item, WalEvent):
-                publisher.send(item.record, self.tracker.event_sent())
+            if type(item) is WalEvent:  # nearly every item: the cheapest test first
+                send(item.record, event_sent())
                 sent += 1
             elif isinstance(item, WalCommit):
-                self.tracker.committed(item.end_lsn)
-            else:
+                self.tracker.committed(item.end_lsn, item.commit_time_us)
+            elif isinstance(item, WalRejected):
                 parked.park_raw(conn, self.config.names, {"source": item.source, **item.raw},
                                 item.reason)
                 self.stats.parked += 1
@@ -150,9 +156,13 @@ class WalRelay:
                 "event": "event_parked", "id": str(delivery.record.id), "reason": delivery.error})
             self.tracker.event_done(transaction)
         self._refused.clear()
-        position = self.tracker.confirmable()
-        if position is not None:
-            source.acknowledge(position)
+        done = self.tracker.pop_done()
+        if done and done[-1].end_lsn is not None:  # always set once committed
+            source.acknowledge(done[-1].end_lsn)
+            for transaction in done:
+                if transaction.events:
+                    self.stats.delivered_transaction(
+                        transaction.events, transaction.commit_time_us / 1e6 + PG_EPOCH_UNIX)
         if self._failure is not None:
             raise DeliveryFailedError(
                 f"delivery to {self._failure.topic} failed: {self._failure.error}; "

@@ -22,6 +22,8 @@ from relay.wal.errors import AcknowledgementError, SlotInUseError
 from relay.wal.lsn import format_lsn
 from relay.wal.stream import ReplicationStream
 
+INSERT = ord("I")  # pgoutput Insert message
+
 logger = logging.getLogger(__name__)
 
 
@@ -129,15 +131,16 @@ class WalSource:
 
     def poll(self, timeout: float) -> list[WalItem]:
         """The outbox items that arrive within `timeout` seconds (maybe none), in log order."""
-        items: list[WalItem] = []
-        append = items.append
-        feed = self.decoder.feed
-        for lsn, message in self.stream.read(timeout, self.config.max_batch):
-            item = feed(lsn, message)
-            if item is not None:
-                append(item)
+        items: list[WalItem] = self.stream.read_raw(
+            self._on_message, timeout, self.config.max_batch)
         self._advance_when_idle()
         return items
+
+    def _on_message(self, lsn: int, data: bytes) -> WalItem | None:
+        parser = self.stream.parser
+        if data[0] == INSERT and not parser.in_stream_block:  # nearly every message
+            return self.decoder.feed_insert(lsn, data, parser.decode)
+        return self.decoder.feed(lsn, parser.decode(data))
 
     def acknowledge(self, lsn: int) -> None:
         """Every event up to the transaction ending at `lsn` (a `WalCommit.end_lsn`), and all

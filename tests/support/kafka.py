@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -69,6 +69,19 @@ class TopicReader:
             }
         )
         self._consumer.subscribe(list(topics))
+        self._topics = topics
+
+    def in_kafka(self) -> int:
+        """How many messages the broker holds in these topics now (high watermarks): every
+        message whose delivery Kafka has acknowledged is counted, read or not."""
+        total = 0
+        metadata = self._consumer.list_topics(timeout=10)
+        for name in self._topics:
+            for partition in metadata.topics[name].partitions:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(name, partition), timeout=10, cached=False)
+                total += high
+        return total
 
     def read_until(
         self, condition: Callable[[list[Received]], bool], timeout: float = 60.0

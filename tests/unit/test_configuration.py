@@ -92,3 +92,16 @@ def test_topic_and_headers_follow_the_contract() -> None:
     }
     assert valid_topic("outbox.event.Order")
     assert not valid_topic("bad topic") and not valid_topic("..")
+
+
+@pytest.mark.parametrize(("own", "linger"), [({}, "5"), ({"linger.ms": "0"}, "0")])
+def test_wal_relay_batches_for_throughput_unless_told_otherwise(
+    own: dict[str, str], linger: str
+) -> None:
+    from relay.main import WAL_KAFKA_DEFAULTS
+    from relay.settings import RelaySettings
+
+    settings = RelaySettings(source="postgres-wal", kafka_bootstrap="127.0.0.1:9092",
+                             db_url="postgresql://127.0.0.1/db", kafka_settings=own)
+    assert settings.publisher(WAL_KAFKA_DEFAULTS).producer_settings()["linger.ms"] == linger
+    assert settings.publisher().producer_settings()["linger.ms"] == own.get("linger.ms", "1")

@@ -32,6 +32,20 @@ def run(scenario: str, decoder: OutboxDecoder | None = None) -> list[WalItem]:
     return items
 
 
+def run_raw(scenario: str, decoder: OutboxDecoder) -> list[WalItem]:
+    """As the WAL source feeds the decoder: Insert messages as bytes (the fast path)."""
+    parser = PgOutputParser()
+    items = []
+    for lsn, frame in frames(scenario):
+        if frame[0] == ord("I") and not parser.in_stream_block:
+            item = decoder.feed_insert(lsn, frame, parser.decode)
+        else:
+            item = decoder.feed(lsn, parser.decode(frame))
+        if item is not None:
+            items.append(item)
+    return items
+
+
 def expected(scenario: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = captures()[scenario]["events"]
     return events
@@ -283,3 +297,115 @@ def test_configuration_is_checked() -> None:
 def test_ids_are_uuids() -> None:
     item = run("table_insert_binary")[0]
     assert isinstance(item, WalEvent) and isinstance(item.record.id, uuid.UUID)
+
+
+def test_the_compiled_row_reader_covers_every_record_field() -> None:
+    # relay.wal.decoder._compile unrolls one call per OutboxRecord field.
+    assert len(OutboxRecord._fields) == 9
+    item = feed_row({})
+    assert isinstance(item, WalEvent)
+    assert all(getattr(item.record, name) is not None or name == "topic"
+               for name in OutboxRecord._fields)
+
+
+def test_events_with_the_same_headers_share_one_read_only_mapping() -> None:
+    first, second = feed_row({}), feed_row({})
+    assert isinstance(first, WalEvent) and isinstance(second, WalEvent)
+    assert first.record.headers == second.record.headers
+    assert first.record.headers is second.record.headers  # parsed once
+    with pytest.raises(TypeError):
+        first.record.headers["tenant"] = "changed"  # type: ignore[index]
+
+
+# -- Insert messages read straight from their bytes (WalSource's fast path) -----------------------
+
+
+DEBEZIUM = {"table": "outbox_dbz", "columns": ColumnMapping.debezium()}
+
+
+@pytest.mark.parametrize(
+    ("scenario", "options"),
+    [("table_insert_binary", {}), ("table_insert_text", {}), ("alter_table", {}),
+     ("update_delete", {}), ("custom_type", {}), ("origin", {}),
+     ("debezium_binary", DEBEZIUM), ("debezium_text", DEBEZIUM)],
+)
+def test_inserts_read_from_bytes_equal_the_general_path(
+    scenario: str, options: dict[str, Any]
+) -> None:
+    general = run(scenario, OutboxDecoder(**options))
+    fast = run_raw(scenario, OutboxDecoder(**options))
+    assert fast == general
+    assert any(isinstance(item, WalEvent) for item in fast)
+
+
+def encode_insert(relation_oid: int, row: TupleData) -> bytes:
+    """The pgoutput bytes of an Insert of `row` (protocol 1, outside a streamed block)."""
+    out = bytearray(b"I" + relation_oid.to_bytes(4, "big") + b"N")
+    out += len(row.kinds).to_bytes(2, "big")
+    for kind, value in zip(row.kinds, row.values, strict=True):
+        out += kind.encode()
+        if value is not None:
+            out += len(value).to_bytes(4, "big") + value
+    return bytes(out)
+
+
+def feed_row_bytes(change: dict[str, bytes | None]) -> WalItem | None:
+    relation, insert = relation_and_insert()
+    names = [c.name for c in relation.columns]
+    values, kinds = list(insert.new.values), list(insert.new.kinds)
+    for name, value in change.items():
+        values[names.index(name)] = value
+        kinds[names.index(name)] = "n" if value is None else "b"
+    decoder = OutboxDecoder()
+    decoder.feed(0, Begin(1, 0, 7))
+    decoder.feed(0, relation)
+    data = encode_insert(relation.oid, TupleData("".join(kinds), tuple(values)))
+    return decoder.feed_insert(99, data, PgOutputParser().decode)
+
+
+def test_encoded_insert_matches_the_captured_bytes() -> None:
+    relation, insert = relation_and_insert()
+    captured = next(f for _, f in frames("table_insert_binary") if f[0] == ord("I"))
+    assert encode_insert(relation.oid, insert.new) == captured
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"id": None}, {"id": b"\x01\x02"}, {"headers": b"\x01[1, 2]"}, {"headers": b"\x02{}"},
+     {"aggregate_type": b"\xff\xfe"},
+     {"topic": None, "content_type": None, "headers": None, "created_at": None},
+     {"created_at": (2**63 - 1).to_bytes(8, "big")}],
+)
+def test_rows_read_from_bytes_are_judged_as_by_the_general_path(
+    change: dict[str, bytes | None],
+) -> None:
+    assert feed_row_bytes(change) == feed_row(change)
+
+
+def test_a_text_column_takes_the_general_path() -> None:
+    relation, insert = relation_and_insert()
+    names = [c.name for c in relation.columns]
+    kinds = list(insert.new.kinds)
+    values = list(insert.new.values)
+    kinds[names.index("event_type")] = "t"
+    decoder = OutboxDecoder()
+    decoder.feed(0, Begin(1, 0, 7))
+    decoder.feed(0, relation)
+    row = TupleData("".join(kinds), tuple(values))
+    item = decoder.feed_insert(99, encode_insert(relation.oid, row), PgOutputParser().decode)
+    assert isinstance(item, WalEvent) and item.record.event_type == values[
+        names.index("event_type")].decode()  # type: ignore[union-attr]
+
+
+def test_binary_rows_are_read_without_the_general_path() -> None:
+    def refuse(data: bytes) -> Any:
+        raise AssertionError("the general path was taken")
+
+    decoder, parser = OutboxDecoder(), PgOutputParser()
+    read = 0
+    for lsn, frame in frames("table_insert_binary"):
+        if frame[0] == ord("I"):
+            read += isinstance(decoder.feed_insert(lsn, frame, refuse), WalEvent)
+        else:
+            decoder.feed(lsn, parser.decode(frame))
+    assert read == 4

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from outbox.errors import InvalidEventError
+from outbox.ids import uuid_from_text
 
 # Table-less mode (pg_logical_emit_message): the message content is
 #   1 byte   format version (MESSAGE_FORMAT_V1 = 1)
@@ -20,6 +21,7 @@ from outbox.errors import InvalidEventError
 #   rest     the payload bytes, unchanged
 # A relay refuses versions it does not know instead of guessing.
 MESSAGE_FORMAT_V1 = 1
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _HEADER_LENGTH = struct.Struct(">BI")
 
 
@@ -37,7 +39,7 @@ class OutboxRecord(NamedTuple):
     event_type: str
     payload: bytes
     content_type: str
-    headers: Mapping[str, str] = MappingProxyType({})
+    headers: Mapping[str, str] = _NO_HEADERS
     topic: str | None = None
     created_at: dt.datetime | None = None
 
@@ -57,6 +59,11 @@ class OutboxRecord(NamedTuple):
         return _HEADER_LENGTH.pack(MESSAGE_FORMAT_V1, len(encoded)) + encoded + self.payload
 
 
+_decode_json = json.JSONDecoder().decode
+_new_tuple = tuple.__new__
+_REQUIRED_TEXT = ("aggregate_type", "aggregate_id", "event_type", "content_type")
+
+
 def decode_message(content: bytes) -> OutboxRecord:
     """Inverse of `OutboxRecord.encode_message`; raises InvalidEventError on foreign content."""
     if len(content) < _HEADER_LENGTH.size:
@@ -65,19 +72,34 @@ def decode_message(content: bytes) -> OutboxRecord:
     if version != MESSAGE_FORMAT_V1:
         raise InvalidEventError(f"outbox message format version {version} is not supported")
     start = _HEADER_LENGTH.size
+    end = start + length
     try:
-        header = json.loads(content[start : start + length])
+        header = _decode_json(content[start:end].decode())
+        for name in _REQUIRED_TEXT:
+            value = header[name]
+            if type(value) is not str or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        headers = header.get("headers") or _NO_HEADERS
+        if headers is not _NO_HEADERS and not (
+            type(headers) is dict and all(type(v) is str for v in headers.values())
+        ):
+            raise ValueError("headers must be a JSON object of strings")
+        topic = header.get("topic")
+        if topic is not None and type(topic) is not str:
+            raise ValueError(f"topic must be a string or null, got {topic!r}")
         created = header.get("created_at")
-        return OutboxRecord(
-            id=uuid.UUID(header["id"]),
-            aggregate_type=header["aggregate_type"],
-            aggregate_id=header["aggregate_id"],
-            event_type=header["event_type"],
-            payload=bytes(content[start + length :]),
-            content_type=header["content_type"],
-            headers=header.get("headers") or {},
-            topic=header.get("topic"),
-            created_at=dt.datetime.fromisoformat(created) if created else None,
-        )
-    except (ValueError, KeyError, TypeError) as exc:
+        # Built positionally, without the named tuple's Python-level __new__: a relay decodes
+        # one message per event.
+        return _new_tuple(OutboxRecord, (
+            uuid_from_text(header["id"]),
+            header["aggregate_type"],
+            header["aggregate_id"],
+            header["event_type"],
+            bytes(content[end:]),
+            header["content_type"],
+            headers,
+            topic,
+            dt.datetime.fromisoformat(created) if created else None,
+        ))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidEventError(f"outbox message header is malformed: {exc}") from exc

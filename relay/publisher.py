@@ -119,7 +119,8 @@ class KafkaPublisher(Generic[Token]):
     """Sends records; `on_delivery(token, delivery)` is called from `poll`/`flush` for each.
 
     `send` never raises for a single bad event: a permanent failure (invalid topic, too large)
-    is reported through `on_delivery` like any other outcome. A full local queue is
+    is reported through `on_delivery` like any other outcome. With `on_delivered`, successes
+    go there instead, as (token, topic): the cheapest report, once per event. A full local queue is
     backpressure: `send` serves delivery reports until there is room.
     """
 
@@ -128,11 +129,14 @@ class KafkaPublisher(Generic[Token]):
         config: PublisherConfig,
         on_delivery: Callable[[Token, Delivery], None],
         *,
+        on_delivered: Callable[[Token, str], None] | None = None,
         on_broker_state: Callable[[bool], None] | None = None,
         producer: Producer | None = None,
     ) -> None:
         self.config = config
         self._on_delivery = on_delivery
+        # Successes, as (token, topic), for a caller that wants no Delivery object per event.
+        self._on_delivered = on_delivered
         self._on_broker_state = on_broker_state or (lambda _up: None)
         self._producer = producer or Producer(
             # librdkafka's own log lines go through Python logging (structured, redacted).
@@ -168,15 +172,17 @@ class KafkaPublisher(Generic[Token]):
             )
             return
 
-        on_delivery = self._on_delivery
+        on_delivery, on_delivered = self._on_delivery, self._on_delivered
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             self.in_flight -= 1
-            if error is None:
-                on_delivery(token, Delivery(record, topic))
-            else:
+            if error is not None:
                 on_delivery(token, Delivery(
                     record, topic, str(error), permanent=error.code() in PERMANENT_ERRORS))
+            elif on_delivered is not None:
+                on_delivered(token, topic)
+            else:
+                on_delivery(token, Delivery(record, topic))
 
         produce = self._producer.produce
         while True:

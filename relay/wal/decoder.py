@@ -16,6 +16,7 @@ from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
 from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE
 from outbox.identifiers import check_identifier
+from outbox.ids import uuid_from_int, uuid_from_text
 from outbox.record import OutboxRecord, decode_message
 from relay.wal.errors import PgOutputDecodeError, WalError
 from relay.wal.pgoutput import (
@@ -124,43 +125,14 @@ def _bytea_text(raw: bytes) -> bytes:
     return bytes.fromhex(raw[2:].decode("ascii"))
 
 
-def _uuid_binary_checked(raw: bytes) -> uuid.UUID:
-    return _UUID_TYPE(bytes=raw)
-
-
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-_SAFE_UNKNOWN = uuid.SafeUUID.unknown
-
-
-def _uuid_binary_fast(raw: bytes) -> uuid.UUID:
-    # uuid.UUID.__init__ validates five spellings of its argument; from 16 bytes the result is
-    # just these two slots. Less than half the cost, once per event.
+def _uuid_binary(raw: bytes) -> uuid.UUID:
     if len(raw) != 16:
         raise ValueError("a binary uuid needs 16 bytes")
-    value = _new_object(_UUID_TYPE)
-    _set_attribute(value, "int", int.from_bytes(raw, "big"))
-    _set_attribute(value, "is_safe", _SAFE_UNKNOWN)
-    return value
-
-
-def _fast_uuid_works() -> bool:
-    sample = bytes(range(1, 17))
-    try:
-        fast, slow = _uuid_binary_fast(sample), _UUID_TYPE(bytes=sample)
-        return (fast, str(fast), hash(fast), fast.version, fast.is_safe) == (
-            slow, str(slow), hash(slow), slow.version, slow.is_safe
-        )
-    except (AttributeError, TypeError):
-        return False
-
-
-# Another Python whose UUID keeps other state falls back to the constructor.
-_uuid_binary = _uuid_binary_fast if _fast_uuid_works() else _uuid_binary_checked
+    return uuid_from_int(int.from_bytes(raw))
 
 
 def _uuid_text(raw: bytes) -> uuid.UUID:
-    return _UUID_TYPE(raw.decode())
+    return uuid_from_text(raw.decode())
 
 
 def _int_text(raw: bytes) -> str:

@@ -91,3 +91,46 @@ def test_records_are_checked_before_any_sql() -> None:
 def test_unsupported_target_is_named() -> None:
     with pytest.raises(outbox.UnsupportedTargetError, match="dict"):
         outbox.publish({}, outbox.Event("Order", "1", "E"))  # type: ignore[call-overload]
+
+
+def _message(**header: object) -> bytes:
+    import json
+    import struct
+
+    base = {"id": str(uuid.uuid4()), "aggregate_type": "Order", "aggregate_id": "1",
+            "event_type": "E", "content_type": "application/json", "headers": {},
+            "topic": None, "created_at": None}
+    encoded = json.dumps({**base, **header}).encode()
+    return struct.pack(">BI", 1, len(encoded)) + encoded + b"{}"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [{"aggregate_type": 5}, {"aggregate_id": ""}, {"event_type": None},
+     {"headers": {"n": 1}}, {"headers": ["x"]}, {"topic": 7}, {"id": "not-a-uuid"},
+     {"created_at": "yesterday"}],
+)
+def test_message_headers_of_the_wrong_type_are_refused(header: dict[str, object]) -> None:
+    with pytest.raises(outbox.InvalidEventError, match="malformed"):
+        decode_message(_message(**header))
+
+
+def test_message_ids_in_other_spellings_still_read() -> None:
+    event_id = uuid.uuid4()
+    assert decode_message(_message(id=event_id.hex)).id == event_id
+    assert decode_message(_message(id=str(event_id).upper())).id == event_id
+
+
+def test_fast_uuid_construction_equals_the_constructor() -> None:
+    from outbox.ids import uuid_from_int, uuid_from_text
+
+    for value in (0, 1, uuid.uuid4().int, (1 << 128) - 1):
+        made, expected = uuid_from_int(value), uuid.UUID(int=value)
+        assert (made, str(made), hash(made), made.version, made.bytes) == (
+            expected, str(expected), hash(expected), expected.version, expected.bytes)
+        assert uuid_from_text(str(expected)) == expected
+    for bad in (-1, 1 << 128):
+        with pytest.raises(ValueError):
+            uuid_from_int(bad)
+    with pytest.raises(ValueError):
+        uuid_from_text("zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz")

@@ -158,6 +158,9 @@ class Outbox:
         """Record `events` in `target`'s current transaction; never commits. Returns their ids.
 
         For an AsyncSession, AsyncConnection or psycopg AsyncConnection the result is awaitable.
+        All events of a call go in one statement: an INSERT (one round trip) for up to 3, a
+        binary COPY (two round trips, however many events) from 4 on, on psycopg connections
+        and SQLAlchemy ones over psycopg.
         """
         records = self.records(events)
         ids = [record.id for record in records]

@@ -224,7 +224,9 @@ def relation_and_insert() -> tuple[Relation, Insert]:
     return relation, insert
 
 
-def feed_row(change: dict[str, bytes | None]) -> WalItem | None:
+def changed_row(change: dict[str, bytes | None]) -> tuple[Relation, Insert, OutboxDecoder]:
+    """The captured Insert with `change` applied (None: a null column), and a decoder that
+    has seen its Relation inside an open transaction (xid 7)."""
     relation, insert = relation_and_insert()
     names = [c.name for c in relation.columns]
     values = list(insert.new.values)
@@ -236,7 +238,12 @@ def feed_row(change: dict[str, bytes | None]) -> WalItem | None:
     decoder.feed(0, Begin(1, 0, 7))
     decoder.feed(0, relation)
     row = TupleData("".join(kinds), tuple(values))
-    return decoder.feed(99, dataclasses.replace(insert, new=row))
+    return relation, dataclasses.replace(insert, new=row), decoder
+
+
+def feed_row(change: dict[str, bytes | None]) -> WalItem | None:
+    _, insert, decoder = changed_row(change)
+    return decoder.feed(99, insert)
 
 
 @pytest.mark.parametrize(
@@ -350,16 +357,8 @@ def encode_insert(relation_oid: int, row: TupleData) -> bytes:
 
 
 def feed_row_bytes(change: dict[str, bytes | None]) -> WalItem | None:
-    relation, insert = relation_and_insert()
-    names = [c.name for c in relation.columns]
-    values, kinds = list(insert.new.values), list(insert.new.kinds)
-    for name, value in change.items():
-        values[names.index(name)] = value
-        kinds[names.index(name)] = "n" if value is None else "b"
-    decoder = OutboxDecoder()
-    decoder.feed(0, Begin(1, 0, 7))
-    decoder.feed(0, relation)
-    data = encode_insert(relation.oid, TupleData("".join(kinds), tuple(values)))
+    relation, insert, decoder = changed_row(change)
+    data = encode_insert(relation.oid, insert.new)
     return decoder.feed_insert(99, data, PgOutputParser().decode)
 
 
@@ -383,18 +382,13 @@ def test_rows_read_from_bytes_are_judged_as_by_the_general_path(
 
 
 def test_a_text_column_takes_the_general_path() -> None:
-    relation, insert = relation_and_insert()
-    names = [c.name for c in relation.columns]
-    kinds = list(insert.new.kinds)
-    values = list(insert.new.values)
-    kinds[names.index("event_type")] = "t"
-    decoder = OutboxDecoder()
-    decoder.feed(0, Begin(1, 0, 7))
-    decoder.feed(0, relation)
-    row = TupleData("".join(kinds), tuple(values))
+    relation, insert, decoder = changed_row({})
+    column = [c.name for c in relation.columns].index("event_type")
+    kinds = insert.new.kinds[:column] + "t" + insert.new.kinds[column + 1:]
+    row = TupleData(kinds, insert.new.values)
     item = decoder.feed_insert(99, encode_insert(relation.oid, row), PgOutputParser().decode)
-    assert isinstance(item, WalEvent) and item.record.event_type == values[
-        names.index("event_type")].decode()  # type: ignore[union-attr]
+    assert isinstance(item, WalEvent)
+    assert item.record.event_type.encode() == insert.new.values[column]
 
 
 def test_binary_rows_are_read_without_the_general_path() -> None:

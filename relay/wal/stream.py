@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import selectors
-import socket
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,18 +46,6 @@ _CONNECTION_DEFAULTS = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
 }
-
-# The kernel's receive buffer for the stream. While the relay hands a batch to Kafka, the server
-# goes on decoding into this buffer; a small one fills within a batch, the server then sleeps,
-# and the relay later waits for it to wake up and decode again (a fifth of a drain's time).
-RECEIVE_BUFFER_BYTES = 4 * 1024 * 1024
-
-
-def _enlarge_receive_buffer(fd: int) -> None:
-    # The kernel caps the size at net.core.rmem_max; any size it grants is better than none.
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-
 
 WalMessage = tuple[int, PgOutputMessage]
 """(LSN of the XLogData frame, message). Commit frames carry the commit's end LSN, data
@@ -113,7 +98,6 @@ class ReplicationStream:
         self._feedback = Feedback()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._pgconn.socket, selectors.EVENT_READ)
-        _enlarge_receive_buffer(self._pgconn.socket)
         self._streaming = True
         self._closed = False
         self._flush_pending = False

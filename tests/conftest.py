@@ -21,7 +21,9 @@ from outbox.names import SchemaNames
 from tests.support.pg import drop_database
 from tests.support.services import Services, discover
 
-TEMPLATE_DB = "outbox_test_template"
+# One template per test session, so that sessions run side by side against one server do not
+# drop each other's template.
+TEMPLATE_DB = f"outbox_test_template_{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,7 @@ def pg_admin_url(services: Services) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_template(pg_admin_url: str) -> str:
+def pg_template(pg_admin_url: str) -> Iterator[str]:
     """A database with every migration applied; each test's database is a copy of it."""
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
@@ -53,7 +55,8 @@ def pg_template(pg_admin_url: str) -> str:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
     with psycopg.connect(with_database(pg_admin_url, TEMPLATE_DB)) as conn:
         migrate.up(conn, SchemaNames())
-    return TEMPLATE_DB
+    yield TEMPLATE_DB
+    drop_database(pg_admin_url, TEMPLATE_DB)
 
 
 @pytest.fixture

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-from outbox import statements
+from outbox import extras, statements
 from outbox.errors import SchemaMissingError, UnsupportedTargetError
 
 if TYPE_CHECKING:
+    # Not imported at run time: it needs greenlet, which sync users need not install.
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
     from outbox.record import OutboxRecord
     from outbox.writer import Outbox
 
@@ -30,7 +32,7 @@ UNDEFINED_TABLE = "42P01"
 def publish(
     outbox: Outbox, target: Any, records: list[OutboxRecord], ids: list[uuid.UUID]
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
-    if isinstance(target, AsyncSession | AsyncConnection):
+    if extras.is_sqlalchemy_asyncio(target):
         return _publish_async(outbox, target, records, ids)
     if not isinstance(target, Session | Connection):
         raise UnsupportedTargetError(
@@ -61,7 +63,10 @@ async def _publish_async(
     records: list[OutboxRecord],
     ids: list[uuid.UUID],
 ) -> list[uuid.UUID]:
-    connection = await target.connection() if isinstance(target, AsyncSession) else target
+    asyncio_layer = extras.sqlalchemy_asyncio()  # a clear error when greenlet is missing
+    connection: AsyncConnection = (
+        await target.connection() if isinstance(target, asyncio_layer.AsyncSession)
+        else cast("AsyncConnection", target))
     sync = connection.sync_connection
     options = sync.get_execution_options() if sync is not None else {}
     driver = (await connection.get_raw_connection()).driver_connection

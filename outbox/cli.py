@@ -190,6 +190,10 @@ def relay_command(
     metrics_host: Annotated[str, typer.Option(
         envvar="OUTBOX_METRICS_HOST", show_envvar=True,
         help="Address of the metrics port (0.0.0.0 in containers).")] = "127.0.0.1",
+    stall_timeout: Annotated[str, typer.Option(
+        envvar="OUTBOX_STALL_TIMEOUT", show_envvar=True,
+        help="/readyz fails when events are in flight and none was acknowledged for this "
+             "long.")] = "60s",
     shutdown_timeout: Annotated[float, typer.Option(
         envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
         help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
@@ -225,6 +229,7 @@ def relay_command(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
+            stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
         )
 
     settings = guarded(build)

@@ -40,3 +40,7 @@ class UnsupportedTargetError(OutboxError, TypeError):
 
 class MigrationError(OutboxError):
     """Applying or reading the outbox migrations failed."""
+
+
+class MissingExtraError(OutboxError, ImportError):
+    """A feature needs an optional dependency that is not installed."""

@@ -15,8 +15,8 @@ from typing import Any, TypeVar, Unpack
 import psycopg
 import psycopg_pool
 from pymongo.asynchronous.database import AsyncDatabase
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from outbox import extras
 from outbox.consumer.aio_stores import (
     AsyncInboxStore,
     AsyncInboxTransaction,
@@ -63,7 +63,7 @@ def async_store(db: Any, mongo: Any, config: ConsumerConfig) -> AsyncInboxStore:
                 f"mongo= must be a pymongo AsyncDatabase, not {type(mongo).__name__}"
             )
         store = AsyncMongoStore(mongo, config.name, config.inbox_table)
-    elif isinstance(db, AsyncEngine | async_sessionmaker):
+    elif extras.is_sqlalchemy_asyncio(db):  # AsyncEngine or async_sessionmaker
         store = AsyncSqlAlchemyStore(db, config.name, config.names)
     elif isinstance(db, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection | str):
         return AsyncPsycopgStore(db, config.name, config.names, pipeline=config.pipeline)

@@ -7,7 +7,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import psycopg
 import psycopg_pool
@@ -19,8 +19,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from outbox import extras
 from outbox.conninfo import libpq_url, redact
 from outbox.consumer import queries
 from outbox.consumer.errors import InboxStoreError
@@ -34,6 +34,10 @@ from outbox.consumer.stores import PURGE_CHUNK, CommitGuard, _as_uuid, pg_transi
 from outbox.errors import UnsupportedTargetError
 from outbox.identifiers import check_identifier
 from outbox.names import SchemaNames
+
+if TYPE_CHECKING:
+    # Not imported at run time: it needs greenlet (the `asyncio` extra).
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 log = logging.getLogger("outbox.consumer")
 
@@ -107,8 +111,10 @@ class AsyncSqlAlchemyStore:
         self, db: AsyncEngine | async_sessionmaker[AsyncSession], consumer: str,
         names: SchemaNames,
     ) -> None:
+        asyncio_layer = extras.sqlalchemy_asyncio()  # a clear error when greenlet is missing
         self._sessions: async_sessionmaker[AsyncSession] = (
-            async_sessionmaker(db) if isinstance(db, AsyncEngine) else db
+            asyncio_layer.async_sessionmaker(db) if isinstance(db, asyncio_layer.AsyncEngine)
+            else cast("async_sessionmaker[AsyncSession]", db)
         )
         self._consumer = consumer
         self._names = names

@@ -1,0 +1,154 @@
+"""The package as a user installs it: the wheel, in a clean virtualenv, without and with extras.
+
+The suite itself runs in a virtualenv with every development dependency, which hid that a plain
+install could not publish (SQLAlchemy's asyncio layer needs greenlet, which only `[dev]` had).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The README's sync publish (the demo's OrderService, reduced to its outbox part) and the
+# consumer import, run by the clean venv's interpreter against the test's database.
+SYNC_USER = textwrap.dedent("""
+    import sys
+    import psycopg
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    import outbox
+    from outbox.consumer import Consumer  # noqa: F401  the import alone used to fail
+
+    engine = create_engine(sys.argv[1])
+    with Session(engine) as session, session.begin():
+        outbox.publish(session, outbox.Event(
+            aggregate_type="Order", aggregate_id="1", event_type="OrderCreated",
+            payload={"orderId": 1}))
+    print("published")
+""")
+
+# Without the `asyncio` extra, the asyncio path must say which extra to install.
+ASYNC_WITHOUT_EXTRA = textwrap.dedent("""
+    from outbox.consumer import AsyncConsumer
+    from outbox.errors import MissingExtraError
+    try:
+        AsyncConsumer(name="c", topics=["t"], kafka={"bootstrap.servers": "127.0.0.1:1"},
+                      db=type("AsyncEngine", (), {"__module__": "sqlalchemy.ext.asyncio.engine"})())
+    except MissingExtraError as exc:
+        assert "outbox-relay[asyncio]" in str(exc), exc
+        print("refused")
+""")
+
+ASYNC_USER = textwrap.dedent("""
+    import asyncio, sys
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    import outbox
+    from outbox.consumer import AsyncConsumer  # noqa: F401
+
+    async def main() -> None:
+        engine = create_async_engine(sys.argv[1])
+        async with AsyncSession(engine) as session, session.begin():
+            await outbox.publish(session, outbox.Event(
+                aggregate_type="Order", aggregate_id="2", event_type="OrderCreated",
+                payload={"orderId": 2}))
+        await engine.dispose()
+        print("published")
+
+    asyncio.run(main())
+""")
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        [str(arg) for arg in args], capture_output=True, text=True, timeout=600, cwd=cwd,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def sqlalchemy_url(conninfo: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy.engine import URL
+
+    params = conninfo_to_dict(conninfo)
+    return URL.create(
+        "postgresql+psycopg", username=str(params.get("user")),
+        password=str(params["password"]) if params.get("password") else None,
+        host=str(params.get("host")), port=int(str(params.get("port", 5432))),
+        database=str(params.get("dbname"))).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy of the tree: setuptools' build/ directory in a working copy could carry
+    # files that git no longer has.
+    source = tmp_path_factory.mktemp("source") / "outbox-relay"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".local", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+    out = tmp_path_factory.mktemp("wheel")
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, source)
+    (found,) = out.glob("outbox_relay-*.whl")
+    return found
+
+
+@pytest.fixture(scope="module")
+def clean_venv(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
+    """A virtualenv with nothing but `pip install outbox-relay` (no extras)."""
+    venv = tmp_path_factory.mktemp("venv")
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", wheel)
+    return venv
+
+
+@pytest.mark.timeout(900)
+def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
+    clean_venv: Path, empty_db_url: str, tmp_path: Path
+) -> None:
+    python = clean_venv / "bin" / "python"
+    assert subprocess.run([python, "-c", "import greenlet"], capture_output=True).returncode != 0, \
+        "greenlet is installed: this venv does not show what a plain install has"
+    # Outside the repository, so that the installed package is the one imported.
+    run(clean_venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
+    script = tmp_path / "sync_user.py"
+    script.write_text(SYNC_USER)
+    url = sqlalchemy_url(empty_db_url)
+    assert run(python, script, url, cwd=tmp_path).strip() == "published"
+    refusal = tmp_path / "async_without_extra.py"
+    refusal.write_text(ASYNC_WITHOUT_EXTRA)
+    assert run(python, refusal, cwd=tmp_path).strip() == "refused"
+
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT aggregate_id, event_type FROM outbox").fetchall()
+    assert rows == [("1", "OrderCreated")]
+
+
+@pytest.mark.timeout(900)
+def test_asyncio_extra_publishes_with_an_async_session(
+    tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
+) -> None:
+    venv = tmp_path_factory.mktemp("venv-asyncio")
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", f"{wheel}[asyncio]")
+    run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
+    script = tmp_path / "async_user.py"
+    script.write_text(ASYNC_USER)
+    url = sqlalchemy_url(empty_db_url)
+    assert run(venv / "bin" / "python", script, url, cwd=tmp_path).strip() == "published"
+
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT aggregate_id, event_type FROM outbox").fetchall()
+    assert rows == [("2", "OrderCreated")]

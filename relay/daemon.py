@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -48,16 +49,23 @@ def supervise(
     stats: RelayStats | None = None,
     initial_backoff: float = 0.5,
     max_backoff: float = 30.0,
+    healthy_after: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Run relays one after another until `stop`: a RetryableError restarts after a pause that
-    doubles up to `max_backoff`; any other error ends the daemon."""
+    doubles up to `max_backoff`, and starts again from `initial_backoff` after a relay that ran
+    `healthy_after` seconds (a failure a day apart is not a crash loop); any other error ends
+    the daemon."""
     backoff = initial_backoff
     while not stop.is_set():
         relay = make_relay()
+        started = clock()
         try:
             relay.run(stop)
             return
         except RetryableError as exc:
+            if clock() - started >= healthy_after:
+                backoff = initial_backoff
             if stats is not None:
                 stats.restarts += 1
             log.warning(

@@ -122,7 +122,8 @@ def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:
         raise FatalRelayError(f"cannot start: {exc}") from exc
     server = None
     if settings.metrics_port is not None:
-        server = MetricsServer(stats, settings.metrics_port, settings.metrics_host).start()
+        server = MetricsServer(stats, settings.metrics_port, settings.metrics_host,
+                               stall_timeout=settings.stall_timeout).start()
     try:
         with stop_on_signals(stop):
             supervise(factory, stop, stats=stats)

@@ -23,8 +23,8 @@ from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
 
-# A relay with work in flight that made no progress for this long is not ready (stalled).
-STALL_SECONDS = 60.0
+# A relay with work in flight and no acknowledgement for this long is not ready (stalled).
+DEFAULT_STALL_SECONDS = 60.0
 
 
 class RelayCollector(Collector):
@@ -74,11 +74,14 @@ class RelayCollector(Collector):
                                         value=value)
 
 
-def readiness(stats: RelayStats) -> tuple[bool, dict[str, Any]]:
+def readiness(
+    stats: RelayStats, stall_seconds: float = DEFAULT_STALL_SECONDS
+) -> tuple[bool, dict[str, Any]]:
     """Ready: the active relay is connected to the source and the broker and not stalled with
     work in flight; a standby is ready while it is connected to the source, waiting its turn
-    (so an orchestrator can roll out a second replica)."""
-    stalled = stats.in_flight > 0 and time.monotonic() - stats.last_progress_at > STALL_SECONDS
+    (so an orchestrator can roll out a second replica). Progress is acknowledgements moving, not
+    being caught up: a long backlog drain is healthy."""
+    stalled = stats.in_flight > 0 and time.monotonic() - stats.last_progress_at > stall_seconds
     detail = {
         "source_connected": stats.source_connected,
         "broker_connected": stats.broker_connected,
@@ -94,7 +97,10 @@ def readiness(stats: RelayStats) -> tuple[bool, dict[str, Any]]:
 class MetricsServer:
     """Serves /metrics, /healthz (the process answers) and /readyz on 127.0.0.1 or `host`."""
 
-    def __init__(self, stats: RelayStats, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self, stats: RelayStats, port: int, host: str = "0.0.0.0", *,
+        stall_timeout: float = DEFAULT_STALL_SECONDS,
+    ) -> None:
         registry = CollectorRegistry()
         registry.register(RelayCollector(stats))
 
@@ -105,7 +111,7 @@ class MetricsServer:
                 elif self.path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
                 elif self.path == "/readyz":
-                    ready, detail = readiness(stats)
+                    ready, detail = readiness(stats, stall_timeout)
                     body = json.dumps({"ready": ready, **detail}).encode()
                     self._send(200 if ready else 503, body, "application/json")
                 else:

@@ -252,6 +252,7 @@ class PollingRelay:
         for position, reason in self._parked:
             conn.execute(self._query("park"), {"position": position, "reason": reason})
             self.stats.parked += 1
+            self.stats.progressed()
             log.error("event parked: it can never be published", extra={
                 "event": "event_parked", "position": position, "reason": reason})
         self._parked.clear()

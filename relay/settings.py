@@ -53,6 +53,8 @@ class RelaySettings:
     shutdown_timeout: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # /readyz: a relay with work in flight and no acknowledgement for this long is stalled.
+    stall_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -70,6 +72,8 @@ class RelaySettings:
             raise ConfigurationError(f"batch_size={self.batch_size} must be positive")
         if self.shutdown_timeout <= 0:
             raise ConfigurationError("shutdown_timeout must be positive")
+        if self.stall_timeout <= 0:
+            raise ConfigurationError(f"stall_timeout={self.stall_timeout} must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigurationError(f"metrics_port={self.metrics_port} is not a TCP port")
         SchemaNames(self.schema, self.table)  # validates the names

@@ -58,6 +58,7 @@ class RelayStats:
         self.published[topic] += 1
         now = time.time()
         self.last_published_at = now
+        self.last_progress_at = time.monotonic()
         self.broker_connected = True
         if created_at is not None:
             self.latency.observe(max(0.0, now - created_at))
@@ -67,9 +68,10 @@ class RelayStats:
         came; `committed_at` is its commit's Unix time. Cheaper than `delivered` per event."""
         now = time.time()
         self.last_published_at = now
+        self.last_progress_at = time.monotonic()
         self.broker_connected = True
         self.latency.observe(max(0.0, now - committed_at), events)
 
     def progressed(self) -> None:
-        """The relay loop is alive and caught up (or made progress)."""
+        """Acknowledgements moved (deliveries, parkings), or nothing is waiting for one."""
         self.last_progress_at = time.monotonic()

@@ -156,6 +156,7 @@ class WalRelay:
         for transaction, delivery in self._refused:
             parked.park_record(conn, self.config.names, delivery.record, delivery.error or "")
             self.stats.parked += 1
+            self.stats.progressed()
             log.error("event parked: it can never be published", extra={
                 "event": "event_parked", "id": str(delivery.record.id), "reason": delivery.error})
             self.tracker.event_done(transaction)

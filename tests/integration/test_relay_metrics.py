@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -103,3 +104,50 @@ def test_backlog_gauge_counts_pending_events(db_url: str, kafka_bootstrap: str) 
     assert gauges["backlog_events"]() == 2
     age = gauges["oldest_pending_age_seconds"]()
     assert age is not None and age >= 0
+
+
+def test_readiness_holds_through_a_drain_longer_than_the_stall_window(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    """Progress is acknowledgements moving: a relay draining a backlog for longer than the stall
+    window is ready all along (it used to need being fully caught up)."""
+    import outbox
+
+    topic = unique_topic("drain")
+    create_topics(kafka_bootstrap, topic)
+    events = 60_000
+    with psycopg.connect(db_url) as conn:
+        for start in range(0, events, 5_000):
+            outbox.publish(conn, *[outbox.Event("Drain", str(n % 100), "E", topic=topic)
+                                   for n in range(start, start + 5_000)])
+        conn.commit()
+    port = free_port()
+    window = 0.5
+    settings = RelaySettings(
+        source="postgres-poll", db_url=db_url, kafka_bootstrap=kafka_bootstrap,
+        poll_interval=0.2, metrics_port=port, batch_size=100, stall_timeout=window)
+    scrapes: list[tuple[float, int, dict[str, Any]]] = []
+    with RelayThread(settings):
+        wait_for(lambda: get(port, "/readyz")[0] == 200, 30, "the relay to be ready")
+        while True:
+            status, body = get(port, "/readyz")
+            detail = json.loads(body)
+            scrapes.append((time.monotonic(), status, detail))
+            assert status == 200, f"not ready during the drain: {detail}"
+            if metric(get(port, "/metrics")[1], "outbox_backlog_events") == 0:
+                break
+    busy = [at for at, _, detail in scrapes if detail["in_flight"] > 0]
+    assert busy and busy[-1] - busy[0] > 2 * window, (
+        "the drain was too short to outlast the stall window; make the backlog larger")
+
+
+def test_readiness_reports_a_stall_when_no_acknowledgement_comes() -> None:
+    from relay.metrics import readiness
+    from relay.stats import RelayStats
+
+    stats = RelayStats(leader=True, source_connected=True, broker_connected=True, in_flight=5)
+    stats.last_progress_at -= 10
+    ready, detail = readiness(stats, stall_seconds=5)
+    assert not ready and detail["stalled"] is True
+    stats.delivered("t", None)  # one acknowledgement is progress
+    assert readiness(stats, stall_seconds=5)[0] is True

@@ -7,7 +7,10 @@
     outbox.aggregates.install(SessionFactory)   # once, at start-up
 
 Events recorded on any entity of a session are written at the next flush (or at commit if
-nothing else changed), in the order they were recorded, in the session's transaction.
+nothing else changed), in the order they were recorded, in the session's transaction; also for
+an entity the same unit of work deletes. An event belongs to the transaction (or savepoint)
+active when it was recorded: `begin_nested()` flushes what was recorded before it into the outer
+transaction, and a rollback discards what was recorded inside what it rolls back, written or not.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any, ClassVar
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import flag_dirty
 
+from outbox import extras
 from outbox.errors import InvalidEventError
 from outbox.event import Event
 from outbox.writer import Outbox, default_outbox
@@ -29,6 +34,9 @@ from outbox.writer import Outbox, default_outbox
 _order = itertools.count()
 _PENDING = "_outbox_pending_events"
 _INSTALLED = "_outbox_installed"
+# session.info key: entities deleted in this session's transaction that may still hold events
+# (a deleted entity leaves the identity map at flush, before the events are taken).
+_DELETED = "_outbox_deleted_entities"
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,10 @@ class RecordsEvents:
         pending.append(
             _Recorded(next(_order), event_type, payload, dict(headers or {}), topic, content_type)
         )
+        # Through every flush, though no column changed: the flush begin_nested() runs before
+        # its SAVEPOINT then writes these events into the outer transaction. Emits no SQL.
+        if inspect(self, raiseerr=False) is not None:
+            flag_dirty(self)
 
     @property
     def pending_events(self) -> int:
@@ -79,8 +91,15 @@ class RecordsEvents:
         return ":".join(str(part) for part in identity)
 
 
+def _entities(session: Session) -> dict[int, Any]:
+    """Every entity of the session that may hold recorded events."""
+    deleted = session.info.get(_DELETED, {}).values()
+    return {id(obj): obj for obj in itertools.chain(
+        session.identity_map.values(), session.new, session.deleted, deleted)}
+
+
 def _take_events(session: Session) -> list[Event]:
-    entities = {id(obj): obj for obj in itertools.chain(session.identity_map.values(), session.new)}
+    entities = _entities(session)
     recorded: list[tuple[_Recorded, RecordsEvents]] = []
     for entity in entities.values():
         if isinstance(entity, RecordsEvents) and entity.__dict__.get(_PENDING):
@@ -119,28 +138,62 @@ def _writers(outbox: Outbox) -> tuple[Any, Any]:
 
 
 def _discard_pending(session: Session, *_: Any) -> None:
-    # The change they describe did not happen.
-    for entity in list(session.identity_map.values()):
+    # A rollback (of the transaction or of a savepoint): the change they describe did not happen.
+    for entity in _entities(session).values():
         if isinstance(entity, RecordsEvents):
             entity.__dict__.pop(_PENDING, None)
+
+
+def _discard_own(_session: Session, entity: Any) -> None:
+    # A new entity leaving the session because its transaction rolled back.
+    if isinstance(entity, RecordsEvents):
+        entity.__dict__.pop(_PENDING, None)
+
+
+def _remember_deleted(session: Session, entity: Any) -> None:
+    if isinstance(entity, RecordsEvents) and entity.__dict__.get(_PENDING):
+        session.info.setdefault(_DELETED, {})[id(entity)] = entity
+
+
+def _forget_deleted(session: Session, *_: Any) -> None:
+    session.info.pop(_DELETED, None)
 
 
 def install(
     target: type[Session] | sessionmaker[Any] | Any, outbox: Outbox = default_outbox
 ) -> None:
-    """Write recorded events at flush (and at commit) for sessions made by `target`.
+    """Write recorded events at flush (and at commit) for sessions made by `target`, and only
+    those: other sessions of the process are left alone.
 
-    `target` is a Session subclass, a `sessionmaker`, or an `async_sessionmaker` (its sync
-    session class is hooked, which is where flushes happen). Installing twice is harmless.
+    `target` is a Session subclass, a `sessionmaker` (its own Session subclass is hooked), or an
+    `async_sessionmaker` (it is given its own subclass of its sync session class, where flushes
+    happen). Installing twice is harmless.
     """
-    hook_target = getattr(target, "sync_session_class", None) or target
-    if hasattr(target, "class_") and getattr(target.class_, "sync_session_class", None):
-        hook_target = target.class_.sync_session_class
+    if extras.is_sqlalchemy_asyncio(target):
+        if not hasattr(target, "configure"):
+            raise TypeError("install() takes an async_sessionmaker, not an AsyncSession class")
+        factory: Any = target
+        hook_target = factory.kw.get("sync_session_class", Session)
+        if not getattr(hook_target, _INSTALLED, False):
+            hook_target = type("OutboxSession", (hook_target,), {})
+            factory.configure(sync_session_class=hook_target)
+    elif isinstance(target, sessionmaker):
+        hook_target = target.class_
+    else:
+        hook_target = target
     if getattr(hook_target, _INSTALLED, False):
         return
     after_flush, before_commit = _writers(outbox)
     sa_event.listen(hook_target, "after_flush_postexec", after_flush)
     sa_event.listen(hook_target, "before_commit", before_commit)
-    sa_event.listen(hook_target, "after_rollback", _discard_pending)
+    sa_event.listen(hook_target, "persistent_to_deleted", _remember_deleted)
+    sa_event.listen(hook_target, "after_soft_rollback", _discard_pending)
+    sa_event.listen(hook_target, "pending_to_transient", _discard_own)
+    sa_event.listen(hook_target, "after_transaction_end", _forget_deleted_at_end)
     with contextlib.suppress(AttributeError, TypeError):
         setattr(hook_target, _INSTALLED, True)
+
+
+def _forget_deleted_at_end(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction ended
+        _forget_deleted(session)

@@ -121,7 +121,9 @@ class KafkaPublisher(Generic[Token]):
     `send` never raises for a single bad event: a permanent failure (invalid topic, too large)
     is reported through `on_delivery` like any other outcome. With `on_delivered`, successes
     go there instead, as (token, topic): the cheapest report, once per event. A full local queue is
-    backpressure: `send` serves delivery reports until there is room.
+    backpressure: `send` serves delivery reports until there is room, calling `on_wait` between
+    polls so that the source stays alive meanwhile (replication status updates, the MongoDB
+    lease).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class KafkaPublisher(Generic[Token]):
         *,
         on_delivered: Callable[[Token, str], None] | None = None,
         on_broker_state: Callable[[bool], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
         producer: Producer | None = None,
     ) -> None:
         self.config = config
@@ -138,6 +141,8 @@ class KafkaPublisher(Generic[Token]):
         # Successes, as (token, topic), for a caller that wants no Delivery object per event.
         self._on_delivered = on_delivered
         self._on_broker_state = on_broker_state or (lambda _up: None)
+        # Called while `send` waits for room in a full local queue (the broker slow or away).
+        self.on_wait: Callable[[], None] = on_wait or (lambda: None)
         self._producer = producer or Producer(
             # librdkafka's own log lines go through Python logging (structured, redacted).
             {**config.producer_settings(), "error_cb": self._on_client_error,
@@ -199,6 +204,7 @@ class KafkaPublisher(Generic[Token]):
             except BufferError:
                 # The local queue is full (broker slow or away): wait for deliveries.
                 self._producer.poll(0.1)
+                self.on_wait()
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
                 code = error.code() if isinstance(error, KafkaError) else None

@@ -34,6 +34,7 @@ class Publisher(Protocol[T]):
     """What the relay needs of `relay.publisher.KafkaPublisher` (the fake is in `testing`)."""
 
     in_flight: int
+    on_wait: Callable[[], None]  # called while `send` waits for room (keeps the lease)
 
     def send(self, record: OutboxRecord, token: T) -> None: ...
 

@@ -36,6 +36,7 @@ class MongoPollRelay(MongoRelayBase):
             if not lease.acquire(stop):
                 return
             relayer = Relayer(self.config, store, self._publisher_factory, self.stats)
+            relayer.publisher.on_wait = lease.renew  # the lease lives on while Kafka is full
             log.info("mongo polling relay active", extra={
                 "event": "relay_active", "source": self.source,
                 "collections": list(self.config.watched)})

@@ -73,6 +73,7 @@ class MongoStreamRelay(MongoRelayBase):
             if not lease.acquire(stop):
                 return
             relayer = Relayer(self.config, store, self._publisher_factory, self.stats)
+            relayer.publisher.on_wait = lease.renew  # the lease lives on while Kafka is full
             try:
                 stream = self._open(store, relayer, lease, stop)
                 if stream is not None:

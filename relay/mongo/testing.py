@@ -234,6 +234,7 @@ class InMemoryPublisher(Generic[T]):
         self.delivered: list[OutboxRecord] = []
         self.refuse: dict[Any, tuple[str, bool]] = {}
         self.paused = False
+        self.on_wait: Callable[[], None] = lambda: None
         self._queue: deque[tuple[OutboxRecord, T, str]] = deque()
         self.in_flight = 0
 

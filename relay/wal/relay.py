@@ -42,6 +42,10 @@ class WalRelayConfig:
     shutdown_timeout: float = 30.0
 
 
+class _StoppedWhileBlocked(Exception):
+    """Stop was requested while Kafka held `send` back (its local queue full)."""
+
+
 class WalRelay:
     """Runs until `stop`; raises RetryableError (restart from the slot) or FatalRelayError."""
 
@@ -97,9 +101,17 @@ class WalRelay:
     def _stream(
         self, source: WalSource, conn: psycopg.Connection[Any], stop: threading.Event
     ) -> None:
+        def while_blocked() -> None:
+            # Kafka's queue is full: the replication session must stay alive (status updates),
+            # and a stop must not wait for the broker.
+            source.heartbeat()
+            if stop.is_set():
+                raise _StoppedWhileBlocked
+
         publisher: KafkaPublisher[Transaction] = KafkaPublisher(
             self.publisher_config, self._on_delivery, on_delivered=self._on_delivered,
-            on_broker_state=lambda up: setattr(self.stats, "broker_connected", up))
+            on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
+            on_wait=while_blocked)
         publisher.broker_reachable(timeout=5.0)
         log.info("WAL relay streaming", extra={
             "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
@@ -122,6 +134,11 @@ class WalRelay:
             log.info("WAL relay stopped", extra={
                 "event": "relay_stopped", "unacknowledged": remaining,
                 "confirmed": format_lsn(source.acknowledged_lsn)})
+        except _StoppedWhileBlocked:
+            # Nothing unacknowledged is confirmed: the next relay sends it again from the slot.
+            publisher.purge()
+            log.info("WAL relay stopped while Kafka was unavailable", extra={
+                "event": "relay_stopped", "confirmed": format_lsn(source.acknowledged_lsn)})
         except BaseException:
             publisher.purge()
             raise

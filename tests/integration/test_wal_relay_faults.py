@@ -212,3 +212,37 @@ def test_slot_dropped_while_stopped_refuses_to_start_and_never_makes_a_new_slot(
     verdict = ledger.check(reader.drain(quiet=1.0))
     reader.close()
     verdict.assert_holds()
+
+
+def test_full_producer_queue_keeps_the_replication_session_alive_and_stops_on_request(
+    db_url: str,
+) -> None:
+    """Kafka away and librdkafka's queue full: `send` waits, and meanwhile the relay still sends
+    status updates (else wal_sender_timeout ends the session) and a stop does not hang."""
+    import socket
+
+    with socket.socket() as sock:  # a port where no broker listens
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+    wal = WalSlot.create(db_url)
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, *[outbox.Event("Blocked", str(n), "E") for n in range(100)])
+        conn.commit()
+
+    def reply_time() -> Any:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT r.reply_time FROM pg_stat_replication r JOIN pg_replication_slots s"
+                " ON s.active_pid = r.pid WHERE s.slot_name = %s", [wal.slot]).fetchone()
+        return row[0] if row else None
+
+    relay = RelayThread(wal.settings(
+        nowhere, kafka_settings={"queue.buffering.max.messages": "5"})).start()
+    try:
+        wait_for(lambda: reply_time() is not None, 30, "the relay's first status update")
+        first = reply_time()
+        # The daemon sends a status update every second; several must come while blocked.
+        wait_for(lambda: (reply_time() - first).total_seconds() >= 3, 30,
+                 "status updates while the producer queue is full")
+    finally:
+        relay.stop(timeout=30)

@@ -3,13 +3,14 @@ AsyncSession, and sessions the hook was not installed on. Against the real Postg
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Integer, String, create_engine
+from sqlalchemy import Engine, Integer, String, create_engine
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import outbox
 from tests.integration.test_publish import sa_url
@@ -33,6 +34,21 @@ def invoices(db_url: str) -> None:
         conn.execute("CREATE TABLE invoices (id int PRIMARY KEY, state text NOT NULL)")
 
 
+@pytest.fixture
+def engine(db_url: str, invoices: None) -> Iterator[Engine]:
+    made = create_engine(sa_url(db_url))
+    yield made
+    made.dispose()
+
+
+@pytest.fixture
+def factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions with the outbox hooks installed."""
+    made = sessionmaker(engine)
+    outbox.aggregates.install(made)
+    return made
+
+
 def written(db_url: str) -> list[tuple[str, str]]:
     with psycopg.connect(db_url) as conn:
         rows = conn.execute("SELECT aggregate_id, event_type FROM outbox ORDER BY position")
@@ -40,11 +56,8 @@ def written(db_url: str) -> list[tuple[str, str]]:
 
 
 def test_events_of_an_entity_deleted_in_the_same_unit_of_work_are_written(
-    db_url: str, invoices: None
+    db_url: str, factory: sessionmaker[Session]
 ) -> None:
-    engine = create_engine(sa_url(db_url))
-    factory = sessionmaker(engine)
-    outbox.aggregates.install(factory)
     with factory() as session:
         session.add(Invoice(id=1, state="OPEN"))
         session.commit()
@@ -61,16 +74,12 @@ def test_events_of_an_entity_deleted_in_the_same_unit_of_work_are_written(
         doomed.record_event("InvoiceVoided")
         session.delete(doomed)
         session.commit()
-    engine.dispose()
     assert written(db_url) == [("1", "InvoiceDeleted"), ("2", "InvoiceVoided")]
 
 
 def test_rollback_discards_pending_events_and_savepoints_keep_the_outer_ones(
-    db_url: str, invoices: None
+    db_url: str, factory: sessionmaker[Session]
 ) -> None:
-    engine = create_engine(sa_url(db_url))
-    factory = sessionmaker(engine)
-    outbox.aggregates.install(factory)
     with factory() as session:
         fresh = Invoice(id=1, state="OPEN")
         session.add(fresh)
@@ -91,20 +100,17 @@ def test_rollback_discards_pending_events_and_savepoints_keep_the_outer_ones(
             savepoint.rollback()
         invoice.record_event("InvoicePaid")  # outer again
         session.commit()
-    engine.dispose()
     assert written(db_url) == [("2", "InvoiceSent"), ("2", "InvoicePaid")]
 
 
-def test_install_hooks_only_the_factory_it_was_given(db_url: str, invoices: None) -> None:
-    engine = create_engine(sa_url(db_url))
-    hooked, other = sessionmaker(engine), sessionmaker(engine)
-    outbox.aggregates.install(hooked)
-    with other() as session:
+def test_install_hooks_only_the_factory_it_was_given(
+    db_url: str, engine: Engine, factory: sessionmaker[Session]
+) -> None:
+    with sessionmaker(engine)() as session:  # not the installed factory
         invoice = Invoice(id=1, state="OPEN")
         session.add(invoice)
         invoice.record_event("NotThroughTheOutbox")
         session.commit()
-    engine.dispose()
     assert written(db_url) == []
 
 

@@ -155,8 +155,9 @@ def _remember_deleted(session: Session, entity: Any) -> None:
         session.info.setdefault(_DELETED, {})[id(entity)] = entity
 
 
-def _forget_deleted(session: Session, *_: Any) -> None:
-    session.info.pop(_DELETED, None)
+def _forget_deleted(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction ended
+        session.info.pop(_DELETED, None)
 
 
 def install(
@@ -189,11 +190,6 @@ def install(
     sa_event.listen(hook_target, "persistent_to_deleted", _remember_deleted)
     sa_event.listen(hook_target, "after_soft_rollback", _discard_pending)
     sa_event.listen(hook_target, "pending_to_transient", _discard_own)
-    sa_event.listen(hook_target, "after_transaction_end", _forget_deleted_at_end)
+    sa_event.listen(hook_target, "after_transaction_end", _forget_deleted)
     with contextlib.suppress(AttributeError, TypeError):
         setattr(hook_target, _INSTALLED, True)
-
-
-def _forget_deleted_at_end(session: Session, transaction: Any) -> None:
-    if transaction.parent is None:  # the outermost transaction ended
-        _forget_deleted(session)

@@ -23,9 +23,6 @@ from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
 
-# A relay with work in flight and no acknowledgement for this long is not ready (stalled).
-DEFAULT_STALL_SECONDS = 60.0
-
 
 class RelayCollector(Collector):
     def __init__(self, stats: RelayStats) -> None:
@@ -74,9 +71,7 @@ class RelayCollector(Collector):
                                         value=value)
 
 
-def readiness(
-    stats: RelayStats, stall_seconds: float = DEFAULT_STALL_SECONDS
-) -> tuple[bool, dict[str, Any]]:
+def readiness(stats: RelayStats, stall_seconds: float) -> tuple[bool, dict[str, Any]]:
     """Ready: the active relay is connected to the source and the broker and not stalled with
     work in flight; a standby is ready while it is connected to the source, waiting its turn
     (so an orchestrator can roll out a second replica). Progress is acknowledgements moving, not
@@ -98,8 +93,7 @@ class MetricsServer:
     """Serves /metrics, /healthz (the process answers) and /readyz on 127.0.0.1 or `host`."""
 
     def __init__(
-        self, stats: RelayStats, port: int, host: str = "0.0.0.0", *,
-        stall_timeout: float = DEFAULT_STALL_SECONDS,
+        self, stats: RelayStats, port: int, host: str = "0.0.0.0", *, stall_timeout: float,
     ) -> None:
         registry = CollectorRegistry()
         registry.register(RelayCollector(stats))

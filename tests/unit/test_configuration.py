@@ -105,3 +105,12 @@ def test_wal_relay_batches_for_throughput_unless_told_otherwise(
                              db_url="postgresql://127.0.0.1/db", kafka_settings=own)
     assert settings.publisher(WAL_KAFKA_DEFAULTS).producer_settings()["linger.ms"] == linger
     assert settings.publisher().producer_settings()["linger.ms"] == own.get("linger.ms", "1")
+
+
+def test_stall_timeout_must_be_positive_and_is_refused_at_start_up() -> None:
+    from outbox.errors import ConfigurationError
+    from relay.settings import RelaySettings
+
+    with pytest.raises(ConfigurationError, match="stall_timeout"):
+        RelaySettings(source="postgres-poll", db_url="postgresql://u@127.0.0.1/db",
+                      kafka_bootstrap="127.0.0.1:9092", stall_timeout=0)

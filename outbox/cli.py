@@ -250,48 +250,105 @@ parked_app = typer.Typer(help="Events the relay could never publish.", no_args_i
 app.add_typer(parked_app, name="parked")
 
 
+ParkedDbOption = Annotated[
+    str | None,
+    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+                 help="PostgreSQL URL (postgres-* sources)."),
+]
+ParkedMongoOption = Annotated[
+    str | None,
+    typer.Option("--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+                 help="MongoDB URL naming the database (mongo-* sources)."),
+]
+ParkedCollectionsOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_COLLECTIONS", show_envvar=True,
+                      help="The relay's --collections (mongo-* sources).")
+]
+
+
+def _mongo_parked(mongo: str, collections: str) -> Any:
+    from relay.mongo.config import MongoRelayConfig
+    from relay.mongo.parked import ParkedEvents
+
+    names = tuple(name.strip() for name in collections.split(",") if name.strip())
+    return ParkedEvents(guarded(lambda: MongoRelayConfig(url=mongo, collections=names)))
+
+
+def _one_source(db: str | None, mongo: str | None) -> None:
+    if (db is None) == (mongo is None):
+        fail("give either --db (PostgreSQL) or --mongo (MongoDB)")
+
+
 @parked_app.command("list")
 def parked_list(
-    db: DbOption,
+    db: ParkedDbOption = None,
+    mongo: ParkedMongoOption = None,
+    collections: ParkedCollectionsOption = "",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
     limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100,
 ) -> None:
-    """Show parked events with the reason they could not be published."""
-    from relay import parked
+    """Show parked events by key, in the order they were parked, with the reason."""
+    _one_source(db, mongo)
+    lines: list[tuple[str | None, str]] = []  # (key, line)
+    if mongo is not None:
+        with _mongo_parked(mongo, collections) as store:
+            for entry in guarded(lambda: store.entries(limit)):
+                key = f"{entry.aggregate_type}/{entry.aggregate_id}" if entry.key else None
+                kept = "" if entry.complete else "  (kept without its payload: not re-queueable)"
+                lines.append((key, f"{entry.uuid or entry.event_id}  {entry.event_type}  in "
+                              f"{entry.collection} {entry.document_id!r}  parked "
+                              f"{entry.parked_at:%Y-%m-%d %H:%M:%S}  reason: {entry.reason}{kept}"))
+    else:
+        from relay import parked
 
-    names = guarded(lambda: SchemaNames(schema, table))
-    with connect(db) as conn:
-        events = guarded(lambda: parked.list_parked(conn, names, limit))
-    if not events:
+        names = guarded(lambda: SchemaNames(schema, table))
+        with connect(db or "") as conn:
+            events = guarded(lambda: parked.list_parked(conn, names, limit))
+        for event in events:
+            key = None if event.unreadable else f"{event.aggregate_type}/{event.aggregate_id}"
+            what = ("unreadable change (see its raw column)" if event.unreadable else
+                    f"{event.id}  {event.event_type}  {event.payload_bytes} bytes")
+            lines.append((key, f"#{event.parked_id}  {what}  parked "
+                          f"{event.parked_at:%Y-%m-%d %H:%M:%S}  reason: {event.reason}"))
+    if not lines:
         typer.echo("no parked events")
-    for event in events:
-        what = ("unreadable change (see its raw column)" if event.unreadable else
-                f"{event.id}  {event.aggregate_type}/{event.aggregate_id}  {event.event_type}  "
-                f"{event.payload_bytes} bytes")
-        typer.echo(f"#{event.parked_id}  {what}  parked {event.parked_at:%Y-%m-%d %H:%M:%S}  "
-                   f"reason: {event.reason}")
+    shown: str | None = ""
+    for key, line in lines:
+        if key != shown:
+            typer.echo(f"key {key}:" if key is not None else "without a key:")
+            shown = key
+        typer.echo(f"  {line}")
 
 
 @parked_app.command("retry")
 def parked_retry(
-    db: DbOption,
-    ids: Annotated[list[str] | None, typer.Argument(help="Event ids (default: all).")] = None,
+    ids: Annotated[list[str] | None, typer.Argument(
+        help="Event ids: their keys' parked events are re-queued (default: every key).")] = None,
+    db: ParkedDbOption = None,
+    mongo: ParkedMongoOption = None,
+    collections: ParkedCollectionsOption = "",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
 ) -> None:
-    """Re-queue parked events (after fixing the cause, e.g. the broker's message size)."""
+    """Re-queue parked events once the cause is fixed (e.g. the topic's message size): every
+    parked event of a key, in the order they were parked, ahead of the key's newer events."""
     import uuid
 
-    from relay import parked
-
-    names = guarded(lambda: SchemaNames(schema, table))
+    _one_source(db, mongo)
     try:
         wanted = [uuid.UUID(value) for value in ids] if ids else None
     except ValueError as exc:
         fail(f"not an event id: {exc}")
-    with connect(db) as conn:
-        moved = guarded(lambda: parked.retry(conn, names, wanted))
+    if mongo is not None:
+        with _mongo_parked(mongo, collections) as store:
+            moved = guarded(lambda: store.retry(wanted))
+    else:
+        from relay import parked
+
+        names = guarded(lambda: SchemaNames(schema, table))
+        with connect(db or "") as conn:
+            moved = guarded(lambda: parked.retry(conn, names, wanted))
     typer.echo(f"re-queued {len(moved)} event(s)")
 
 

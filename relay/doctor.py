@@ -17,7 +17,12 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay import queries
-from relay.kafka_settings import REQUIRED, producer_settings, valid_topic
+from relay.kafka_settings import (
+    LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    admin_settings,
+    producer_settings,
+    valid_topic,
+)
 from relay.status import TableAccess, current_wal_lsn, read_tables, slot_lag
 from relay.wal import slots
 from relay.wal.errors import (
@@ -30,8 +35,6 @@ from relay.wal.lsn import format_lsn
 from relay.wal.source import WalSourceConfig
 
 SOURCES = ("postgres-poll", "postgres-wal")
-# librdkafka's own default for the producer's message.max.bytes: the relay does not change it.
-LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 # Room above the payload for the key, the headers (id, event_type, aggregate_type,
 # content_type, traceparent, the event's own) and the record batch framing.
 RECORD_OVERHEAD_BYTES = 16 * 1024
@@ -668,14 +671,7 @@ def inspect_kafka(
     # Validated exactly as the relay does (refused keys, required values).
     producer = producer_settings(bootstrap, kafka_settings, allow_unsafe=allow_unsafe)
     producer_max = int(producer.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES))
-    # Connection and security settings only: the relay's producer guarantees mean nothing to
-    # an admin client (and idempotence would make it ask for a producer id).
-    config: dict[str, Any] = {
-        key: value for key, value in producer.items()
-        if key in ("bootstrap.servers", "client.id") or key in (kafka_settings or {})
-    }
-    for key in REQUIRED:
-        config.pop(key, None)
+    config = admin_settings(producer, kafka_settings or {})
     # librdkafka's connection errors go to this logger, not to stderr over the report.
     config["logger"] = logging.getLogger("relay.doctor.kafka")
     admin = AdminClient(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+from typing import Any
 
 from outbox.errors import ConfigurationError
 from outbox.kafka_safety import refuse_unsafe
@@ -62,6 +63,29 @@ def producer_settings(
     settings.update(REQUIRED)
     settings["bootstrap.servers"] = bootstrap_servers
     return settings
+
+
+# librdkafka's defaults where the relay sets none.
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+LIBRDKAFKA_BATCH_SIZE = 1_000_000
+
+
+def admin_settings(producer: Mapping[str, str], overrides: Mapping[str, str]) -> dict[str, Any]:
+    """An admin client's settings from the relay's producer settings: connection and security
+    only. The producer's guarantees mean nothing to an admin client (and idempotence would make
+    it ask for a producer id)."""
+    config: dict[str, Any] = {
+        key: value for key, value in producer.items()
+        if (key in ("bootstrap.servers", "client.id") or key in overrides)
+        and key not in REQUIRED
+    }
+    return config
+
+
+def batch_limit(producer: Mapping[str, str]) -> int:
+    """The most bytes librdkafka puts in one produce batch (a larger event goes alone)."""
+    return min(int(producer.get("batch.size", LIBRDKAFKA_BATCH_SIZE)),
+               int(producer.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES)))
 
 
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")

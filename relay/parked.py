@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay import queries
+from relay.holds import KeyHolds
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,18 @@ def list_parked(
     return [ParkedEvent(*row) for row in rows]
 
 
+def held_keys(conn: psycopg.Connection[Any], names: SchemaNames) -> KeyHolds:
+    """The keys with parked events, each held behind its first (read when a relay starts)."""
+    rows = conn.execute(queries.query("parked.sql", "holds", names)).fetchall()
+    return KeyHolds(((aggregate_type, aggregate_id), event_id)
+                    for aggregate_type, aggregate_id, event_id in rows)
+
+
 def retry(
     conn: psycopg.Connection[Any], names: SchemaNames, ids: list[uuid.UUID] | None = None
 ) -> list[uuid.UUID]:
-    """Move parked events (all when `ids` is None) back into the outbox; returns their ids."""
+    """Move parked events back into the outbox, key by key: every parked event of the keys of
+    `ids` (of all keys when None), in the order they were parked. Returns their ids."""
     with conn.transaction():
         rows = conn.execute(
             queries.query("parked.sql", "retry", names),

@@ -22,10 +22,11 @@ from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
-from relay import queries
+from relay import parked, queries
 from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
+from relay.holds import log_parked
 from relay.poll_cursor import PollCursor, Snapshot
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
+from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class PollingRelay:
         self._last_ack = time.monotonic()
         self._last_expire = 0.0
         self._broker_checked = time.monotonic()
+        # Kept across restarts: what the topics accept, and which need their events sent alone.
+        self.topic_limits = topic_limits_for(publisher_config)
 
     def _query(self, name: str) -> Any:
         return queries.query("poll.sql", name, self.config.names)
@@ -145,6 +148,7 @@ class PollingRelay:
             publisher: KafkaPublisher[int] = KafkaPublisher(
                 self.publisher_config, self._on_delivery,
                 on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
+                holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits,
             )
             publisher.broker_reachable(timeout=5.0)
             log.info("polling relay active", extra={
@@ -253,8 +257,7 @@ class PollingRelay:
             conn.execute(self._query("park"), {"position": position, "reason": reason})
             self.stats.parked += 1
             self.stats.progressed()
-            log.error("event parked: it can never be published", extra={
-                "event": "event_parked", "position": position, "reason": reason})
+            log_parked(reason, position=position)
         self._parked.clear()
         due = force or time.monotonic() - self._last_ack >= self.config.ack_interval
         if self._delivered and (due or len(self._delivered) >= 10_000 or failure):

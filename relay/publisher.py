@@ -4,29 +4,42 @@ from __future__ import annotations
 
 import logging
 import string
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.record import OutboxRecord
-from relay.kafka_settings import producer_settings, valid_topic
+from relay.holds import KeyHolds
+from relay.kafka_settings import admin_settings, batch_limit, producer_settings, valid_topic
+from relay.topic_limits import HEADROOM_BYTES, TopicLimit, TopicLimits, kafka_describe
 
 log = logging.getLogger(__name__)
 
 Token = TypeVar("Token")
 
-# Delivery errors that no retry can cure: the event is parked, other aggregates go on.
+# Delivery errors that no retry can cure: the event is parked (its key held behind it), other
+# keys go on. A topic that does not exist (with auto-creation off) or that the relay may not
+# write to parks its events too, with the reason: the relay does not restart in a loop over it,
+# and `outbox parked retry` sends them once the topic or the grant is there.
 PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    }
+)
+# Refusals for size: the event's own fault only when it was sent alone (see topic_limits).
+SIZE_ERRORS = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
         KafkaError.RECORD_LIST_TOO_LARGE,
         KafkaError.INVALID_MSG_SIZE,
-        KafkaError.TOPIC_EXCEPTION,
-        KafkaError.INVALID_RECORD,
-        KafkaError._INVALID_ARG,
     }
 )
 
@@ -35,6 +48,7 @@ DEFAULT_TOPIC_TEMPLATE = "{aggregate_type}"
 RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
 # Topic names checked per publisher; templates over aggregate ids could make many.
 _MAX_TOPICS_REMEMBERED = 4096
+_UNSEEN: Any = object()
 
 
 class PublishError(OutboxError):
@@ -73,6 +87,13 @@ class PublisherConfig:
             self.kafka_settings,
             allow_unsafe=self.allow_unsafe_kafka_settings,
         )
+
+
+def topic_limits_for(config: PublisherConfig) -> TopicLimits:
+    """The limits of the topics `config`'s producer writes to, read from the brokers."""
+    producer = config.producer_settings()
+    return TopicLimits(kafka_describe(admin_settings(producer, config.kafka_settings)),
+                       batch_limit(producer))
 
 
 def check_topic_template(template: str) -> None:
@@ -119,11 +140,15 @@ class KafkaPublisher(Generic[Token]):
     """Sends records; `on_delivery(token, delivery)` is called from `poll`/`flush` for each.
 
     `send` never raises for a single bad event: a permanent failure (invalid topic, too large)
-    is reported through `on_delivery` like any other outcome. With `on_delivered`, successes
-    go there instead, as (token, topic): the cheapest report, once per event. A full local queue is
-    backpressure: `send` serves delivery reports until there is room, calling `on_wait` between
-    polls so that the source stays alive meanwhile (replication status updates, the MongoDB
-    lease).
+    is reported through `on_delivery` like any other outcome, and holds the event's key: later
+    events of the key are reported as permanent failures too ("held behind <id>", see
+    relay.holds), so that the key's order survives the parking. With `on_delivered`, successes
+    go there instead, as (token, topic): the cheapest report, once per event.
+
+    `send` waits, serving delivery reports and calling `on_wait` between polls so that the
+    source stays alive meanwhile (replication status updates, the MongoDB lease): while the
+    local queue is full (backpressure), and where an event must travel alone or a topic's batches
+    be kept under its own size limit (relay.topic_limits).
     """
 
     def __init__(
@@ -134,6 +159,8 @@ class KafkaPublisher(Generic[Token]):
         on_delivered: Callable[[Token, str], None] | None = None,
         on_broker_state: Callable[[bool], None] | None = None,
         on_wait: Callable[[], None] | None = None,
+        holds: KeyHolds | None = None,
+        limits: TopicLimits | None = None,
         producer: Producer | None = None,
     ) -> None:
         self.config = config
@@ -141,8 +168,10 @@ class KafkaPublisher(Generic[Token]):
         # Successes, as (token, topic), for a caller that wants no Delivery object per event.
         self._on_delivered = on_delivered
         self._on_broker_state = on_broker_state or (lambda _up: None)
-        # Called while `send` waits for room in a full local queue (the broker slow or away).
+        # Called while `send` waits (the local queue full, an event travelling alone).
         self.on_wait: Callable[[], None] = on_wait or (lambda: None)
+        self.holds = holds if holds is not None else KeyHolds()
+        self.limits = limits if limits is not None else topic_limits_for(config)
         self._producer = producer or Producer(
             # librdkafka's own log lines go through Python logging (structured, redacted).
             {**config.producer_settings(), "error_cb": self._on_client_error,
@@ -150,7 +179,10 @@ class KafkaPublisher(Generic[Token]):
         )
         self.in_flight = 0
         self._default_topics = config.topic_template == DEFAULT_TOPIC_TEMPLATE
-        self._valid_topics: dict[str, bool] = {}
+        # topic -> its limits, or None for a name Kafka would refuse
+        self._topics: dict[str, TopicLimit | None] = {}
+        self._alone_in_flight = 0  # an event travelling alone: nothing is sent until answered
+        self._topic_bytes: dict[str, int] = {}  # in flight to topics with a budget
 
     def _on_client_error(self, error: KafkaError) -> None:
         # Transport errors (broker down) are retried by librdkafka; log them, mark not ready.
@@ -161,29 +193,48 @@ class KafkaPublisher(Generic[Token]):
         else:
             log.warning("kafka client error", extra={"event": "kafka_error", "error": str(error)})
 
+    def _refuse(self, token: Token, delivery: Delivery) -> None:
+        """Report a permanent refusal; the event's key is held behind it from now on."""
+        self.holds.parked(delivery.record)
+        self._on_delivery(token, delivery)
+
     def send(self, record: OutboxRecord, token: Token) -> None:
-        # Once per event: local names, a dict for the topic check, one closure.
+        # Once per event: local names, one dict lookup for the topic, one closure.
         topic = record.topic or (
             record.aggregate_type if self._default_topics
             else topic_for(record, self.config.topic_template)
         )
-        valid = self._valid_topics.get(topic)
-        if valid is None:
-            valid = self._remember_topic(topic)
-        if not valid:
-            self._on_delivery(
-                token,
-                Delivery(record, topic, f"invalid topic name {topic!r}", permanent=True),
-            )
+        limit = self._topics.get(topic, _UNSEEN)
+        if limit is _UNSEEN or (limit is not None and limit.expires <= time.monotonic()):
+            limit = self._learn(topic)
+        if limit is None:
+            self._refuse(token, Delivery(
+                record, topic, f"invalid topic name {topic!r}", permanent=True))
             return
+        size = len(record.payload) + len(record.aggregate_id)
+        alone = size >= limit.alone_from
+        budgeted = 0
+        if self._alone_in_flight or alone:
+            self._wait_until(lambda: self.in_flight == 0)
+        if limit.budget is not None:
+            budgeted = size + HEADROOM_BYTES
+            self._wait_until(lambda: self._fits(topic, budgeted, limit.budget))
+        if self.holds:
+            reason = self.holds.reason_to_park(record)
+            if reason is not None:
+                self._refuse(token, Delivery(record, topic, reason, permanent=True))
+                return
 
         on_delivery, on_delivered = self._on_delivery, self._on_delivered
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             self.in_flight -= 1
+            if alone:
+                self._alone_in_flight -= 1
+            if budgeted:
+                self._topic_bytes[topic] -= budgeted
             if error is not None:
-                on_delivery(token, Delivery(
-                    record, topic, str(error), permanent=error.code() in PERMANENT_ERRORS))
+                self._failed(token, record, topic, error, alone=alone)
             elif on_delivered is not None:
                 on_delivered(token, topic)
             else:
@@ -200,6 +251,10 @@ class KafkaPublisher(Generic[Token]):
                     on_delivery=delivered,
                 )
                 self.in_flight += 1
+                if alone:
+                    self._alone_in_flight += 1
+                if budgeted:
+                    self._topic_bytes[topic] = self._topic_bytes.get(topic, 0) + budgeted
                 return
             except BufferError:
                 # The local queue is full (broker slow or away): wait for deliveries.
@@ -208,17 +263,47 @@ class KafkaPublisher(Generic[Token]):
             except KafkaException as exc:
                 error = exc.args[0] if exc.args else None
                 code = error.code() if isinstance(error, KafkaError) else None
-                self._on_delivery(
-                    token,
-                    Delivery(record, topic, str(exc), permanent=code in PERMANENT_ERRORS),
-                )
+                # Refused before sending (larger than the producer's message.max.bytes): by
+                # itself, so a size error is permanent here.
+                delivery = Delivery(record, topic, str(exc),
+                                    permanent=code in PERMANENT_ERRORS or code in SIZE_ERRORS)
+                if delivery.permanent:
+                    self._refuse(token, delivery)
+                else:
+                    self._on_delivery(token, delivery)
                 return
 
-    def _remember_topic(self, topic: str) -> bool:
-        if len(self._valid_topics) >= _MAX_TOPICS_REMEMBERED:
-            self._valid_topics.clear()
-        valid = self._valid_topics[topic] = valid_topic(topic)
-        return valid
+    def _failed(
+        self, token: Token, record: OutboxRecord, topic: str, error: KafkaError, *, alone: bool
+    ) -> None:
+        code = error.code()
+        if code in SIZE_ERRORS and not alone:
+            # Refused with its batch: not this event's fault. The run fails (sent again, in
+            # order, after the restart), and the topic's events go alone from now on.
+            self.limits.refused_in_batch(topic)
+            self._topics.pop(topic, None)
+            self._on_delivery(token, Delivery(
+                record, topic, f"{error} (a batch too large for the topic; sent again alone)"))
+        elif code in PERMANENT_ERRORS or code in SIZE_ERRORS:
+            self._refuse(token, Delivery(record, topic, str(error), permanent=True))
+        else:
+            self._on_delivery(token, Delivery(record, topic, str(error)))
+
+    def _fits(self, topic: str, size: int, budget: int) -> bool:
+        in_flight = self._topic_bytes.get(topic, 0)
+        return in_flight == 0 or in_flight + size <= budget
+
+    def _wait_until(self, condition: Callable[[], bool]) -> None:
+        """Serve delivery reports until `condition` holds (each report may change it)."""
+        while not condition():
+            self._producer.poll(0.1)
+            self.on_wait()
+
+    def _learn(self, topic: str) -> TopicLimit | None:
+        if len(self._topics) >= _MAX_TOPICS_REMEMBERED:
+            self._topics.clear()
+        limit = self._topics[topic] = self.limits.of(topic) if valid_topic(topic) else None
+        return limit
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery reports, waiting up to `timeout` seconds for the first."""

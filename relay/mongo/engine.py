@@ -15,13 +15,14 @@ from typing import Protocol, TypeVar
 from outbox.conninfo import redact
 from outbox.record import OutboxRecord
 from relay.errors import DeliveryFailedError
+from relay.holds import KeyHolds, log_parked
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.entries import Found, in_document, in_outbox_document
 from relay.mongo.errors import LeadershipLostError
 from relay.mongo.paging import Sweep
 from relay.mongo.store import OutboxStore
 from relay.mongo.tracker import Acknowledgements, EntryRef, Pending
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
+from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Publisher(Protocol[T]):
 
     in_flight: int
     on_wait: Callable[[], None]  # called while `send` waits for room (keeps the lease)
+    holds: KeyHolds  # keys with a parked event: their later events are parked behind it
 
     def send(self, record: OutboxRecord, token: T) -> None: ...
 
@@ -56,9 +58,12 @@ BROKER_CHECK_INTERVAL = 5.0
 
 
 def kafka_publisher(config: PublisherConfig, stats: RelayStats) -> PublisherFactory:
+    # Kept across restarts: what the topics accept, and which need their events sent alone.
+    limits = topic_limits_for(config)
+
     def make(on_delivery: OnDelivery) -> Publisher[Pending]:
         return KafkaPublisher[Pending](
-            config, on_delivery,
+            config, on_delivery, limits=limits,
             on_broker_state=lambda up: setattr(stats, "broker_connected", up))
 
     return make
@@ -81,6 +86,7 @@ class Relayer:
         self.stats = stats
         self.acks = Acknowledgements()
         self.publisher = publisher_factory(self._on_delivery)
+        self.publisher.holds = store.held_keys()
         self._last_ack = time.monotonic()
         self.publisher.broker_reachable(timeout=5.0)
         self._broker_checked = time.monotonic()
@@ -152,10 +158,9 @@ class Relayer:
             self.stats.progressed()
             for parking in plan.parks:
                 self.stats.parked += 1
-                log.error("event parked: it can never be published", extra={
-                    "event": "event_parked", "collection": parking.ref.collection,
-                    "document_id": str(parking.ref.document_id),
-                    "event_id": str(parking.ref.event_id), "reason": parking.reason})
+                log_parked(parking.reason, collection=parking.ref.collection,
+                           document_id=str(parking.ref.document_id),
+                           event_id=str(parking.ref.event_id))
         if failure is not None:
             raise DeliveryFailedError(f"{failure}; unacknowledged events will be sent again")
         return applied

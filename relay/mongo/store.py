@@ -26,9 +26,10 @@ from pymongo.errors import (
 )
 
 from outbox.conninfo import redact
-from outbox.errors import ConfigurationError
-from outbox.mongo import MAX_DOCUMENT_BYTES
+from outbox.errors import ConfigurationError, InvalidEventError
+from outbox.mongo import MAX_DOCUMENT_BYTES, event_id_of
 from relay.errors import FatalRelayError, RelayError, SourceUnavailableError
+from relay.holds import KeyHolds
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.errors import ResumeTokenInvalidError
 from relay.mongo.tracker import AckPlan, Parking
@@ -43,6 +44,8 @@ Token = Mapping[str, Any]
 # stream was opened with a stored token (a foreign or corrupted one).
 TOKEN_LOST_CODES = frozenset({260, 280, 286})
 TOKEN_UNPARSABLE_CODES = frozenset({9})
+# Parked events in the order they were parked (documents from before `seq` by time).
+PARKED_ORDER = [("seq", ASCENDING), ("parked_at", ASCENDING)]
 # Unauthorized, AuthenticationFailed: a restart cannot cure these, an operator must.
 FATAL_CODES = frozenset({13, 18})
 
@@ -72,6 +75,9 @@ class OutboxStore(Protocol):
 
     def apply(self, plan: AckPlan) -> None:
         """Park `plan.parks`, then remove every entry of the plan from its document."""
+
+    def held_keys(self) -> KeyHolds:
+        """The keys with parked events, each held behind its first (read at start-up)."""
 
     def try_lease(self, owner: str, ttl: float) -> bool:
         """Take or renew the relay lease for `ttl` seconds; False if another owner holds it."""
@@ -171,6 +177,7 @@ class MongoStore:
         self.db = self.client[config.database]
         self.state: Collection[Document] = self.db[config.state_collection]
         self.parked: Collection[Document] = self.db[config.parked_collection]
+        self._park_seq = 0
 
     def __enter__(self) -> MongoStore:
         return self
@@ -270,13 +277,31 @@ class MongoStore:
             with translated(f"deleting published events from {collection}"):
                 self.db[collection].bulk_write([DeleteMany({"_id": {"$in": ids}})])
 
+    def held_keys(self) -> KeyHolds:
+        with translated("reading the parked events' keys"):
+            documents = list(self.parked.find(
+                {"entry.aggregate_type": {"$exists": True}},
+                {"entry.aggregate_type": 1, "entry.aggregate_id": 1},
+                sort=PARKED_ORDER))
+        holds = KeyHolds()
+        for document in documents:
+            entry = document.get("entry") or {}
+            with contextlib.suppress(InvalidEventError, TypeError):
+                holds.hold(
+                    (str(entry["aggregate_type"]), str(entry["aggregate_id"])),
+                    event_id_of(document["_id"]))
+        return holds
+
     def _parked_document(self, parking: Parking) -> Document:
+        # `seq` keeps the parking order, which `outbox parked retry` re-queues a key's events in.
+        self._park_seq = max(self._park_seq + 1, time.time_ns())
         document: Document = {
             "collection": parking.ref.collection,
             "document_id": parking.ref.document_id,
             "entry": dict(parking.entry),
             "reason": parking.reason,
             "parked_at": _now(),
+            "seq": self._park_seq,
         }
         if len(bson.encode(document)) > MAX_DOCUMENT_BYTES - 1024:
             # An entry that fills a whole document cannot be copied with more fields around it.

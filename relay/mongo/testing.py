@@ -9,7 +9,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+from outbox.mongo import event_id_of
 from outbox.record import OutboxRecord
+from relay.holds import KeyHolds
 from relay.kafka_settings import valid_topic
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.errors import ResumeTokenInvalidError
@@ -151,6 +153,15 @@ class InMemoryStore:
             for document_id in ids:
                 self.collections.get(collection, {}).pop(document_id, None)
 
+    def held_keys(self) -> KeyHolds:
+        holds = KeyHolds()
+        for event_id, parked in self.parked.items():
+            entry = parked["entry"]
+            if "aggregate_type" in entry:
+                holds.hold((entry["aggregate_type"], entry["aggregate_id"]),
+                           event_id_of(event_id))
+        return holds
+
     def try_lease(self, owner: str, ttl: float) -> bool:
         now = time.monotonic()
         if self.lease_owner in (None, owner) or self.lease_expires <= now:
@@ -235,6 +246,7 @@ class InMemoryPublisher(Generic[T]):
         self.refuse: dict[Any, tuple[str, bool]] = {}
         self.paused = False
         self.on_wait: Callable[[], None] = lambda: None
+        self.holds = KeyHolds()
         self._queue: deque[tuple[OutboxRecord, T, str]] = deque()
         self.in_flight = 0
 
@@ -243,6 +255,11 @@ class InMemoryPublisher(Generic[T]):
         if not valid_topic(topic):
             self._on_delivery(
                 token, Delivery(record, topic, f"invalid topic name {topic!r}", permanent=True))
+            self.holds.parked(record)
+            return
+        reason = self.holds.reason_to_park(record)
+        if reason is not None:
+            self._on_delivery(token, Delivery(record, topic, reason, permanent=True))
             return
         self.sent.append(record)
         self._queue.append((record, token, topic))
@@ -258,6 +275,8 @@ class InMemoryPublisher(Generic[T]):
             served += 1
             refused = self.refuse.get(record.id)
             if refused is not None:
+                if refused[1]:
+                    self.holds.parked(record)
                 self._on_delivery(token, Delivery(record, topic, refused[0], permanent=refused[1]))
             else:
                 self.delivered.append(record)

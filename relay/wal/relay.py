@@ -15,7 +15,8 @@ from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import parked
 from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig
+from relay.holds import log_parked
+from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
 from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
@@ -59,6 +60,8 @@ class WalRelay:
         self._refused: list[tuple[Transaction, Delivery]] = []
         self._published = stats.published
         self._failure: Delivery | None = None
+        # Kept across restarts: what the topics accept, and which need their events sent alone.
+        self.topic_limits = topic_limits_for(publisher_config)
 
     def _on_delivered(self, transaction: Transaction, topic: str) -> None:
         # Once per event: count it and settle its transaction; the latency is observed per
@@ -111,7 +114,8 @@ class WalRelay:
         publisher: KafkaPublisher[Transaction] = KafkaPublisher(
             self.publisher_config, self._on_delivery, on_delivered=self._on_delivered,
             on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
-            on_wait=while_blocked)
+            on_wait=while_blocked, holds=parked.held_keys(conn, self.config.names),
+            limits=self.topic_limits)
         publisher.broker_reachable(timeout=5.0)
         log.info("WAL relay streaming", extra={
             "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
@@ -174,8 +178,7 @@ class WalRelay:
             parked.park_record(conn, self.config.names, delivery.record, delivery.error or "")
             self.stats.parked += 1
             self.stats.progressed()
-            log.error("event parked: it can never be published", extra={
-                "event": "event_parked", "id": str(delivery.record.id), "reason": delivery.error})
+            log_parked(delivery.error or "", id=str(delivery.record.id))
             self.tracker.event_done(transaction)
         self._refused.clear()
         done = self.tracker.pop_done()

@@ -248,10 +248,10 @@ def test_unpublishable_events_are_parked_while_others_flow(
     relay = start(source, db, settings(source, mongo_db_url, kafka_bootstrap))
     try:
         too_large = outbox.Event(topic, "big", "Huge", {"blob": "x" * 2_000_000})
-        misrouted = outbox.Event(topic, "k", "Misrouted", {}, topic="not a valid topic!")
+        misrouted = outbox.Event(topic, "m", "Misrouted", {}, topic="not a valid topic!")
         db.orders.insert_one(big.new_document({"_id": "big", "version": 0}, too_large))
         writer.create("k", events=2)
-        db.orders.update_one({"_id": "k"}, big.with_events({"$inc": {"n": 1}}, misrouted))
+        db.orders.insert_one(big.new_document({"_id": "m", "version": 0}, misrouted))
         for key in ("k", "other"):
             if key == "other":
                 writer.create(key)
@@ -267,7 +267,7 @@ def test_unpublishable_events_are_parked_while_others_flow(
     reason = parked[too_large.id]["reason"].lower()
     assert "too large" in reason or "size" in reason
     assert "invalid topic" in parked[misrouted.id]["reason"]
-    assert parked[misrouted.id]["document_id"] == "k"
+    assert parked[misrouted.id]["document_id"] == "m"
     assert outbox_mongo.decode_entry(parked[misrouted.id]["entry"]).id == misrouted.id
     check(ledger, reader)
 

@@ -22,15 +22,18 @@ log = logging.getLogger(__name__)
 Token = TypeVar("Token")
 
 # Delivery errors that no retry can cure: the event is parked (its key held behind it), other
-# keys go on. A topic that does not exist (with auto-creation off) or that the relay may not
-# write to parks its events too, with the reason: the relay does not restart in a loop over it,
-# and `outbox parked retry` sends them once the topic or the grant is there.
+# keys go on. A topic that does not exist and cannot be created (auto-creation off, or a name
+# colliding with another) or that the relay may not write to parks its events too, with the
+# reason: the relay does not restart in a loop over it, and `outbox parked retry` sends them once
+# the topic or the grant is there. (With message.timeout.ms=0 librdkafka retries a missing
+# topic's messages until topic.metadata.propagation.max.ms, 30 s, then reports it for good.)
 PERMANENT_ERRORS = frozenset(
     {
         KafkaError.TOPIC_EXCEPTION,
         KafkaError.INVALID_RECORD,
         KafkaError._INVALID_ARG,
         KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
         KafkaError.TOPIC_AUTHORIZATION_FAILED,
     }
 )

@@ -88,10 +88,6 @@ class TopicLimits:
         self._all_alone.add(topic)
         self._limits.pop(topic, None)
 
-    def forget(self) -> None:
-        """Read every limit again (not the topics that proved their events must go alone)."""
-        self._limits.clear()
-
 
 def kafka_describe(admin_config: dict[str, Any], timeout: float = 5.0) -> Describe:
     """Reads a topic's `max.message.bytes` with an admin client made on first use."""

@@ -119,6 +119,35 @@ def test_unpublishable_events_are_parked_while_others_flow(
     reader.close()
 
 
+def test_an_event_for_a_topic_that_cannot_be_created_is_parked_without_restarts(
+    db_url: str, kafka_bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker auto-creates topics, but not one whose name collides with an existing topic
+    # ("a.b" and "a_b"): the same answer as a missing topic with auto-creation off.
+    existing = unique_topic("taken.")
+    create_topics(kafka_bootstrap, existing)
+    missing = outbox.Event(topic, "k", "Lost", {}, topic=existing.replace(".", "_"))
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, missing)
+        conn.commit()
+    writer.write_many(db_url, keys=3, per_key=5)
+    reader = TopicReader(kafka_bootstrap, topic)
+    # librdkafka waits this long for a topic to appear before it reports it missing.
+    quick = {"topic.metadata.propagation.max.ms": "2000"}
+    with RelayThread(settings(db_url, kafka_bootstrap, kafka_settings=quick)):
+        reader.read_ids(ledger.committed_ids)
+        wait_for(lambda: backlog(db_url) == 0, 60, "the event for the missing topic parked")
+    with psycopg.connect(db_url) as conn:
+        parked = conn.execute("SELECT id, reason FROM outbox_parked").fetchall()
+    assert parked == [(missing.id, parked[0][1])]
+    assert "UNKNOWN_TOPIC_OR_PART" in parked[0][1]
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "relay_restart"]
+    ledger.check(reader.drain(quiet=1.0)).assert_holds()
+    reader.close()
+
+
 def test_two_relays_at_once_one_publishes_and_the_standby_takes_over(
     db_url: str, kafka_bootstrap: str, topic: str
 ) -> None:

@@ -107,14 +107,17 @@ ALTER ROLE :"poll_role" SET tcp_keepalives_interval = 10;
 ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
 
 -- WAL relay: LOGIN REPLICATION is what streaming needs; pgoutput checks no table privilege.
--- SELECT on the outbox only lets this role run `outbox status` and `outbox doctor`.
+-- It removes the rows it published from the outbox (DELETE, which needs SELECT for its WHERE;
+-- the same SELECT lets this role run `outbox status` and `outbox doctor`), and with
+-- --keep-published marks them first: UPDATE of the published_at column only.
 -- Creating the publication (owner of the table) and the slot (REPLICATION) is a setup step run
 -- by an administrator (relay.wal.source.setup, docs/operations.md): the relay never creates a
 -- slot, so a lost slot stops it instead of silently skipping events.
 -- REPLICATION is a strong attribute: with a `replication` line in pg_hba.conf the role could
 -- stream the whole cluster's WAL (physical replication). Logical replication connections match
 -- the database's own pg_hba.conf lines, so give this role none of the `replication` lines.
-GRANT SELECT ON :"schema".:"table" TO :"wal_role";
+GRANT SELECT, DELETE ON :"schema".:"table" TO :"wal_role";
+GRANT UPDATE (published_at) ON :"schema".:"table" TO :"wal_role";
 -- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
 -- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";

@@ -271,19 +271,31 @@ POLL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
     ("parked", "SELECT", True),
     ("parked", "UPDATE", True),
 )
+# What the WAL relay does with the tables: deletes the rows it published (DELETE needs SELECT
+# for its WHERE; with keep_published it marks them first: UPDATE (published_at), a column
+# privilege, which deploy/roles.sql grants and start-up checks); parks events with
+# INSERT ... ON CONFLICT DO NOTHING.
+WAL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
+    ("table", "SELECT", True),
+    ("table", "DELETE", True),
+    ("parked", "INSERT", True),
+    ("parked", "SELECT", True),
+)
 
 
-def check_poll_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckResult | None:
+def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckResult | None:
     """None when the tables are missing (check_schema reports that)."""
     names = options.names
     role = db.role.name
+    suggested = "outbox_relay_wal" if options.wal else "outbox_relay_poll"
     if not db.role.schema_usage:
         if not db.role.schema_exists:
             return None
         return CheckResult(
-            "privileges", Level.FAIL, f"role {role} has no USAGE on schema {names.schema}",
+            "privileges", Level.FAIL,
+            f"role {role} has no USAGE on schema {names.schema}",
             f"GRANT USAGE ON SCHEMA {_ident(names.schema)} TO {_ident(role)} "
-            f"({ROLES_SCRIPT}: role outbox_relay_poll)",
+            f"({ROLES_SCRIPT}: role {suggested})",
         )
     tables = {"table": names.table, "parked": names.parked_table}
     access = {key: db.tables.get(name) for key, name in tables.items()}
@@ -291,7 +303,7 @@ def check_poll_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRes
         return None
     missing: dict[str, list[str]] = {}
     optional: list[str] = []
-    for key, privilege, required in POLL_PRIVILEGES:
+    for key, privilege, required in WAL_PRIVILEGES if options.wal else POLL_PRIVILEGES:
         table_access = access[key]
         assert table_access is not None
         if not getattr(table_access, privilege.lower()):
@@ -306,7 +318,7 @@ def check_poll_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRes
             for t, p in missing.items()
         )
         return CheckResult("privileges", Level.FAIL, f"role {role} lacks {text}",
-                           f"{grants} ({ROLES_SCRIPT}: role outbox_relay_poll)")
+                           f"{grants} ({ROLES_SCRIPT}: role {suggested})")
     if optional:
         return CheckResult(
             "privileges", Level.WARN,
@@ -321,9 +333,9 @@ def check_poll_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRes
 def check_replication_role(db: DatabaseFacts) -> CheckResult:
     role = db.role
     if role.replication or role.superuser:
-        return CheckResult("privileges", Level.OK, f"role {role.name} has REPLICATION")
+        return CheckResult("replication role", Level.OK, f"role {role.name} has REPLICATION")
     return CheckResult(
-        "privileges", Level.FAIL,
+        "replication role", Level.FAIL,
         f"role {role.name} lacks the REPLICATION attribute: it cannot stream from a slot",
         f"ALTER ROLE {_ident(role.name)} WITH LOGIN REPLICATION "
         f"({ROLES_SCRIPT}: role outbox_relay_wal)",
@@ -447,8 +459,7 @@ def database_checks(db: DatabaseFacts, options: DoctorOptions) -> list[CheckResu
     results.append(check_schema(db, options))
     if options.wal:
         results += [check_replication_role(db), check_replication_connection(db)]
-    else:
-        results.append(check_poll_privileges(db, options))
+    results.append(check_table_privileges(db, options))
     results.append(check_least_privilege(db, options))
     if options.wal:
         results += [check_publication(db, options), check_slot(db, options)]

@@ -58,6 +58,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
                 status_interval=1.0),
             names=settings.names,
             shutdown_timeout=settings.shutdown_timeout,
+            keep_published=settings.keep_published,
         )
         check_setup(wal)
         publisher = settings.publisher(WAL_KAFKA_DEFAULTS)

@@ -26,6 +26,7 @@ from relay import parked, queries
 from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
 from relay.holds import log_parked
 from relay.poll_cursor import PollCursor, Snapshot
+from relay.published import backlog_gauges, expire_interval, purge_expired
 from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
 
@@ -273,9 +274,10 @@ class PollingRelay:
 
     def _expire(self, conn: psycopg.Connection[Any]) -> None:
         """Delete kept rows past their retention, at most once a minute (it scans the table)."""
-        if self.config.keep_published is None or time.monotonic() - self._last_expire < 60:
+        keep = self.config.keep_published
+        if keep is None or time.monotonic() - self._last_expire < expire_interval(keep):
             return
-        conn.execute(self._query("delete_expired"), {"keep": self.config.keep_published})
+        purge_expired(conn, self.config.names, keep)
         self._last_expire = time.monotonic()
 
 
@@ -296,16 +298,5 @@ def check_schema(config: PollConfig) -> None:
 
 
 def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:
-    """Backlog gauges for the metrics endpoint, each read with a short-lived connection."""
-
-    def backlog() -> tuple[int, float | None]:
-        with psycopg.connect(libpq_url(config.db_url), connect_timeout=5, autocommit=True) as c:
-            row = c.execute(
-                queries.query("poll.sql", "backlog", config.names)).fetchone() or (0, None)
-        oldest = row[1]
-        return int(row[0]), (time.time() - oldest.timestamp()) if oldest else 0.0
-
-    return {
-        "backlog_events": lambda: backlog()[0],
-        "oldest_pending_age_seconds": lambda: backlog()[1],
-    }
+    """Backlog gauges for the metrics endpoint."""
+    return backlog_gauges(config.db_url, config.names)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 log = logging.getLogger(__name__)
 
 # Bytes of an event besides its payload and key counted as room: the headers (id, event_type,
@@ -37,6 +39,8 @@ KNOWN_TTL = 300.0
 UNKNOWN_TTL = 60.0
 
 Describe = Callable[[str], int | None]
+# Answers about one topic (others may be readable): not a reason to stop asking for a while.
+_TOPIC_ERRORS = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +93,10 @@ class TopicLimits:
         self._limits.pop(topic, None)
 
 
-def kafka_describe(admin_config: dict[str, Any], timeout: float = 5.0) -> Describe:
-    """Reads a topic's `max.message.bytes` with an admin client made on first use."""
-    from confluent_kafka import KafkaException
+def kafka_describe(admin_config: dict[str, Any], timeout: float = 2.0) -> Describe:
+    """Reads a topic's `max.message.bytes` with an admin client made on first use. While the
+    brokers do not answer, topics are not asked about again for a while: each question would
+    hold `send` up for `timeout`."""
     from confluent_kafka.admin import (  # type: ignore[attr-defined]  # not re-exported
         AdminClient,
         ConfigResource,
@@ -99,8 +104,11 @@ def kafka_describe(admin_config: dict[str, Any], timeout: float = 5.0) -> Descri
     )
 
     admin: list[Any] = []
+    quiet_until = [0.0]
 
     def describe(topic: str) -> int | None:
+        if time.monotonic() < quiet_until[0]:
+            return None
         if not admin:
             settings: dict[str, Any] = {
                 **admin_config, "logger": logging.getLogger("relay.librdkafka")}
@@ -109,7 +117,10 @@ def kafka_describe(admin_config: dict[str, Any], timeout: float = 5.0) -> Descri
         try:
             futures = admin[0].describe_configs([resource], request_timeout=timeout)
             entries = futures[resource].result(timeout=timeout)
-        except KafkaException as exc:
+        except Exception as exc:  # KafkaException, or no answer in time: the limit is unknown
+            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if not (isinstance(error, KafkaError) and error.code() in _TOPIC_ERRORS):
+                quiet_until[0] = time.monotonic() + UNKNOWN_TTL / 6  # the brokers, not the topic
             log.debug("topic limit unknown", extra={
                 "event": "topic_limit_unknown", "topic": topic, "error": str(exc)})
             return None

@@ -39,15 +39,6 @@ DELETE FROM {schema}.{table} WHERE position = ANY(%(positions)s)
 -- name: mark_published
 UPDATE {schema}.{table} SET published_at = now() WHERE position = ANY(%(positions)s)
 
--- name: delete_expired
--- Published rows kept for `keep_published`; deleted in bounded chunks to keep locks short.
-DELETE FROM {schema}.{table}
-WHERE position IN (
-    SELECT position FROM {schema}.{table}
-    WHERE published_at < now() - %(keep)s::interval
-    LIMIT 10000
-)
-
 -- name: park
 -- Moves an event that can never be published to the parked table, with the reason.
 WITH moved AS (
@@ -62,9 +53,6 @@ SELECT id, aggregate_type, aggregate_id, event_type, topic, payload, content_typ
        created_at, %(reason)s
 FROM moved
 ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_at = now()
-
--- name: backlog
-SELECT count(*), min(created_at) FROM {schema}.{table} WHERE published_at IS NULL
 
 -- name: listen
 LISTEN {channel_identifier}

@@ -17,6 +17,7 @@ class Transaction:
     events: int = 0  # events handed to Kafka in all
     end_lsn: int | None = None  # known once its Commit has been read
     commit_time_us: int = 0  # from its Commit: microseconds since 2000-01-01 UTC
+    xid: int = 0  # from its Commit: its rows in the outbox table are deleted by it
 
 
 class CommitTracker:
@@ -38,10 +39,11 @@ class CommitTracker:
         transaction.outstanding -= 1
         self.outstanding -= 1
 
-    def committed(self, end_lsn: int, commit_time_us: int = 0) -> None:
+    def committed(self, end_lsn: int, commit_time_us: int = 0, xid: int = 0) -> None:
         """The Commit of the transaction being read: it is complete."""
         self._current.end_lsn = end_lsn
         self._current.commit_time_us = commit_time_us
+        self._current.xid = xid
         self._queue.append(self._current)
         self._current = Transaction()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import threading
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from outbox.names import SchemaNames
 from relay import parked
 from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
 from relay.holds import log_parked
+from relay.published import backlog_gauges
 from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
 from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
+from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
 from relay.wal.errors import ReplicationConnectionError, SlotError, SlotInUseError, WalError
 from relay.wal.lsn import format_lsn
@@ -41,6 +44,8 @@ class WalRelayConfig:
     max_in_flight: int = 5_000
     standby_retry: float = 5.0
     shutdown_timeout: float = 30.0
+    # Published rows are deleted; with this, marked (published_at) and deleted once this old.
+    keep_published: dt.timedelta | None = None
 
 
 class _StoppedWhileBlocked(Exception):
@@ -117,6 +122,7 @@ class WalRelay:
             on_wait=while_blocked, holds=parked.held_keys(conn, self.config.names),
             limits=self.topic_limits)
         publisher.broker_reachable(timeout=5.0)
+        cleaner = self._cleaner(conn)
         log.info("WAL relay streaming", extra={
             "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
             "from": format_lsn(source.acknowledged_lsn)})
@@ -129,23 +135,46 @@ class WalRelay:
                     source.heartbeat()  # keep the replication session alive while Kafka is slow
                     publisher.poll(0.05)
                 publisher.poll(0)
-                self._settle(source, conn)
+                self._settle(source, conn, cleaner)
                 self.stats.in_flight = self.tracker.outstanding
                 if not self.tracker.outstanding:
                     self.stats.progressed()
             remaining = publisher.flush(self.config.shutdown_timeout)
-            self._settle(source, conn)
+            self._settle(source, conn, cleaner)
+            if cleaner is not None:
+                cleaner.close(self.config.shutdown_timeout, finish=True)
+                self._settle(source, conn, cleaner)
             log.info("WAL relay stopped", extra={
                 "event": "relay_stopped", "unacknowledged": remaining,
                 "confirmed": format_lsn(source.acknowledged_lsn)})
         except _StoppedWhileBlocked:
             # Nothing unacknowledged is confirmed: the next relay sends it again from the slot.
             publisher.purge()
+            if cleaner is not None:
+                cleaner.close(self.config.shutdown_timeout, finish=True)
             log.info("WAL relay stopped while Kafka was unavailable", extra={
                 "event": "relay_stopped", "confirmed": format_lsn(source.acknowledged_lsn)})
         except BaseException:
             publisher.purge()
+            if cleaner is not None:
+                cleaner.close(1.0, finish=False)
             raise
+
+    def _cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
+        """The remover of published rows, unless there is no table (table-less mode) or its
+        rows carry no transaction id to find them by (a mapped layout, e.g. Debezium's, whose
+        writers delete their rows themselves)."""
+        table = self.config.source.table
+        if table is None:
+            return None
+        columns = slots.table_columns(conn, (self.config.source.schema, table))
+        if "txid" not in columns:
+            log.warning("published rows stay in the outbox table: it has no txid column", extra={
+                "event": "table_not_cleaned", "table": f"{self.config.source.schema}.{table}"})
+            return None
+        cleaner = TableCleaner(self.config.db_url, self.config.names, self.config.keep_published)
+        cleaner.start()
+        return cleaner
 
     def _handle(
         self,
@@ -161,7 +190,7 @@ class WalRelay:
                 send(item.record, event_sent())
                 sent += 1
             elif isinstance(item, WalCommit):
-                self.tracker.committed(item.end_lsn, item.commit_time_us)
+                self.tracker.committed(item.end_lsn, item.commit_time_us, item.xid)
             elif isinstance(item, WalRejected):
                 parked.park_raw(conn, self.config.names, {"source": item.source, **item.raw},
                                 item.reason)
@@ -172,8 +201,11 @@ class WalRelay:
             self.stats.batches += 1
             self.stats.batch_events += sent
 
-    def _settle(self, source: WalSource, conn: psycopg.Connection[Any]) -> None:
-        """Park refused events, then confirm what is safe; fail on a lost delivery."""
+    def _settle(
+        self, source: WalSource, conn: psycopg.Connection[Any], cleaner: TableCleaner | None
+    ) -> None:
+        """Park refused events, hand acknowledged transactions to the cleaner, then confirm
+        what is safe (acknowledged, and its rows removed); fail on a lost delivery."""
         for transaction, delivery in self._refused:
             parked.park_record(conn, self.config.names, delivery.record, delivery.error or "")
             self.stats.parked += 1
@@ -182,12 +214,21 @@ class WalRelay:
             self.tracker.event_done(transaction)
         self._refused.clear()
         done = self.tracker.pop_done()
+        confirm = 0
         if done and done[-1].end_lsn is not None:  # always set once committed
-            source.acknowledge(done[-1].end_lsn)
             for transaction in done:
                 if transaction.events:
                     self.stats.delivered_transaction(
                         transaction.events, transaction.commit_time_us / 1e6 + PG_EPOCH_UNIX)
+            if cleaner is None:
+                confirm = done[-1].end_lsn
+            else:
+                cleaner.done([t.xid for t in done if t.events], done[-1].end_lsn)
+        if cleaner is not None:
+            cleaner.check()
+            confirm = cleaner.cleaned_lsn
+        if confirm > source.acknowledged_lsn:
+            source.acknowledge(confirm)
         if self._failure is not None:
             raise DeliveryFailedError(
                 f"delivery to {self._failure.topic} failed: {self._failure.error}; "
@@ -205,6 +246,7 @@ def check_setup(config: WalRelayConfig) -> None:
                                  config.source.slot, slots.current_database(conn))
             parked_table = config.names.qualified(config.names.parked_table).as_string(conn)
             row = conn.execute("SELECT to_regclass(%s)", [parked_table]).fetchone()
+            missing = _missing_cleanup_rights(conn, config) if row != (None,) else None
     except SlotError as exc:
         raise FatalRelayError(str(exc)) from exc
     except psycopg.OperationalError as exc:
@@ -213,10 +255,35 @@ def check_setup(config: WalRelayConfig) -> None:
         raise FatalRelayError(
             f"table {parked_table} is missing: run `outbox migrate up --db URL` first "
             "(the WAL relay parks unpublishable events there)")
+    if missing:
+        raise FatalRelayError(
+            f"the WAL relay's role may not {missing}: it removes the rows it published from the "
+            "outbox table; grant it as deploy/roles.sql does")
+
+
+def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
+    """What the role lacks to remove published rows (table mode), or None."""
+    if config.source.table is None:
+        return None
+    table = config.names.qualified(config.names.table).as_string(conn)
+    wanted: list[tuple[str, str | None]] = [("DELETE", None)]
+    if config.keep_published is not None:
+        wanted.append(("UPDATE", "published_at"))
+    for privilege, column in wanted:
+        if column is None:
+            allowed = conn.execute("SELECT has_table_privilege(%s, %s)",
+                                   [table, privilege]).fetchone()
+        else:
+            allowed = conn.execute("SELECT has_column_privilege(%s, %s, %s)",
+                                   [table, column, privilege]).fetchone()
+        if allowed != (True,):
+            return f"{privilege} {table}" + (f" ({column})" if column else "")
+    return None
 
 
 def wal_gauges(config: WalRelayConfig) -> dict[str, Callable[[], float | None]]:
-    """Slot lag and confirmed position for the metrics endpoint."""
+    """Slot lag and confirmed position, and in table mode the backlog, for the metrics
+    endpoint."""
 
     def status() -> slots.SlotStatus | None:
         with psycopg.connect(libpq_url(config.db_url), connect_timeout=5,
@@ -231,4 +298,8 @@ def wal_gauges(config: WalRelayConfig) -> dict[str, Callable[[], float | None]]:
         found = status()
         return float(found.confirmed_flush_lsn) if found and found.confirmed_flush_lsn else None
 
-    return {"slot_retained_wal_bytes": retained, "slot_confirmed_lsn": confirmed}
+    gauges: dict[str, Callable[[], float | None]] = {
+        "slot_retained_wal_bytes": retained, "slot_confirmed_lsn": confirmed}
+    if config.source.table is not None:  # rows the relay has not removed yet: the backlog
+        gauges.update(backlog_gauges(config.db_url, config.names))
+    return gauges

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import glob
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from psycopg import sql
 
 import outbox
 from relay import doctor
+from relay import main as relay_main
+from relay.errors import FatalRelayError
 from relay.settings import RelaySettings
 from relay.wal import WalEvent, WalSource, WalSourceConfig, setup
 from tests.support.kafka import TopicReader, create_topics, unique_topic
@@ -245,6 +249,61 @@ def test_wal_relay_role_streams_without_superuser_but_cannot_set_up(roles: Roles
         wait_for(event_read, 30, "the event from the slot")
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["delete", "keep-published"])
+def test_wal_relay_role_publishes_removes_its_rows_and_parks(
+    roles: Roles, kafka_bootstrap: str, topic: str, keep: bool
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
+    with psycopg.connect(roles.db_url, autocommit=True) as admin:
+        setup(admin, config)
+    good = [outbox.Event(topic, str(n), "OrderCreated", {"n": n}) for n in range(5)]
+    misrouted = outbox.Event(topic, "x", "Misrouted", {}, topic="not a valid topic!")
+    with roles.connect("app") as conn:
+        outbox.publish(conn, *good, misrouted)
+        conn.commit()
+    reader = TopicReader(kafka_bootstrap, topic)
+    settings = RelaySettings(
+        source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
+        slot=config.slot, publication=config.publication,
+        keep_published=dt.timedelta(days=1) if keep else None)
+
+    def unpublished_rows() -> int:
+        with psycopg.connect(roles.db_url) as conn:
+            row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            return int((row.fetchone() or (-1,))[0])
+
+    with RelayThread(settings):
+        reader.read_ids({str(e.id) for e in good})
+        wait_for(lambda: unpublished_rows() == 0, 30, "the relay to remove its published rows")
+    reader.close()
+    with psycopg.connect(roles.db_url) as conn:
+        kept = conn.execute("SELECT count(*) FROM outbox").fetchone()
+        parked = conn.execute("SELECT id FROM outbox_parked").fetchall()
+    assert kept == ((6,) if keep else (0,))
+    assert parked == [(misrouted.id,)]
+    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at) only
+        assert denied(conn, "UPDATE outbox SET payload = ''")
+        assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
+                            " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
+
+
+def test_wal_relay_without_delete_on_the_outbox_fails_at_start_up(
+    roles: Roles, kafka_bootstrap: str
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
+    with psycopg.connect(roles.db_url, autocommit=True) as admin:
+        setup(admin, config)
+        admin.execute(sql.SQL("REVOKE DELETE ON outbox FROM {}").format(
+            sql.Identifier(roles.name("relay_wal"))))
+    settings = RelaySettings(
+        source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
+        slot=config.slot, publication=config.publication)
+    with pytest.raises(FatalRelayError, match=r"may not DELETE .*outbox.*deploy/roles.sql"):
+        relay_main.run(settings, threading.Event())
+
+
 def test_consumer_role_claims_and_purges_but_cannot_touch_the_outbox(roles: Roles) -> None:
     with roles.connect("consumer") as conn:
         claimed = conn.execute(
@@ -283,6 +342,7 @@ def test_doctor_finds_nothing_missing_for_the_relay_roles(roles: Roles) -> None:
     assert "lacks SELECT, DELETE on public.outbox" in privileges.message
     wal = doctor.run(roles.url("relay_wal"), doctor.DoctorOptions(source="postgres-wal"))
     levels = {r.name: r.level for r in wal}
+    assert levels["replication role"] is doctor.Level.OK
     assert levels["privileges"] is doctor.Level.OK
     assert levels["replication connection"] is doctor.Level.OK
     assert levels["least privilege"] is doctor.Level.OK

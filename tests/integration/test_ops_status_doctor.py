@@ -262,7 +262,8 @@ def test_doctor_passes_a_correct_wal_setup(db_url: str, wal_ready: WalSourceConf
                                    publication=wal_ready.publication)
     checks = by_name(doctor.run(db_url, options))
     for name in ("wal_level", "replication slots", "wal senders", "outbox schema",
-                 "privileges", "replication connection", "publication", "replication slot"):
+                 "replication role", "privileges", "replication connection", "publication",
+                 "replication slot"):
         assert checks[name].level is doctor.Level.OK, checks[name]
     assert "free (no relay streams from it now)" in checks["replication slot"].message
     with WalSource.open(db_url, wal_ready):
@@ -304,8 +305,8 @@ def test_doctor_fails_for_a_role_without_replication(
     options = doctor.DoctorOptions(source="postgres-wal", slot=wal_ready.slot,
                                    publication=wal_ready.publication)
     checks = by_name(doctor.run(plain_role, options))
-    assert checks["privileges"].level is doctor.Level.FAIL
-    assert "lacks the REPLICATION attribute" in checks["privileges"].message
+    assert checks["replication role"].level is doctor.Level.FAIL
+    assert "lacks the REPLICATION attribute" in checks["replication role"].message
     assert checks["replication connection"].level is doctor.Level.FAIL
 
 

@@ -1,0 +1,61 @@
+"""What both PostgreSQL relays do with the outbox rows they published: count the backlog, and
+purge the rows kept for `keep_published` once they are old enough."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from outbox.conninfo import libpq_url
+from outbox.names import SchemaNames
+from relay import queries
+
+# Rows per statement when deleting or marking: short locks, bounded WAL per transaction.
+CHUNK_ROWS = 10_000
+XID_SPACE = 1 << 32
+
+
+def expire_interval(keep: dt.timedelta) -> float:
+    """Seconds between purges of kept rows: once a minute (each scans the published rows), or
+    twice per retention period when that is shorter."""
+    return min(60.0, keep.total_seconds() / 2)
+
+
+def purge_expired(conn: psycopg.Connection[Any], names: SchemaNames, keep: dt.timedelta) -> int:
+    """Delete the rows published longer than `keep` ago, chunk by chunk; returns how many."""
+    purged = 0
+    while True:
+        deleted = conn.execute(
+            queries.query("published.sql", "delete_expired", names), {"keep": keep}).rowcount
+        purged += deleted
+        if deleted < CHUNK_ROWS:
+            return purged
+
+
+def full_txids(xids: list[int], xmax: int) -> list[str]:
+    """pgoutput's 32-bit xids as the table's xid8 values (text), given the current 64-bit
+    counter `xmax`: the current epoch, or the one before for an xid above the counter's low
+    half (assigned before it wrapped; a transaction still decoded is never 2^32 old)."""
+    epoch, low = divmod(xmax, XID_SPACE)
+    return [str((epoch - (xid > low)) * XID_SPACE + xid) for xid in xids]
+
+
+def backlog_gauges(db_url: str, names: SchemaNames) -> dict[str, Callable[[], float | None]]:
+    """Backlog gauges for the metrics endpoint (rows not yet published), each read with a
+    short-lived connection."""
+
+    def backlog() -> tuple[int, float | None]:
+        with psycopg.connect(libpq_url(db_url), connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute(
+                queries.query("published.sql", "backlog", names)).fetchone() or (0, None)
+        oldest = row[1]
+        return int(row[0]), (time.time() - oldest.timestamp()) if oldest else 0.0
+
+    return {
+        "backlog_events": lambda: backlog()[0],
+        "oldest_pending_age_seconds": lambda: backlog()[1],
+    }

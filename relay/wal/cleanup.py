@@ -1,0 +1,149 @@
+"""The WAL relay's upkeep of the outbox table: the rows of published transactions leave it.
+
+The WAL relay reads events from the log, not from the table, so nothing else would ever remove
+their rows: the table, its indexes and `outbox status`'s backlog would grow forever. Once Kafka
+acknowledged every event of a transaction, its rows are deleted (or, with keep_published,
+marked, and deleted once older than that), by transaction id, in chunks, on a connection and a
+thread of their own so that streaming does not wait for them.
+
+The slot is confirmed past a transaction only after its rows are gone. A crash in between sends
+the transaction again from the slot (the log still holds it; the rows are not needed), which is
+at least once; the other order could leave rows that nothing deletes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import psycopg
+
+from outbox.conninfo import libpq_url, redact
+from outbox.names import SchemaNames
+from relay import queries
+from relay.errors import FatalRelayError, SourceUnavailableError
+from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
+
+log = logging.getLogger(__name__)
+
+# Transaction ids per statement: many small transactions are deleted together, and a chunk of
+# rows (CHUNK_ROWS) stays the bound for each statement.
+MAX_XIDS = 10_000
+
+
+class TableCleaner:
+    """Deletes (or marks) the rows of acknowledged transactions; `cleaned_lsn` is how far the
+    slot may be confirmed. `done` is called by the relay's thread, the work runs on another."""
+
+    def __init__(
+        self, db_url: str, names: SchemaNames, keep_published: dt.timedelta | None = None
+    ) -> None:
+        self.db_url = db_url
+        self.names = names
+        self.keep_published = keep_published
+        self._queue: deque[tuple[list[int], int]] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.cleaned_lsn = 0
+        self.removed = 0  # rows deleted or marked, for tests and logs
+
+    def start(self) -> None:
+        conn = _connect(self.db_url)
+        self._thread = threading.Thread(
+            target=self._run, args=(conn,), name="outbox-table-cleaner", daemon=True)
+        self._thread.start()
+
+    def done(self, xids: list[int], end_lsn: int) -> None:
+        """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`."""
+        with self._wake:
+            self._queue.append((xids, end_lsn))
+            self._wake.notify()
+
+    def check(self) -> None:
+        """Raise what stopped the cleaner, in the relay's thread."""
+        failure = self._failure
+        if failure is None:
+            return
+        if isinstance(failure, psycopg.errors.InsufficientPrivilege):
+            table = f"{self.names.schema}.{self.names.table}"
+            raise FatalRelayError(
+                f"the WAL relay's role may not remove published rows from {table}: "
+                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at) for "
+                "--keep-published) on the table, as deploy/roles.sql does") from failure
+        raise SourceUnavailableError(
+            f"removing published rows failed: {redact(str(failure))}") from failure
+
+    def close(self, timeout: float, *, finish: bool) -> None:
+        """Stop the thread; with `finish`, after the transactions queued so far (bounded)."""
+        with self._wake:
+            if not finish:
+                self._queue.clear()
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the cleaner's thread --------------------------------------------------------------------
+
+    def _run(self, conn: psycopg.Connection[Any]) -> None:
+        keep = self.keep_published
+        # Kept rows are purged on time even while nothing new is published.
+        wait = expire_interval(keep) if keep is not None else None
+        last_expire = 0.0
+        try:
+            with conn:
+                while True:
+                    batch = self._take(wait)
+                    if batch is None:
+                        return
+                    xids = [xid for item_xids, _ in batch for xid in item_xids]
+                    if xids:
+                        self._remove(conn, xids)
+                    if batch:
+                        self.cleaned_lsn = batch[-1][1]
+                    if keep is not None and time.monotonic() - last_expire >= expire_interval(keep):
+                        purge_expired(conn, self.names, keep)
+                        last_expire = time.monotonic()
+        except BaseException as exc:  # reported to the relay's thread by check()
+            self._failure = exc
+            log.debug("table cleaner stopped", extra={"event": "cleaner_failed",
+                                                      "error": redact(str(exc))})
+
+    def _take(self, wait: float | None) -> list[tuple[list[int], int]] | None:
+        """The queued transactions, up to MAX_XIDS (none after `wait` seconds without any);
+        None once closing with nothing queued."""
+        with self._wake:
+            if not self._queue and not self._closing:
+                self._wake.wait(wait)
+            if not self._queue:
+                return None if self._closing else []
+            batch, count = [], 0
+            while self._queue and count < MAX_XIDS:
+                item = self._queue.popleft()
+                batch.append(item)
+                count += len(item[0])
+            return batch
+
+    def _remove(self, conn: psycopg.Connection[Any], xids: list[int]) -> None:
+        row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
+        txids = full_txids(xids, int(row[0]) if row else 0)
+        name = "mark_transactions" if self.keep_published else "delete_transactions"
+        statement = queries.query("published.sql", name, self.names)
+        while True:
+            count = conn.execute(statement, {"txids": txids}).rowcount
+            self.removed += count
+            if count < CHUNK_ROWS:
+                return
+
+
+def _connect(db_url: str) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as exc:
+        raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc

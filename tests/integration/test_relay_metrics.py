@@ -106,6 +106,26 @@ def test_backlog_gauge_counts_pending_events(db_url: str, kafka_bootstrap: str) 
     assert age is not None and age >= 0
 
 
+def test_wal_relay_has_the_backlog_gauges_in_table_mode_only(db_url: str) -> None:
+    import outbox
+    from outbox.names import SchemaNames
+    from relay.wal.relay import WalRelayConfig, wal_gauges
+    from relay.wal.source import WalSourceConfig
+
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, outbox.Event("NoRelay", "1", "E"))
+        conn.commit()
+    table = wal_gauges(WalRelayConfig(db_url=db_url, names=SchemaNames(),
+                                      source=WalSourceConfig(slot="absent", publication="absent")))
+    assert table["backlog_events"]() == 1
+    age = table["oldest_pending_age_seconds"]()
+    assert age is not None and age >= 0
+    table_less = wal_gauges(WalRelayConfig(
+        db_url=db_url, names=SchemaNames(),
+        source=WalSourceConfig(slot="absent", publication="absent", table=None)))
+    assert "backlog_events" not in table_less
+
+
 def test_readiness_holds_through_a_drain_longer_than_the_stall_window(
     db_url: str, kafka_bootstrap: str
 ) -> None:

@@ -24,3 +24,8 @@ class SourceUnavailableError(RetryableError):
 
 class FatalRelayError(RelayError):
     """The relay cannot go on without an operator: it stops with this error."""
+
+
+class StoppedWhileBlocked(Exception):
+    """Stop was requested while `send` waited for Kafka (its local queue full): the relay ends
+    without waiting for the broker; what was not acknowledged is sent again by the next one."""

@@ -23,11 +23,22 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay import parked, queries
-from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
+from relay.errors import (
+    DeliveryFailedError,
+    FatalRelayError,
+    SourceUnavailableError,
+    StoppedWhileBlocked,
+)
 from relay.holds import log_parked
 from relay.poll_cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
+from relay.publisher import (
+    Delivery,
+    KafkaPublisher,
+    PublisherConfig,
+    topic_limits_for,
+    waiting,
+)
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
@@ -150,6 +161,7 @@ class PollingRelay:
                 self.publisher_config, self._on_delivery,
                 on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
                 holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits,
+                on_wait=waiting(stop),
             )
             publisher.broker_reachable(timeout=5.0)
             log.info("polling relay active", extra={
@@ -157,6 +169,11 @@ class PollingRelay:
                 "table": f"{self.config.names.schema}.{self.config.names.table}"})
             try:
                 self._loop(conn, listener, publisher, stop)
+            except StoppedWhileBlocked:
+                # The rows not acknowledged stay: the next relay sends them again.
+                publisher.purge()
+                log.info("polling relay stopped while Kafka was unavailable",
+                         extra={"event": "relay_stopped"})
             except psycopg.OperationalError as exc:
                 publisher.purge()
                 raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc

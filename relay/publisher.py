@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import string
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.record import OutboxRecord
+from relay.errors import StoppedWhileBlocked
 from relay.holds import KeyHolds
 from relay.kafka_settings import admin_settings, batch_limit, producer_settings, valid_topic
 from relay.topic_limits import HEADROOM_BYTES, TopicLimit, TopicLimits, kafka_describe
@@ -90,6 +92,20 @@ class PublisherConfig:
             self.kafka_settings,
             allow_unsafe=self.allow_unsafe_kafka_settings,
         )
+
+
+def waiting(
+    stop: threading.Event, keep_alive: Callable[[], None] = lambda: None
+) -> Callable[[], None]:
+    """An `on_wait` for KafkaPublisher: keeps the source alive while `send` waits, and ends the
+    wait (StoppedWhileBlocked) once `stop` is set, so a stop never waits for an absent broker."""
+
+    def on_wait() -> None:
+        keep_alive()
+        if stop.is_set():
+            raise StoppedWhileBlocked
+
+    return on_wait
 
 
 def topic_limits_for(config: PublisherConfig) -> TopicLimits:

@@ -6,12 +6,14 @@ import logging
 import threading
 import time
 
+from relay.errors import StoppedWhileBlocked
 from relay.mongo.engine import (
     Lease,
     MongoRelayBase,
     Relayer,
     Scanner,
 )
+from relay.publisher import waiting
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +38,18 @@ class MongoPollRelay(MongoRelayBase):
             if not lease.acquire(stop):
                 return
             relayer = Relayer(self.config, store, self._publisher_factory, self.stats)
-            relayer.publisher.on_wait = lease.renew  # the lease lives on while Kafka is full
+            # The lease lives on while Kafka is full; a stop does not wait for the broker.
+            relayer.publisher.on_wait = waiting(stop, lease.renew)
             log.info("mongo polling relay active", extra={
                 "event": "relay_active", "source": self.source,
                 "collections": list(self.config.watched)})
             try:
                 self._loop(relayer, lease, stop)
                 remaining = relayer.drain(self.config.shutdown_timeout)
+            except StoppedWhileBlocked:
+                # What was not acknowledged stays in the documents: the next relay sends it.
+                relayer.abandon()
+                remaining = relayer.in_flight
             except BaseException:
                 relayer.abandon()
                 raise

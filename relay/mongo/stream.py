@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from relay.errors import FatalRelayError, SourceUnavailableError
+from relay.errors import FatalRelayError, SourceUnavailableError, StoppedWhileBlocked
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.engine import (
     Lease,
@@ -22,7 +22,7 @@ from relay.mongo.entries import in_change
 from relay.mongo.errors import ResumeTokenInvalidError
 from relay.mongo.store import ChangeSource, OutboxStore
 from relay.mongo.tracker import TokenLog
-from relay.publisher import PublisherConfig
+from relay.publisher import PublisherConfig, waiting
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ class MongoStreamRelay(MongoRelayBase):
             if not lease.acquire(stop):
                 return
             relayer = Relayer(self.config, store, self._publisher_factory, self.stats)
-            relayer.publisher.on_wait = lease.renew  # the lease lives on while Kafka is full
+            # The lease lives on while Kafka is full; a stop does not wait for the broker.
+            relayer.publisher.on_wait = waiting(stop, lease.renew)
             try:
                 stream = self._open(store, relayer, lease, stop)
                 if stream is not None:
@@ -83,6 +84,10 @@ class MongoStreamRelay(MongoRelayBase):
                         stream.close()
                 else:
                     relayer.drain(self.config.shutdown_timeout)
+            except StoppedWhileBlocked:
+                # What was not acknowledged stays in the documents (and after the stored
+                # token): the next relay sends it.
+                relayer.abandon()
             except BaseException:
                 relayer.abandon()
                 raise

@@ -15,10 +15,21 @@ import psycopg
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import parked
-from relay.errors import DeliveryFailedError, FatalRelayError, SourceUnavailableError
+from relay.errors import (
+    DeliveryFailedError,
+    FatalRelayError,
+    SourceUnavailableError,
+    StoppedWhileBlocked,
+)
 from relay.holds import log_parked
 from relay.published import backlog_gauges
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
+from relay.publisher import (
+    Delivery,
+    KafkaPublisher,
+    PublisherConfig,
+    topic_limits_for,
+    waiting,
+)
 from relay.stats import RelayStats
 from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
@@ -46,10 +57,6 @@ class WalRelayConfig:
     shutdown_timeout: float = 30.0
     # Published rows are deleted; with this, marked (published_at) and deleted once this old.
     keep_published: dt.timedelta | None = None
-
-
-class _StoppedWhileBlocked(Exception):
-    """Stop was requested while Kafka held `send` back (its local queue full)."""
 
 
 class WalRelay:
@@ -109,18 +116,12 @@ class WalRelay:
     def _stream(
         self, source: WalSource, conn: psycopg.Connection[Any], stop: threading.Event
     ) -> None:
-        def while_blocked() -> None:
-            # Kafka's queue is full: the replication session must stay alive (status updates),
-            # and a stop must not wait for the broker.
-            source.heartbeat()
-            if stop.is_set():
-                raise _StoppedWhileBlocked
-
         publisher: KafkaPublisher[Transaction] = KafkaPublisher(
             self.publisher_config, self._on_delivery, on_delivered=self._on_delivered,
             on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
-            on_wait=while_blocked, holds=parked.held_keys(conn, self.config.names),
-            limits=self.topic_limits)
+            # Kafka's queue full: status updates keep the session alive, a stop ends the wait.
+            on_wait=waiting(stop, source.heartbeat),
+            holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits)
         publisher.broker_reachable(timeout=5.0)
         cleaner = self._cleaner(conn)
         log.info("WAL relay streaming", extra={
@@ -147,7 +148,7 @@ class WalRelay:
             log.info("WAL relay stopped", extra={
                 "event": "relay_stopped", "unacknowledged": remaining,
                 "confirmed": format_lsn(source.acknowledged_lsn)})
-        except _StoppedWhileBlocked:
+        except StoppedWhileBlocked:
             # Nothing unacknowledged is confirmed: the next relay sends it again from the slot.
             publisher.purge()
             if cleaner is not None:

@@ -27,10 +27,11 @@ from tests.integration.test_mongo_relay import (
     db,  # noqa: F401 - fixture
     mongo_db_url,  # noqa: F401 - fixture
     pending_events,
+    settings,
     start,
     token_stored,
 )
-from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 from tests.support.services import Services
@@ -185,3 +186,28 @@ def test_mongodb_restart_under_load_reconnects_and_loses_nothing(
     reader = TopicReader(kafka_bootstrap, topic)
     check(ledger, reader)
     assert any(getattr(r, "event", None) == "relay_restart" for r in caplog.records)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_full_producer_queue_keeps_the_lease_and_does_not_hold_a_stop_back(
+    source: str, db: Database[Document], mongo_db_url: str  # noqa: F811
+) -> None:
+    """Kafka away and librdkafka's queue full: `send` waits, renewing the lease meanwhile (else a
+    standby would take over), and a stop ends the wait instead of waiting for the broker."""
+    writer = DocumentWriter(db, "Blocked", Ledger())
+    write_backlog(writer, documents=100, per_document=1)
+    relay = RelayThread(settings(
+        source, mongo_db_url, unreachable_bootstrap(),
+        kafka_settings={"queue.buffering.max.messages": "5"}, shutdown_timeout=300)).start()
+
+    def lease_expiry() -> Any:
+        lease = db.outbox_relay_state.find_one({"_id": {"$regex": "^lease:"}})
+        return lease["expires_at"] if lease else None
+
+    try:
+        wait_for(lambda: lease_expiry() is not None, 30, "the relay to take the lease")
+        first = lease_expiry()
+        wait_for(lambda: lease_expiry() > first, 30, "the lease renewed while Kafka is full")
+    finally:
+        relay.stop(timeout=30)
+    assert pending_events(db) == 100  # nothing acknowledged, nothing lost

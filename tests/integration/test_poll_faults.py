@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from relay.settings import RelaySettings
-from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayThread, wait_for
 from tests.support.writers import SequencedWriter
@@ -81,3 +81,26 @@ def test_postgres_restart_under_load_reconnects_and_loses_nothing(
     reader.close()
     verdict.assert_holds()
     assert any(getattr(r, "event", None) == "relay_restart" for r in caplog.records)
+
+
+def test_full_producer_queue_does_not_hold_a_stop_back(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka away and librdkafka's queue full: `send` waits, and a stop ends the wait instead of
+    waiting for the broker (with a shutdown timeout longer than the test's patience)."""
+    import outbox
+
+    caplog.set_level(logging.INFO)
+    with psycopg.connect(db_url) as conn:
+        outbox.publish(conn, *[outbox.Event("Blocked", str(n), "E") for n in range(100)])
+        conn.commit()
+    relay = RelayThread(RelaySettings(
+        source="postgres-poll", db_url=db_url, kafka_bootstrap=unreachable_bootstrap(),
+        kafka_settings={"queue.buffering.max.messages": "5"}, shutdown_timeout=300)).start()
+    try:
+        # Active, then sending 100 events into a queue of 5 that nothing drains.
+        wait_for(lambda: any(getattr(r, "event", None) == "relay_active"
+                             for r in caplog.records), 30, "the relay to start")
+    finally:
+        relay.stop(timeout=30)
+    assert backlog(db_url) == 100  # nothing acknowledged, nothing lost

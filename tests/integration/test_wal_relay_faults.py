@@ -18,7 +18,7 @@ import outbox
 from relay.errors import FatalRelayError
 from relay.settings import RelaySettings
 from relay.wal import format_lsn, slots
-from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
 from tests.support.ledger import Ledger
 from tests.support.relays import REPO, RelayProcess, RelayThread, wait_for
 from tests.support.wal import WalSlot, commit_lsn, crash_postgres, write_transactions
@@ -219,11 +219,7 @@ def test_full_producer_queue_keeps_the_replication_session_alive_and_stops_on_re
 ) -> None:
     """Kafka away and librdkafka's queue full: `send` waits, and meanwhile the relay still sends
     status updates (else wal_sender_timeout ends the session) and a stop does not hang."""
-    import socket
-
-    with socket.socket() as sock:  # a port where no broker listens
-        sock.bind(("127.0.0.1", 0))
-        nowhere = f"127.0.0.1:{sock.getsockname()[1]}"
+    nowhere = unreachable_bootstrap()
     wal = WalSlot.create(db_url)
     with psycopg.connect(db_url) as conn:
         outbox.publish(conn, *[outbox.Event("Blocked", str(n), "E") for n in range(100)])

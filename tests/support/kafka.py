@@ -26,6 +26,15 @@ class Received:
         return self.headers["id"]
 
 
+def unreachable_bootstrap() -> str:
+    """An address where no broker listens (a port taken and freed again)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 

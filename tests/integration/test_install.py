@@ -68,6 +68,42 @@ ASYNC_USER = textwrap.dedent("""
 """)
 
 
+# With the `otel` extra, the active span's traceparent goes into the event's headers.
+OTEL_USER = textwrap.dedent("""
+    import sys
+    import psycopg
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    import outbox
+
+    span = NonRecordingSpan(SpanContext(
+        trace_id=0x0af7651916cd43dd8448eb211c80319c, span_id=0xb7ad6b7169203331,
+        is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+    token = context.attach(trace.set_span_in_context(span))
+    with psycopg.connect(sys.argv[1]) as conn:
+        outbox.publish(conn, outbox.Event("Order", "3", "OrderCreated", {"orderId": 3}))
+    context.detach(token)
+    print("published")
+""")
+
+# MongoDB users need no extra: events embedded in the aggregate's document, in a transaction.
+MONGO_USER = textwrap.dedent("""
+    import sys
+    from pymongo import MongoClient
+    from outbox import Event
+    from outbox import mongo as outbox_mongo
+
+    client = MongoClient(sys.argv[1])
+    orders = client.get_default_database().orders
+    orders.insert_one({"_id": "seed"})  # the collection exists before the transaction
+    with client.start_session() as session, session.start_transaction():
+        orders.insert_one(outbox_mongo.new_document(
+            {"_id": "o1"}, Event("Order", "o1", "OrderCreated", {"orderId": 1})), session=session)
+    print(len(orders.find_one({"_id": "o1"})["_outbox"]))
+""")
+
+
 def run(*args: str | Path, cwd: Path | None = None) -> str:
     result = subprocess.run(
         [str(arg) for arg in args], capture_output=True, text=True, timeout=600, cwd=cwd,
@@ -110,6 +146,13 @@ def clean_venv(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     return venv
 
 
+def venv_with(tmp_path_factory: pytest.TempPathFactory, wheel: Path, extra: str) -> Path:
+    venv = tmp_path_factory.mktemp(f"venv-{extra}")
+    run(sys.executable, "-m", "venv", venv)
+    run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", f"{wheel}[{extra}]")
+    return venv
+
+
 @pytest.mark.timeout(900)
 def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
     clean_venv: Path, empty_db_url: str, tmp_path: Path
@@ -138,9 +181,7 @@ def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
 def test_asyncio_extra_publishes_with_an_async_session(
     tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
 ) -> None:
-    venv = tmp_path_factory.mktemp("venv-asyncio")
-    run(sys.executable, "-m", "venv", venv)
-    run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", f"{wheel}[asyncio]")
+    venv = venv_with(tmp_path_factory, wheel, "asyncio")
     run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
     script = tmp_path / "async_user.py"
     script.write_text(ASYNC_USER)
@@ -152,3 +193,49 @@ def test_asyncio_extra_publishes_with_an_async_session(
     with psycopg.connect(empty_db_url) as conn:
         rows = conn.execute("SELECT aggregate_id, event_type FROM outbox").fetchall()
     assert rows == [("2", "OrderCreated")]
+
+
+@pytest.mark.timeout(900)
+def test_plain_install_writes_events_embedded_in_a_mongodb_document(
+    clean_venv: Path, mongo_url: str, tmp_path: Path
+) -> None:
+    import urllib.parse
+    import uuid
+
+    from pymongo import MongoClient
+
+    name = f"install_{uuid.uuid4().hex[:8]}"
+    url = urllib.parse.urlunsplit(urllib.parse.urlsplit(mongo_url)._replace(path=f"/{name}"))
+    script = tmp_path / "mongo_user.py"
+    script.write_text(MONGO_USER)
+    try:
+        assert run(clean_venv / "bin" / "python", script, url, cwd=tmp_path).strip() == "1"
+    finally:
+        with MongoClient(url) as client:
+            client.drop_database(name)
+
+
+@pytest.mark.timeout(900)
+def test_otel_extra_puts_the_active_span_into_the_event_headers(
+    tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
+) -> None:
+    venv = venv_with(tmp_path_factory, wheel, "otel")
+    run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
+    script = tmp_path / "otel_user.py"
+    script.write_text(OTEL_USER)
+    assert run(venv / "bin" / "python", script, empty_db_url, cwd=tmp_path).strip() == "published"
+
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT headers->>'traceparent' FROM outbox").fetchall()
+    assert rows == [("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",)]
+
+
+@pytest.mark.timeout(900)
+def test_local_mongo_extra_installs_a_runnable_mongodb_substitute(
+    tmp_path_factory: pytest.TempPathFactory, wheel: Path, tmp_path: Path
+) -> None:
+    venv = venv_with(tmp_path_factory, wheel, "local-mongo")
+    shown = run(venv / "bin" / "python", "-m", "secantus", "--help", cwd=tmp_path)
+    assert "--storage-path" in shown and "--port" in shown

@@ -75,6 +75,13 @@ class ColumnMapping:
         return self == ColumnMapping()
 
     @property
+    def layout(self) -> str | None:
+        """The name of this mapping's layout in LAYOUTS; None for a custom mapping."""
+        if self.is_native:
+            return "native"
+        return "debezium" if self == ColumnMapping.debezium(self.payload_type) else None
+
+    @property
     def default_content_type(self) -> str:
         """The content type of events of a table without a content_type column: what its
         payload type holds (the WAL relay decides the same from the column's type OID)."""

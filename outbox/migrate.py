@@ -70,6 +70,18 @@ def available(columns: str = "native") -> list[Migration]:
     return found
 
 
+def command(names: SchemaNames, columns: str | None = "native") -> str:
+    """The `outbox migrate up` command line that sets up this table (for error messages)."""
+    args = ["outbox migrate up --db URL"]
+    if columns not in (None, "native"):
+        args.append(f"--columns {columns}")
+    if columns != "native" or names.table != "outbox":
+        args.append(f"--table {names.table}")
+    if names.schema != "public":
+        args.append(f"--schema {names.schema}")
+    return " ".join(args)
+
+
 def render_all(
     names: SchemaNames,
     conn: psycopg.Connection[Any] | None = None,

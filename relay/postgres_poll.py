@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox import migrate
 from outbox.columns import ColumnMapping, PayloadType
 from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
@@ -291,10 +292,7 @@ def check_schema(config: PollConfig) -> PollConfig:
     the payload type read from the table.
     """
     names = config.names
-    migrate = "outbox migrate up --db URL" + (
-        "" if config.columns.is_native else
-        f" --columns debezium --table {names.table}"
-        + ("" if names.schema == "public" else f" --schema {names.schema}"))
+    setup = migrate.command(names, config.columns.layout)
     with connect(config.db_url) as conn:
         missing = [
             name for name in (names.table, names.parked_table)
@@ -308,7 +306,7 @@ def check_schema(config: PollConfig) -> PollConfig:
         if missing:
             raise FatalRelayError(
                 f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
-                f"run `{migrate}` first"
+                f"run `{setup}` first"
             )
         if config.columns.is_native:
             return config
@@ -321,7 +319,7 @@ def check_schema(config: PollConfig) -> PollConfig:
         raise FatalRelayError(
             f"table {names.schema}.{names.table} has no column {', '.join(bookkeeping)}: the "
             "polling relay needs them to read events in insertion order without skipping late "
-            f"commits; run `{migrate}` to add them (Debezium writers keep working)")
+            f"commits; run `{setup}` to add them (Debezium writers keep working)")
     columns = config.columns
     absent = [c for c in columns.present().values() if c not in types]
     if absent:

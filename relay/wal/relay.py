@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 
+from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import parked
@@ -207,8 +208,9 @@ def check_setup(config: WalRelayConfig) -> None:
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
     if row == (None,):
+        setup = migrate.command(config.names, config.source.columns.layout)
         raise FatalRelayError(
-            f"table {parked_table} is missing: run `outbox migrate up --db URL` first "
+            f"table {parked_table} is missing: run `{setup}` first "
             "(the WAL relay parks unpublishable events there)")
 
 

@@ -299,33 +299,43 @@ def check_schema(config: PollConfig) -> PollConfig:
             if conn.execute("SELECT to_regclass(%s)", [names.qualified(name).as_string(conn)])
             .fetchone() == (None,)
         ]
-        if missing == [names.table] and not config.columns.is_native:
-            raise FatalRelayError(
-                f"table {names.schema}.{names.table} does not exist: with --columns debezium "
-                "it is the application's own Debezium outbox table")
+        if config.columns.is_native or names.table in missing:
+            types: dict[str, str] = {}
+        else:
+            types = dict(conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                [names.qualified(names.table).as_string(conn)]).fetchall())
+    if config.columns.is_native:
         if missing:
             raise FatalRelayError(
                 f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
-                f"run `{setup}` first"
-            )
-        if config.columns.is_native:
-            return config
-        types: dict[str, str] = dict(conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-            [names.qualified(names.table).as_string(conn)]).fetchall())
+                f"run `{setup}` first")
+        return config
+    if names.table in missing:
+        raise FatalRelayError(
+            f"table {names.schema}.{names.table} does not exist: with --columns "
+            f"{config.columns.layout or 'mapped'} it is the application's own outbox table, "
+            f"given the relay's bookkeeping by `{setup}`")
+    # The bookkeeping first: a Debezium table that was never migrated lacks it and the parked
+    # table both, and the columns are what the message has to explain.
     bookkeeping = [c for c in ("position", "txid", "published_at") if c not in types]
     if bookkeeping:
         raise FatalRelayError(
             f"table {names.schema}.{names.table} has no column {', '.join(bookkeeping)}: the "
             "polling relay needs them to read events in insertion order without skipping late "
-            f"commits; run `{setup}` to add them (Debezium writers keep working)")
+            f"commits; run `{setup}` to add them (writers of the table's own columns keep "
+            "working)")
+    if missing:
+        raise FatalRelayError(
+            f"table {names.parked_table} missing in schema {names.schema!r}: run `{setup}` "
+            "first")
     columns = config.columns
     absent = [c for c in columns.present().values() if c not in types]
     if absent:
         raise FatalRelayError(
             f"table {names.schema}.{names.table} has no column {', '.join(absent)}, which "
-            "--columns debezium reads")
+            f"--columns {columns.layout or 'mapped'} reads")
     payload_type = _payload_type(types[columns.payload])
     if payload_type is None:
         raise FatalRelayError(

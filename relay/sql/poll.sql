@@ -72,14 +72,13 @@ LISTEN {channel_identifier}
 -- name: try_leadership
 SELECT pg_try_advisory_lock(%(key)s)
 
+-- name: fetch_late_mapped
 -- Twins of the blocks above that name event columns, for a table of another layout (Debezium's,
 -- given the polling relay's bookkeeping by `outbox migrate up --columns debezium`): the
 -- bookkeeping columns (position, txid, published_at) are the same, the event columns are
--- composed from the column mapping in relay/postgres_poll.py. {event_columns} is
+-- composed from the column mapping in relay/postgres_poll.py: event_columns is
 -- fetch_late's select list after position: mapped columns, defaults for absent ones, the
 -- payload as bytes.
-
--- name: fetch_late_mapped
 SELECT position, {event_columns}
 FROM {schema}.{table}
 WHERE published_at IS NULL

@@ -207,6 +207,46 @@ def test_wal_relay_reads_a_debezium_table_after_slot_create_columns_debezium(
     app.check(reader.drain(quiet=1.0))
 
 
+def parked_rows(db_url: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(
+            "SELECT id::text, aggregate_id, payload, raw IS NOT NULL, reason "
+            "FROM outboxevent_parked").fetchall()
+
+
+@pytest.mark.parametrize("source", ["postgres-poll", "postgres-wal"])
+def test_a_null_payload_is_parked_and_the_events_after_it_flow(
+    source: str, debezium_db: str, kafka_bootstrap: str, topic: str, reader: TopicReader,
+    tmp_path: Path,
+) -> None:
+    """Debezium's payload column is nullable; such a row is no event for either relay."""
+    migrate_debezium(debezium_db)
+    args = ["--source", source, "--db", debezium_db, "--kafka", kafka_bootstrap]
+    if source == "postgres-wal":
+        slot = unique_slot("dbz")
+        created = outbox_cli("slot", "create", "--db", debezium_db, "--slot", slot,
+                             "--publication", slot, "--columns", "debezium", "--table", TABLE)
+        assert created.returncode == 0, created.stderr
+        args += ["--slot", slot, "--publication", slot]
+    app = DebeziumApp(topic)
+    null_id = str(uuid.uuid4())
+    with psycopg.connect(debezium_db) as conn:
+        app.insert(conn, "order-0")
+        conn.execute(INSERT, [null_id, topic, "order-0", "OrderUpdated", None])
+        app.insert(conn, "order-0")
+    relay = run_relay(args, tmp_path / "relay.log")
+    try:
+        reader.read_ids({e.id for e in app.written})
+        wait_for(lambda: len(parked_rows(debezium_db)) == 1, 30, "the null payload parked")
+    finally:
+        stop(relay)
+    app.check(reader.drain(quiet=1.0))
+    ((parked_id, aggregate_id, payload, has_raw, reason),) = parked_rows(debezium_db)
+    assert has_raw and reason, (parked_id, aggregate_id, payload, reason)
+    if source == "postgres-poll":  # the WAL relay parks what it could not read as raw only
+        assert (parked_id, aggregate_id, payload) == (null_id, "order-0", None)
+
+
 def test_polling_relay_refuses_a_debezium_table_without_the_bookkeeping(
     debezium_db: str, kafka_bootstrap: str, topic: str
 ) -> None:

@@ -346,13 +346,16 @@ def check_schema(config: PollConfig) -> PollConfig:
         config, columns=dataclasses.replace(columns, payload_type=payload_type))
 
 
+# Payload column types the relay can read (format_type's spelling), and how it reads them.
+_PAYLOAD_TYPES: dict[str, PayloadType] = {
+    "jsonb": "jsonb", "json": "json", "text": "text", "bytea": "bytea"}
+
+
 def _payload_type(declared: str) -> PayloadType | None:
     """The payload type of a column declared as `declared` (format_type), if readable."""
-    if declared in ("jsonb", "json", "text", "bytea"):
-        return declared  # type: ignore[return-value]
     if declared.startswith(("character varying", "character(")):
         return "text"  # read as text: the relay takes its UTF-8 bytes
-    return None
+    return _PAYLOAD_TYPES.get(declared)
 
 
 # Queries of poll.sql that name event columns; a table of another layout has `_mapped` twins.

@@ -271,6 +271,9 @@ def test_migrations_of_one_layout_are_refused_for_a_table_of_the_other(debezium_
     status = outbox_cli("migrate", "status", "--db", debezium_db, "--columns", "debezium",
                         "--table", TABLE)
     assert status.returncode == 0, status.stdout
+    rendered = outbox_cli("migrate", "sql", "--columns", "debezium", "--table", TABLE)
+    assert "-- outbox migration 0001_poll_bookkeeping" in rendered.stdout
+    assert 'CREATE TABLE "public"."outboxevent" (' not in rendered.stdout  # Debezium's own
     native = outbox_cli("migrate", "up", "--db", debezium_db, "--table", TABLE)
     assert native.returncode == 1
     assert "another layout than --columns native" in native.stderr

@@ -122,9 +122,14 @@ class PollingRelay:
         self._last_ack = time.monotonic()
         self._last_expire = 0.0
         self._broker_checked = time.monotonic()
+        self._queries: dict[str, sql.Composed] = {}
 
     def _query(self, name: str) -> Any:
-        return poll_query(self.config, name)
+        # Composed once per relay: a mapped table's queries are not cached by relay.queries.
+        found = self._queries.get(name)
+        if found is None:
+            found = self._queries[name] = poll_query(self.config, name)
+        return found
 
     # -- delivery reports (called from publisher.poll/flush on this thread) ----------------------
 

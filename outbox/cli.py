@@ -14,7 +14,7 @@ import typer
 from outbox import migrate as migrations
 from outbox.cli_errors import explain, fail
 from outbox.conninfo import libpq_url, redact
-from outbox.errors import OutboxError
+from outbox.errors import ConfigurationError, OutboxError
 from outbox.names import SchemaNames
 
 app = typer.Typer(
@@ -40,6 +40,13 @@ TableOption = Annotated[
     str, typer.Option(envvar="OUTBOX_TABLE", show_envvar=True, help="Name of the outbox table.")
 ]
 
+ColumnsOption = Annotated[
+    str, typer.Option(
+        "--columns", envvar="OUTBOX_COLUMNS", show_envvar=True,
+        help="Layout of the outbox table: native (created by `outbox migrate up`) or debezium "
+             "(Debezium's id, aggregatetype, aggregateid, type, payload).")
+]
+
 T = TypeVar("T")
 
 
@@ -60,12 +67,15 @@ def connect(db: str) -> psycopg.Connection[Any]:
 
 @migrate_app.command("up")
 def migrate_up(
-    db: DbOption, schema: SchemaOption = "public", table: TableOption = "outbox"
+    db: DbOption, schema: SchemaOption = "public", table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
 ) -> None:
-    """Apply pending migrations (in one transaction, under an advisory lock)."""
+    """Apply pending migrations (in one transaction, under an advisory lock). With --columns
+    debezium, the table exists already (Debezium's): what the polling relay needs is added."""
     names = guarded(lambda: SchemaNames(schema, table))
+    guarded(lambda: migrations.available(columns))
     with connect(db) as conn:
-        applied = guarded(lambda: migrations.up(conn, names))
+        applied = guarded(lambda: migrations.up(conn, names, columns))
     for migration in applied:
         typer.echo(f"applied {migration.version:04d}_{migration.name}")
     if not applied:
@@ -74,12 +84,14 @@ def migrate_up(
 
 @migrate_app.command("status")
 def migrate_status(
-    db: DbOption, schema: SchemaOption = "public", table: TableOption = "outbox"
+    db: DbOption, schema: SchemaOption = "public", table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
 ) -> None:
     """Show applied and pending migrations; exit 3 when some are pending."""
     names = guarded(lambda: SchemaNames(schema, table))
+    guarded(lambda: migrations.available(columns))
     with connect(db) as conn:
-        states = guarded(lambda: migrations.status(conn, names))
+        states = guarded(lambda: migrations.status(conn, names, columns))
     for state in states:
         m = state.migration
         where = f"applied {state.applied_at}" if state.applied else "pending"
@@ -92,6 +104,7 @@ def migrate_status(
 def migrate_sql(
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
     since: Annotated[int, typer.Option(
         help="Only migrations after this version (what a new outbox-relay release added).")] = 0,
     with_tracking: Annotated[bool, typer.Option(
@@ -100,7 +113,7 @@ def migrate_sql(
     """Print the SQL of the migrations (for Alembic or another migration tool)."""
     names = guarded(lambda: SchemaNames(schema, table))
     typer.echo(guarded(lambda: migrations.render_all(
-        names, since=since, with_tracking=with_tracking)))
+        names, since=since, with_tracking=with_tracking, columns=columns)))
 
 
 def _load_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
@@ -157,6 +170,7 @@ def relay_command(
         help="Topic of events without an explicit topic.")] = "{aggregate_type}",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
     batch_size: Annotated[int | None, typer.Option(
         envvar="OUTBOX_BATCH_SIZE", show_envvar=True,
         help="Events read per query (default: the source's own).")] = None,
@@ -218,6 +232,7 @@ def relay_command(
             topic_template=topic_template,
             schema=schema,
             table=table,
+            columns=columns,
             batch_size=batch_size,
             poll_interval=parse_duration(poll_interval, "poll_interval").total_seconds(),
             keep_published=parse_duration(keep_published, "keep_published")
@@ -486,11 +501,19 @@ slot_app = typer.Typer(
 app.add_typer(slot_app, name="slot")
 
 
-def _wal_config(slot: str, publication: str, schema: str, table: str, table_less: bool) -> Any:
+def _wal_config(
+    slot: str, publication: str, schema: str, table: str, table_less: bool,
+    columns: str = "native",
+) -> Any:
+    from outbox.columns import ColumnMapping
     from relay.wal.source import WalSourceConfig
 
+    if table_less and columns != "native":
+        raise ConfigurationError(
+            f"--columns {columns} with --table-less: a table-less setup publishes no table")
     return WalSourceConfig(slot=slot, publication=publication, schema=schema,
-                           table=None if table_less else table)
+                           table=None if table_less else table,
+                           columns=ColumnMapping.for_layout(columns))
 
 
 @slot_app.command("create")
@@ -500,13 +523,15 @@ def slot_create(
     publication: PublicationOption = "outbox_relay",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
     table_less: Annotated[bool, typer.Option(
         help="Only pg_logical_emit_message events: the publication covers no table.")] = False,
 ) -> None:
-    """Create the publication (outbox table only) and the pgoutput slot."""
+    """Create the publication (the outbox table's event columns only) and the pgoutput slot."""
     from relay.wal import format_lsn, setup
 
-    config = guarded(lambda: _wal_config(slot, publication, schema, table, table_less))
+    config = guarded(
+        lambda: _wal_config(slot, publication, schema, table, table_less, columns))
     with connect(db) as conn:
         conn.autocommit = True
         position = guarded(lambda: setup(conn, config))

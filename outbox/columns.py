@@ -6,9 +6,13 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from outbox.errors import ConfigurationError
+from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from outbox.identifiers import check_identifier
 
 PayloadType = Literal["bytea", "jsonb", "json", "text"]
+
+# The table layouts a relay can be told to read (`--columns`, OUTBOX_COLUMNS).
+LAYOUTS: tuple[str, ...] = ("native", "debezium")
 
 
 @dataclass(frozen=True)
@@ -56,9 +60,34 @@ class ColumnMapping:
             if item.name != "payload_type" and value is not None:
                 check_identifier(value, f"columns.{item.name}")
 
+    @classmethod
+    def for_layout(cls, layout: str, payload_type: PayloadType = "jsonb") -> ColumnMapping:
+        """The mapping of a layout named in configuration; `payload_type` applies to Debezium
+        tables only (a native table's payload is always bytea)."""
+        if layout == "native":
+            return cls()
+        if layout == "debezium":
+            return cls.debezium(payload_type)
+        raise ConfigurationError(f"columns={layout!r}: choose one of {', '.join(LAYOUTS)}")
+
     @property
     def is_native(self) -> bool:
         return self == ColumnMapping()
+
+    @property
+    def layout(self) -> str | None:
+        """The name of this mapping's layout in LAYOUTS; None for a custom mapping."""
+        if self.is_native:
+            return "native"
+        return "debezium" if self == ColumnMapping.debezium(self.payload_type) else None
+
+    @property
+    def default_content_type(self) -> str:
+        """The content type of events of a table without a content_type column: what its
+        payload type holds (the WAL relay decides the same from the column's type OID)."""
+        if self.payload_type in ("jsonb", "json"):
+            return JSON_CONTENT_TYPE
+        return BYTES_CONTENT_TYPE if self.payload_type == "bytea" else TEXT_CONTENT_TYPE
 
     def present(self) -> dict[str, str]:
         """Event field -> column, for the columns this table has, in a stable order."""

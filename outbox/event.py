@@ -14,6 +14,7 @@ from outbox.ids import uuid7
 
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 Serializer = Callable[[Any], bytes]
 

@@ -11,10 +11,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from outbox.errors import MigrationError
+from outbox.columns import LAYOUTS
+from outbox.errors import ConfigurationError, MigrationError
 from outbox.names import SchemaNames
 
-_FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# `NNNN_name.sql` for the native layout; `<layout>_NNNN_name.sql` replaces the native file of
+# that version for a table of another layout (migrations/__init__.py).
+_FILENAME = re.compile(r"^(?:([a-z]+)_)?(\d{4})_([a-z0-9_]+)\.sql$")
 # One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
 _ADVISORY_LOCK_KEY = 0x6F7574626F78  # "outbox"
 
@@ -43,18 +46,40 @@ class MigrationState:
         return self.applied_at is not None
 
 
-def available() -> list[Migration]:
-    """Every migration file, in version order."""
-    found = []
+def available(columns: str = "native") -> list[Migration]:
+    """The migrations of a table of layout `columns` (see outbox.columns.LAYOUTS), in version
+    order: the native files, each replaced by the layout's own file of that version if any."""
+    if columns not in LAYOUTS:
+        raise ConfigurationError(f"columns={columns!r}: choose one of {', '.join(LAYOUTS)}")
+    native: list[Migration] = []
+    own: dict[int, Migration] = {}
     for entry in resources.files("outbox.migrations").iterdir():
         match = _FILENAME.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda m: m.version)
-    versions = [m.version for m in found]
+        if not match or match[1] not in (None, columns):
+            continue
+        migration = Migration(int(match[2]), match[3], entry.read_text(encoding="utf-8"))
+        if match[1] is None:
+            native.append(migration)
+        else:
+            own[migration.version] = migration
+    versions = [m.version for m in native]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"two migration files share a version: {versions}")
+    found = [own.pop(m.version, m) for m in native] + list(own.values())
+    found.sort(key=lambda m: m.version)
     return found
+
+
+def command(names: SchemaNames, columns: str | None = "native") -> str:
+    """The `outbox migrate up` command line that sets up this table (for error messages)."""
+    args = ["outbox migrate up --db URL"]
+    if columns not in (None, "native"):
+        args.append(f"--columns {columns}")
+    if columns != "native" or names.table != "outbox":
+        args.append(f"--table {names.table}")
+    if names.schema != "public":
+        args.append(f"--schema {names.schema}")
+    return " ".join(args)
 
 
 def render_all(
@@ -63,6 +88,7 @@ def render_all(
     *,
     since: int = 0,
     with_tracking: bool = False,
+    columns: str = "native",
 ) -> str:
     """The SQL of the migrations after version `since`, for teams that apply schema changes
     with their own tool (Alembic: docs/alembic.md). `with_tracking` adds the bookkeeping rows,
@@ -70,7 +96,7 @@ def render_all(
     parts = []
     if with_tracking:
         parts.append(_tracking_table(names).as_string(conn) + ";")
-    for migration in available():
+    for migration in available(columns):
         if migration.version <= since:
             continue
         body = migration.render(names).as_string(conn)
@@ -101,14 +127,18 @@ def _ensure_tracking(conn: psycopg.Connection[Any], names: SchemaNames) -> None:
     conn.execute(_tracking_table(names))
 
 
-def _applied(conn: psycopg.Connection[Any], names: SchemaNames) -> dict[int, tuple[str, str]]:
+def _applied(
+    conn: psycopg.Connection[Any], names: SchemaNames
+) -> dict[int, tuple[str, str, str]]:
+    """version -> (checksum, applied_at, name) of the migrations applied to the table."""
     rows = conn.execute(
         sql.SQL(
-            "SELECT version, checksum, applied_at::text FROM {} WHERE target = %s"
+            "SELECT version, checksum, applied_at::text, name FROM {} WHERE target = %s"
         ).format(names.qualified(names.migrations_table)),
         [names.table],
     ).fetchall()
-    return {int(version): (checksum, applied_at) for version, checksum, applied_at in rows}
+    return {int(version): (checksum, applied_at, name)
+            for version, checksum, applied_at, name in rows}
 
 
 def _tracking_exists(conn: psycopg.Connection[Any], names: SchemaNames) -> bool:
@@ -119,25 +149,44 @@ def _tracking_exists(conn: psycopg.Connection[Any], names: SchemaNames) -> bool:
     return bool(row and row[0])
 
 
-def status(conn: psycopg.Connection[Any], names: SchemaNames) -> list[MigrationState]:
+def status(
+    conn: psycopg.Connection[Any], names: SchemaNames, columns: str = "native"
+) -> list[MigrationState]:
+    migrations = available(columns)
     applied = _applied(conn, names) if _tracking_exists(conn, names) else {}
     conn.rollback()
-    return [MigrationState(m, applied.get(m.version, (None, None))[1]) for m in available()]
+    return [MigrationState(m, applied[m.version][1] if m.version in applied else None)
+            for m in migrations]
 
 
-def up(conn: psycopg.Connection[Any], names: SchemaNames) -> list[Migration]:
-    """Apply pending migrations in one transaction; returns what was applied."""
+def up(
+    conn: psycopg.Connection[Any], names: SchemaNames, columns: str = "native"
+) -> list[Migration]:
+    """Apply pending migrations in one transaction; returns what was applied.
+
+    `columns` names the table's layout: "native" creates the outbox table; "debezium" adds
+    the polling relay's bookkeeping to an existing Debezium outbox table.
+    """
     if conn.autocommit:
         raise MigrationError("migrate needs a connection with autocommit off")
+    migrations = available(columns)
     try:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_KEY])
             _ensure_tracking(conn, names)
             applied = _applied(conn, names)
             pending = []
-            for migration in available():
+            for migration in migrations:
                 if migration.version in applied:
-                    if applied[migration.version][0] != migration.checksum:
+                    checksum, _, name = applied[migration.version]
+                    if name != migration.name:
+                        raise MigrationError(
+                            f"table {names.table} was migrated with {migration.version:04d}_"
+                            f"{name}, not {migration.version:04d}_{migration.name}: it has "
+                            "another layout than --columns "
+                            f"{columns} (pass the layout it was migrated with)"
+                        )
+                    if checksum != migration.checksum:
                         raise MigrationError(
                             f"migration {migration.version:04d}_{migration.name} was changed "
                             "after it was applied; migrations are append-only"

@@ -51,6 +51,7 @@ class SchemaNames:
             "inbox_table": sql.Identifier(self.inbox_table),
             "pending_index": sql.Identifier(f"{self.table}_pending_idx"),
             "txid_index": sql.Identifier(f"{self.table}_txid_idx"),
+            "position_key": sql.Identifier(f"{self.table}_position_key"),
             "notify_function": sql.Identifier(f"{self.table}_notify"),
             "notify_trigger": sql.Identifier(f"{self.table}_notify_trigger"),
             "channel": sql.Literal(self.channel),

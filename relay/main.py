@@ -37,8 +37,9 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             poll_interval=settings.poll_interval,
             keep_published=settings.keep_published,
             shutdown_timeout=settings.shutdown_timeout,
+            columns=settings.column_mapping,
         )
-        check_schema(config)
+        config = check_schema(config)
         publisher = settings.publisher()
         stats.gauges.update(poll_gauges(config))
         return lambda: PollingRelay(config, publisher, stats)
@@ -52,6 +53,7 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
             source=WalSourceConfig(
                 slot=settings.slot, publication=settings.publication, schema=settings.schema,
                 table=None if settings.table_less else settings.table,
+                columns=settings.column_mapping,
                 message_prefix=settings.message_prefix,
                 # Confirm the slot every second: after a crash, at most about a second of
                 # events is sent again (besides what was in flight).

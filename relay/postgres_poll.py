@@ -6,6 +6,7 @@ standbys. Rows are deleted (or marked) only after Kafka's delivery report succee
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -17,7 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
+from outbox import migrate
+from outbox.columns import ColumnMapping, PayloadType
 from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
@@ -51,6 +55,8 @@ BROKER_CHECK_INTERVAL = 5.0
 class PollConfig:
     db_url: str = field(repr=False)  # holds the password
     names: SchemaNames = field(default_factory=SchemaNames)
+    # The table's layout; for a Debezium table, check_schema reads the payload's type from it.
+    columns: ColumnMapping = field(default_factory=ColumnMapping)
     # Rows per read: larger pages gain little throughput here and cost memory (each row is a
     # Python object until Kafka acknowledges it).
     batch_size: int = 1000
@@ -131,9 +137,14 @@ class PollingRelay:
         self._broker_checked = time.monotonic()
         # Kept across restarts: what the topics accept, and which need their events sent alone.
         self.topic_limits = topic_limits_for(publisher_config)
+        self._queries: dict[str, sql.Composed] = {}
 
     def _query(self, name: str) -> Any:
-        return queries.query("poll.sql", name, self.config.names)
+        # Composed once per relay: a mapped table's queries are not cached by relay.queries.
+        found = self._queries.get(name)
+        if found is None:
+            found = self._queries[name] = poll_query(self.config, name)
+        return found
 
     # -- delivery reports (called from publisher.poll/flush on this thread) ----------------------
 
@@ -235,7 +246,10 @@ class PollingRelay:
             if publisher.in_flight + limit <= self.config.max_in_flight:
                 rows = self._read(conn, cursor, limit)
                 for row in rows:
-                    publisher.send(_record(row), row[0])
+                    if row[6] is None:  # a Debezium payload may be null; the WAL relay parks
+                        self._parked.append((row[0], "the payload column is null"))
+                    else:
+                        publisher.send(_record(row), row[0])
                 if rows:
                     self.stats.batches += 1
                     self.stats.batch_events += len(rows)
@@ -298,22 +312,125 @@ class PollingRelay:
         self._last_expire = time.monotonic()
 
 
-def check_schema(config: PollConfig) -> None:
-    """Fail at start-up, with the fix, when the outbox schema is missing or out of date."""
+def check_schema(config: PollConfig) -> PollConfig:
+    """Fail at start-up, with the fix, when the outbox schema is missing or out of date.
+
+    Returns the config to run with: for a table of another layout, its column mapping with
+    the payload type read from the table.
+    """
+    names = config.names
+    setup = migrate.command(names, config.columns.layout)
     with connect(config.db_url) as conn:
-        names = config.names
         missing = [
             name for name in (names.table, names.parked_table)
             if conn.execute("SELECT to_regclass(%s)", [names.qualified(name).as_string(conn)])
             .fetchone() == (None,)
         ]
+        if config.columns.is_native or names.table in missing:
+            types: dict[str, str] = {}
+        else:
+            types = dict(conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                [names.qualified(names.table).as_string(conn)]).fetchall())
+    if config.columns.is_native:
+        if missing:
+            raise FatalRelayError(
+                f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
+                f"run `{setup}` first")
+        return config
+    if names.table in missing:
+        raise FatalRelayError(
+            f"table {names.schema}.{names.table} does not exist: with --columns "
+            f"{config.columns.layout or 'mapped'} it is the application's own outbox table, "
+            f"given the relay's bookkeeping by `{setup}`")
+    # The bookkeeping first: a Debezium table that was never migrated lacks it and the parked
+    # table both, and the columns are what the message has to explain.
+    bookkeeping = [c for c in ("position", "txid", "published_at") if c not in types]
+    if bookkeeping:
+        raise FatalRelayError(
+            f"table {names.schema}.{names.table} has no column {', '.join(bookkeeping)}: the "
+            "polling relay needs them to read events in insertion order without skipping late "
+            f"commits; run `{setup}` to add them (writers of the table's own columns keep "
+            "working)")
     if missing:
         raise FatalRelayError(
-            f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
-            "run `outbox migrate up --db URL` first"
-        )
+            f"table {names.parked_table} missing in schema {names.schema!r}: run `{setup}` "
+            "first")
+    columns = config.columns
+    absent = [c for c in columns.present().values() if c not in types]
+    if absent:
+        raise FatalRelayError(
+            f"table {names.schema}.{names.table} has no column {', '.join(absent)}, which "
+            f"--columns {columns.layout or 'mapped'} reads")
+    payload_type = _payload_type(types[columns.payload])
+    if payload_type is None:
+        raise FatalRelayError(
+            f"column {columns.payload} of {names.schema}.{names.table} is "
+            f"{types[columns.payload]}: the relay reads a payload of type jsonb, json, text, "
+            "varchar or bytea")
+    return dataclasses.replace(
+        config, columns=dataclasses.replace(columns, payload_type=payload_type))
+
+
+# Payload column types the relay can read (format_type's spelling), and how it reads them.
+_PAYLOAD_TYPES: dict[str, PayloadType] = {
+    "jsonb": "jsonb", "json": "json", "text": "text", "bytea": "bytea"}
+
+
+def _payload_type(declared: str) -> PayloadType | None:
+    """The payload type of a column declared as `declared` (format_type), if readable."""
+    if declared.startswith(("character varying", "character(")):
+        return "text"  # read as text: the relay takes its UTF-8 bytes
+    return _PAYLOAD_TYPES.get(declared)
+
+
+# Queries of poll.sql that name event columns; a table of another layout has `_mapped` twins.
+_MAPPED_QUERIES = frozenset(("fetch_late", "fetch_page", "park", "backlog"))
+
+
+def poll_query(config: PollConfig, name: str) -> sql.Composed:
+    """Block `name` of relay/sql/poll.sql for the layout of this table."""
+    if config.columns.is_native or name not in _MAPPED_QUERIES:
+        return queries.query("poll.sql", name, config.names)
+    return queries.compose("poll.sql", f"{name}_mapped", config.names,
+                           **_mapped_columns(config.columns))
+
+
+def _mapped_columns(columns: ColumnMapping) -> dict[str, sql.Composable]:
+    """The event columns of a mapped table as select lists in `_record`'s order (after
+    position): what the table lacks gets the default the WAL relay gives it; the payload is
+    read as its bytes (JSON and text: their UTF-8 encoding, as the WAL relay sends them)."""
+
+    def column(name: str | None, default: str) -> sql.Composable:
+        return sql.Identifier(name) if name is not None else sql.SQL(default)
+
+    payload = sql.Identifier(columns.payload)
+    first = [
+        sql.Identifier(columns.id), sql.Identifier(columns.aggregate_type),
+        sql.Identifier(columns.aggregate_id), sql.Identifier(columns.event_type),
+        column(columns.topic, "NULL::text"),
+        payload if columns.payload_type == "bytea"
+        else sql.SQL("convert_to({}::text, 'UTF8')").format(payload),
+        sql.Identifier(columns.content_type) if columns.content_type is not None
+        else sql.Literal(columns.default_content_type),
+    ]
+    created_at = column(columns.created_at, "NULL::timestamptz")
+    headers = sql.Identifier(columns.headers) if columns.headers is not None else None
+    return {
+        "event_columns": sql.SQL(", ").join([
+            *first,
+            sql.SQL("{}::text").format(headers) if headers is not None else sql.Literal("{}"),
+            created_at]),
+        "parked_columns": sql.SQL(", ").join([
+            *first, headers if headers is not None else sql.SQL("'{}'::jsonb"), created_at]),
+        "payload": payload,
+        "oldest": sql.SQL("min({})").format(created_at) if columns.created_at is not None
+        else sql.SQL("NULL::timestamptz"),
+    }
 
 
 def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:
     """Backlog gauges for the metrics endpoint."""
-    return backlog_gauges(config.db_url, config.names)
+    mapped = None if config.columns.is_native else poll_query(config, "backlog")
+    return backlog_gauges(config.db_url, config.names, mapped)

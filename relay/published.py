@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox.conninfo import libpq_url
 from outbox.names import SchemaNames
@@ -44,14 +45,16 @@ def full_txids(xids: list[int], xmax: int) -> list[str]:
     return [str((epoch - (xid > low)) * XID_SPACE + xid) for xid in xids]
 
 
-def backlog_gauges(db_url: str, names: SchemaNames) -> dict[str, Callable[[], float | None]]:
+def backlog_gauges(
+    db_url: str, names: SchemaNames, query: sql.Composed | None = None
+) -> dict[str, Callable[[], float | None]]:
     """Backlog gauges for the metrics endpoint (rows not yet published), each read with a
-    short-lived connection."""
+    short-lived connection; `query` counts them in a mapped table's layout."""
+    counting = query if query is not None else queries.query("published.sql", "backlog", names)
 
     def backlog() -> tuple[int, float | None]:
         with psycopg.connect(libpq_url(db_url), connect_timeout=5, autocommit=True) as conn:
-            row = conn.execute(
-                queries.query("published.sql", "backlog", names)).fetchone() or (0, None)
+            row = conn.execute(counting).fetchone() or (0, None)
         oldest = row[1]
         return int(row[0]), (time.time() - oldest.timestamp()) if oldest else 0.0
 

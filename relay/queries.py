@@ -28,3 +28,9 @@ def _blocks(filename: str) -> dict[str, str]:
 def query(filename: str, name: str, names: SchemaNames) -> sql.Composed:
     """Block `name` of `relay/sql/<filename>` with the identifiers of `names` filled in."""
     return sql.SQL(_blocks(filename)[name]).format(**names.identifiers())
+
+
+def compose(filename: str, name: str, names: SchemaNames, **extra: sql.Composable) -> sql.Composed:
+    """Block `name` with the identifiers of `names` and the caller's `extra` placeholders
+    (composed with psycopg.sql too); not cached: the caller keeps what it builds."""
+    return sql.SQL(_blocks(filename)[name]).format(**names.identifiers(), **extra)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from outbox.columns import ColumnMapping
 from outbox.conninfo import redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
@@ -40,6 +41,8 @@ class RelaySettings:
     collections: tuple[str, ...] = ()
     schema: str = "public"
     table: str = "outbox"
+    # The outbox table's layout: "native" (outbox migrate) or "debezium" (Debezium's table).
+    columns: str = "native"
     topic_template: str = "{aggregate_type}"
     kafka_settings: dict[str, str] = field(default_factory=dict)
     allow_unsafe_kafka_settings: bool = False
@@ -77,11 +80,24 @@ class RelaySettings:
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigurationError(f"metrics_port={self.metrics_port} is not a TCP port")
         SchemaNames(self.schema, self.table)  # validates the names
+        ColumnMapping.for_layout(self.columns)  # validates the layout's name
+        if self.columns != "native" and not self.source.startswith("postgres"):
+            raise ConfigurationError(
+                f"columns={self.columns!r} applies to the postgres-* sources only")
+        if self.columns != "native" and self.table_less:
+            raise ConfigurationError(
+                f"columns={self.columns!r} with table_less: a table-less relay reads no table")
         self.publisher()  # validates the topic template and the Kafka settings
 
     @property
     def names(self) -> SchemaNames:
         return SchemaNames(self.schema, self.table)
+
+    @property
+    def column_mapping(self) -> ColumnMapping:
+        """The columns of the outbox table; a Debezium payload's type is read from the table
+        by the polling relay at start-up (the WAL relay reads it from the stream)."""
+        return ColumnMapping.for_layout(self.columns)
 
     def publisher(self, defaults: Mapping[str, str] | None = None) -> PublisherConfig:
         """The Kafka side; `defaults` are librdkafka settings of this source that the user's

@@ -59,3 +59,40 @@ LISTEN {channel_identifier}
 
 -- name: try_leadership
 SELECT pg_try_advisory_lock(%(key)s)
+
+-- name: fetch_late_mapped
+-- Twins of the blocks above that name event columns, for a table of another layout (Debezium's,
+-- given the polling relay's bookkeeping by `outbox migrate up --columns debezium`): the
+-- bookkeeping columns (position, txid, published_at) are the same, the event columns are
+-- composed from the column mapping in relay/postgres_poll.py: event_columns is
+-- fetch_late's select list after position: mapped columns, defaults for absent ones, the
+-- payload as bytes.
+SELECT position, {event_columns}
+FROM {schema}.{table}
+WHERE published_at IS NULL
+  AND position <= %(ceiling)s
+  AND (txid = ANY(%(in_progress)s::text[]::xid8[]) OR txid >= %(xmax)s::text::xid8)
+ORDER BY position
+
+-- name: fetch_page_mapped
+SELECT position, {event_columns}
+FROM {schema}.{table}
+WHERE published_at IS NULL AND position > %(after)s
+ORDER BY position
+LIMIT %(limit)s
+
+-- name: park_mapped
+-- A row whose payload is null cannot be an event: it is parked with the whole row in raw.
+WITH moved AS (
+    DELETE FROM {schema}.{table} WHERE position = %(position)s RETURNING *
+)
+INSERT INTO {schema}.{parked_table}
+    (id, aggregate_type, aggregate_id, event_type, topic, payload, content_type, headers,
+     created_at, raw, reason)
+SELECT {parked_columns}, CASE WHEN moved.{payload} IS NULL THEN to_jsonb(moved) END,
+       %(reason)s
+FROM moved
+ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_at = now()
+
+-- name: backlog_mapped
+SELECT count(*), {oldest} FROM {schema}.{table} WHERE published_at IS NULL

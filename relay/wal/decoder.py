@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
-from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE
+from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from outbox.identifiers import check_identifier
 from outbox.ids import uuid_from_int, uuid_from_text
 from outbox.record import OutboxRecord, decode_message
@@ -45,9 +45,6 @@ logger = logging.getLogger(__name__)
 # committed, whole and in commit order; so an event may be published as soon as it is decoded,
 # and nothing of a large transaction has to be held in memory. The slot may be acknowledged up
 # to a transaction's `WalCommit.end_lsn` only once all of its events, and all earlier ones, are.
-
-TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
-
 
 # Items are cheap to build: one is made per event. WalEvent is a named tuple; the others are
 # slotted dataclasses, not frozen ones (a frozen dataclass costs three times as much to build).

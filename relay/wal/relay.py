@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import parked
@@ -253,8 +254,9 @@ def check_setup(config: WalRelayConfig) -> None:
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
     if row == (None,):
+        setup = migrate.command(config.names, config.source.columns.layout)
         raise FatalRelayError(
-            f"table {parked_table} is missing: run `outbox migrate up --db URL` first "
+            f"table {parked_table} is missing: run `{setup}` first "
             "(the WAL relay parks unpublishable events there)")
     if missing:
         raise FatalRelayError(
@@ -266,6 +268,8 @@ def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfi
     """What the role lacks to remove published rows (table mode), or None."""
     if config.source.table is None:
         return None
+    if "txid" not in slots.table_columns(conn, (config.source.schema, config.source.table)):
+        return None  # nothing to find its rows by: they are left alone (see _cleaner)
     table = config.names.qualified(config.names.table).as_string(conn)
     wanted: list[tuple[str, str | None]] = [("DELETE", None)]
     if config.keep_published is not None:
@@ -301,6 +305,7 @@ def wal_gauges(config: WalRelayConfig) -> dict[str, Callable[[], float | None]]:
 
     gauges: dict[str, Callable[[], float | None]] = {
         "slot_retained_wal_bytes": retained, "slot_confirmed_lsn": confirmed}
-    if config.source.table is not None:  # rows the relay has not removed yet: the backlog
+    if config.source.table is not None and config.source.columns.is_native:
+        # rows the relay has not removed yet: the backlog
         gauges.update(backlog_gauges(config.db_url, config.names))
     return gauges

@@ -114,3 +114,32 @@ def test_stall_timeout_must_be_positive_and_is_refused_at_start_up() -> None:
     with pytest.raises(ConfigurationError, match="stall_timeout"):
         RelaySettings(source="postgres-poll", db_url="postgresql://u@127.0.0.1/db",
                       kafka_bootstrap="127.0.0.1:9092", stall_timeout=0)
+
+
+def test_layouts_name_their_mapping_and_their_migrations() -> None:
+    from outbox import migrate
+
+    debezium = outbox.ColumnMapping.for_layout("debezium")
+    assert debezium == outbox.ColumnMapping.debezium() and debezium.layout == "debezium"
+    assert outbox.ColumnMapping.for_layout("native").layout == "native"
+    with pytest.raises(outbox.ConfigurationError, match="choose one of native, debezium"):
+        outbox.ColumnMapping.for_layout("debezum")
+    # The Debezium series replaces only the file that creates the table.
+    native, other = migrate.available(), migrate.available("debezium")
+    assert [m.version for m in other] == [m.version for m in native]
+    assert other[0].name == "poll_bookkeeping" and other[1:] == native[1:]
+    assert migrate.command(SchemaNames()) == "outbox migrate up --db URL"
+    assert migrate.command(SchemaNames("app", "outboxevent"), "debezium") == (
+        "outbox migrate up --db URL --columns debezium --table outboxevent --schema app")
+
+
+def test_columns_setting_is_refused_where_it_means_nothing() -> None:
+    from relay.settings import RelaySettings
+
+    base = {"kafka_bootstrap": "k:9092", "db_url": "postgresql://h/db"}
+    with pytest.raises(outbox.ConfigurationError, match="columns='x'"):
+        RelaySettings(source="postgres-poll", columns="x", **base)
+    with pytest.raises(outbox.ConfigurationError, match="table_less"):
+        RelaySettings(source="postgres-wal", columns="debezium", table_less=True, **base)
+    assert RelaySettings(source="postgres-wal", columns="debezium", **base).column_mapping == (
+        outbox.ColumnMapping.debezium())

@@ -77,15 +77,27 @@ def test_wal_senders_need_room_for_the_relay_and_a_reconnect() -> None:
 
 def test_keep_published_privilege_missing_is_only_a_warning() -> None:
     no_update = replace(FULL, update=False)
-    result = doctor.check_poll_privileges(
+    result = doctor.check_table_privileges(
         facts(tables={"outbox": no_update, "outbox_parked": PARKED}), DoctorOptions())
     assert result is not None and result.level is Level.WARN
     assert "keep-published" in result.message
 
 
+def test_wal_relay_needs_delete_on_the_outbox_to_remove_what_it_published() -> None:
+    no_delete = replace(FULL, delete=False, update=False)
+    tables = {"outbox": no_delete, "outbox_parked": PARKED}
+    result = doctor.check_table_privileges(facts(tables=tables), WAL)
+    assert result is not None and result.level is Level.FAIL
+    assert "lacks DELETE on public.outbox" in result.message
+    assert "outbox_relay_wal" in (result.fix or "")
+    updates_not_needed = {"outbox": replace(FULL, update=False), "outbox_parked": PARKED}
+    result = doctor.check_table_privileges(facts(tables=updates_not_needed), WAL)
+    assert result is not None and result.level is Level.OK
+
+
 def test_missing_schema_usage_fails_before_table_privileges() -> None:
     role = RoleFacts("relay", False, False, True, schema_exists=True, schema_usage=False)
-    result = doctor.check_poll_privileges(facts(role=role), DoctorOptions())
+    result = doctor.check_table_privileges(facts(role=role), DoctorOptions())
     assert result is not None and result.level is Level.FAIL
     assert result.fix == 'GRANT USAGE ON SCHEMA "public" TO "relay" ' \
                          "(deploy/roles.sql: role outbox_relay_poll)"

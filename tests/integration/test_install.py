@@ -112,6 +112,14 @@ def run(*args: str | Path, cwd: Path | None = None) -> str:
     return result.stdout
 
 
+def run_as_user(venv: Path, code: str, *args: str, cwd: Path) -> str:
+    """Run `code` with the venv's interpreter, from a script in `cwd` (outside the repository,
+    so that the installed package is the one imported); returns what it printed, stripped."""
+    script = cwd / "user_code.py"
+    script.write_text(code)
+    return run(venv / "bin" / "python", script, *args, cwd=cwd).strip()
+
+
 def sqlalchemy_url(conninfo: str) -> str:
     from psycopg.conninfo import conninfo_to_dict
     from sqlalchemy.engine import URL
@@ -162,13 +170,9 @@ def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
         "greenlet is installed: this venv does not show what a plain install has"
     # Outside the repository, so that the installed package is the one imported.
     run(clean_venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
-    script = tmp_path / "sync_user.py"
-    script.write_text(SYNC_USER)
     url = sqlalchemy_url(empty_db_url)
-    assert run(python, script, url, cwd=tmp_path).strip() == "published"
-    refusal = tmp_path / "async_without_extra.py"
-    refusal.write_text(ASYNC_WITHOUT_EXTRA)
-    assert run(python, refusal, cwd=tmp_path).strip() == "refused"
+    assert run_as_user(clean_venv, SYNC_USER, url, cwd=tmp_path) == "published"
+    assert run_as_user(clean_venv, ASYNC_WITHOUT_EXTRA, cwd=tmp_path) == "refused"
 
     import psycopg
 
@@ -183,10 +187,8 @@ def test_asyncio_extra_publishes_with_an_async_session(
 ) -> None:
     venv = venv_with(tmp_path_factory, wheel, "asyncio")
     run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
-    script = tmp_path / "async_user.py"
-    script.write_text(ASYNC_USER)
     url = sqlalchemy_url(empty_db_url)
-    assert run(venv / "bin" / "python", script, url, cwd=tmp_path).strip() == "published"
+    assert run_as_user(venv, ASYNC_USER, url, cwd=tmp_path) == "published"
 
     import psycopg
 
@@ -206,10 +208,8 @@ def test_plain_install_writes_events_embedded_in_a_mongodb_document(
 
     name = f"install_{uuid.uuid4().hex[:8]}"
     url = urllib.parse.urlunsplit(urllib.parse.urlsplit(mongo_url)._replace(path=f"/{name}"))
-    script = tmp_path / "mongo_user.py"
-    script.write_text(MONGO_USER)
     try:
-        assert run(clean_venv / "bin" / "python", script, url, cwd=tmp_path).strip() == "1"
+        assert run_as_user(clean_venv, MONGO_USER, url, cwd=tmp_path) == "1"
     finally:
         with MongoClient(url) as client:
             client.drop_database(name)
@@ -221,9 +221,7 @@ def test_otel_extra_puts_the_active_span_into_the_event_headers(
 ) -> None:
     venv = venv_with(tmp_path_factory, wheel, "otel")
     run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
-    script = tmp_path / "otel_user.py"
-    script.write_text(OTEL_USER)
-    assert run(venv / "bin" / "python", script, empty_db_url, cwd=tmp_path).strip() == "published"
+    assert run_as_user(venv, OTEL_USER, empty_db_url, cwd=tmp_path) == "published"
 
     import psycopg
 

@@ -18,7 +18,7 @@ class RelayProcess:
     """Started with `start`, measured through /proc while it runs, stopped with SIGTERM."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args = [sys.executable, "-m", "outbox.cli", "relay", *args]
+        self.args = [sys.executable, "-m", "relay.cli", "relay", *args]
         # Connection strings travel in the environment, not in argv (visible in `ps`).
         self.env = {**os.environ, "OUTBOX_LOG_FORMAT": "json", **env}
         self.log_path = log

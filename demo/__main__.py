@@ -80,7 +80,7 @@ def sqlalchemy_url(conninfo: str) -> str:
 
 
 def outbox_cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "outbox.cli", *args], check=True, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "relay.cli", *args], check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL)
 
 
@@ -102,7 +102,7 @@ class Relay:
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "outbox.cli", "relay", *self.args,
+                [sys.executable, "-m", "relay.cli", "relay", *self.args,
                  "--metrics-port", str(self.port), "--log-format", "json"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 

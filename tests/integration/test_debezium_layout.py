@@ -44,7 +44,7 @@ INSERT = ("INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payloa
 
 def outbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    return subprocess.run([sys.executable, "-m", "outbox.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=REPO,
                           capture_output=True, text=True, env={**clean, **(env or {})},
                           timeout=120)
 

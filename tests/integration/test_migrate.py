@@ -79,7 +79,7 @@ def test_concurrent_ups_apply_each_migration_once(empty_db_url: str) -> None:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args], capture_output=True, text=True, env=env,
+        [sys.executable, "-m", "relay.cli", *args], capture_output=True, text=True, env=env,
         timeout=60,
     )
 

@@ -33,7 +33,7 @@ FITTING_PAYLOAD = 900_000
 
 
 def outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -142,7 +142,7 @@ def source(request: pytest.FixtureRequest) -> Iterator[Source]:
 
 
 def outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "outbox.cli", "parked", *args],
+    return subprocess.run([sys.executable, "-m", "relay.cli", "parked", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -297,7 +297,7 @@ def test_parked_events_are_listed_and_retried_from_the_cli(
         wait_for(lambda: backlog(db_url) == 0, 30, "the event to be parked")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "outbox.cli", "parked", *args, "--db", db_url],
+        return subprocess.run([sys.executable, "-m", "relay.cli", "parked", *args, "--db", db_url],
                               capture_output=True, text=True, timeout=60)
 
     listed = cli("list")

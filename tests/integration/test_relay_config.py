@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def relay_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    return subprocess.run([sys.executable, "-m", "outbox.cli", "relay", *args],
+    return subprocess.run([sys.executable, "-m", "relay.cli", "relay", *args],
                           capture_output=True, text=True, env={**clean, **(env or {})},
                           timeout=60)
 

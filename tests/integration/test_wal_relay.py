@@ -118,7 +118,7 @@ def test_relay_streams_from_a_table_less_setup(
     only write Outbox(mode="message"); the relay must stream from that setup."""
     name = unique_slot()
     created = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", "slot", "create", "--db", db_url, "--slot", name,
+        [sys.executable, "-m", "relay.cli", "slot", "create", "--db", db_url, "--slot", name,
          "--publication", name, "--table-less"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr

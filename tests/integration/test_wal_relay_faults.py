@@ -199,7 +199,7 @@ def test_slot_dropped_while_stopped_refuses_to_start_and_never_makes_a_new_slot(
     assert "create a new slot" in relay.log()
     assert wal.status() is None, "the relay created a slot on its own"
     status = subprocess.run(
-        [sys.executable, "-m", "outbox.cli", "slot", "status", "--db", db_url, "--slot", wal.slot],
+        [sys.executable, "-m", "relay.cli", "slot", "status", "--db", db_url, "--slot", wal.slot],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert status.returncode != 0 and "does not exist" in status.stderr
     # Nothing after the drop was relayed; the documented recovery (relay the outbox rows

@@ -58,7 +58,7 @@ class RelayProcess:
     """`outbox relay ...` as a child process, for signals and kill -9."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
-        self.args = [sys.executable, "-m", "outbox.cli", "relay", *args]
+        self.args = [sys.executable, "-m", "relay.cli", "relay", *args]
         self.env = {**os.environ, "OUTBOX_LOG_FORMAT": "json", **(env or {})}
         self.log_path = log
         self.process: subprocess.Popen[bytes] | None = None

@@ -16,7 +16,7 @@ import pytest
 import typer.main
 import yaml
 
-from outbox.cli import app
+from relay.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -314,4 +314,4 @@ def test_package_built_from_the_copied_files_ships_its_sql(tmp_path: Path) -> No
                      "relay/sql/poll.sql", "relay/sql/ops.sql", "outbox/cli.py",
                      "relay/doctor.py"):
         assert expected in files, expected
-    assert "outbox = outbox.cli:main" in entry_points
+    assert "outbox = relay.cli:main" in entry_points

@@ -28,3 +28,18 @@ def test_sql_files_are_package_data() -> None:
         assert package in config["packages"] and "*.sql" in data[package]
     assert list((REPO / "relay" / "sql").glob("*.sql"))
     assert list((REPO / "migrations").glob("0001_*.sql"))
+
+
+def test_the_library_never_imports_the_daemon() -> None:
+    """Layers point one way: `relay` builds on `outbox`, never the reverse (the daemon's
+    commands are registered by relay.cli)."""
+    import ast
+
+    found = []
+    for path in [*(REPO / "outbox").rglob("*.py"), *(REPO / "migrations").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(REPO)}: {name}" for name in names
+                      if name == "relay" or name.startswith("relay.")]
+    assert found == []

@@ -1,0 +1,501 @@
+"""The relay daemon's commands of `outbox`: `relay`, `slot`, `parked`, `status`, `doctor`.
+
+They are registered on the library's `app` (outbox.cli, which has `migrate`, `dlq`, `inbox`), and
+this module's `main` is the `outbox` console script: one command, every sub-command, while the
+library never imports the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from outbox.cli import (
+    ColumnsOption,
+    DbOption,
+    SchemaOption,
+    TableOption,
+    app,
+    connect,
+    guarded,
+)
+from outbox.cli_errors import fail
+from outbox.conninfo import redact
+from outbox.errors import ConfigurationError, OutboxError
+from outbox.names import SchemaNames
+
+
+def _load_config_file(ctx: typer.Context, path: Path | None) -> Path | None:
+    """Read the TOML file into click's default map: CLI > environment > file > defaults."""
+    if path is None:
+        return None
+    from outbox.config_files import read_toml_section
+
+    allowed = [p.name for p in ctx.command.params if p.name and p.name != "config"]
+    try:
+        values = read_toml_section(path, "relay", allowed)
+    except OutboxError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    for name in ("collections", "kafka_setting"):
+        if isinstance(values.get(name), str) and name == "kafka_setting":
+            values[name] = [values[name]]
+        elif isinstance(values.get(name), list) and name == "collections":
+            values[name] = ",".join(values[name])
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return path
+
+
+@app.command("relay")
+def relay_command(
+    config: Annotated[Path | None, typer.Option(
+        "--config", envvar="OUTBOX_CONFIG", show_envvar=True, is_eager=True,
+        callback=_load_config_file,
+        help="TOML file with a [relay] table of these options (below CLI and environment).",
+    )] = None,
+    source: Annotated[str, typer.Option(
+        envvar="OUTBOX_SOURCE", show_envvar=True,
+        help="postgres-poll | postgres-wal | mongo-poll | mongo-stream")] = "postgres-poll",
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL (postgres-* sources).")] = None,
+    mongo: Annotated[str | None, typer.Option(
+        "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+        help="MongoDB URL naming the database (mongo-* sources).")] = None,
+    collections: Annotated[str, typer.Option(
+        envvar="OUTBOX_COLLECTIONS", show_envvar=True,
+        help="Comma-separated collections holding embedded events (mongo-* sources).")] = "",
+    kafka: Annotated[str, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers.")] = "",
+    kafka_setting: Annotated[list[str] | None, typer.Option(
+        "--kafka-setting", envvar="OUTBOX_KAFKA_SETTINGS", show_envvar=True,
+        help="librdkafka producer setting key=value (repeatable), e.g. security.protocol=SSL.",
+    )] = None,
+    allow_unsafe_kafka_settings: Annotated[bool, typer.Option(
+        envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
+        help="Allow librdkafka settings that run commands or load libraries.")] = False,
+    topic_template: Annotated[str, typer.Option(
+        envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
+        help="Topic of events without an explicit topic.")] = "{aggregate_type}",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
+    batch_size: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_BATCH_SIZE", show_envvar=True,
+        help="Events read per query (default: the source's own).")] = None,
+    poll_interval: Annotated[str, typer.Option(
+        envvar="OUTBOX_POLL_INTERVAL", show_envvar=True,
+        help="Fallback poll interval when no notification arrives.")] = "1s",
+    keep_published: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_KEEP_PUBLISHED", show_envvar=True,
+        help="Keep published rows this long (e.g. 7d) instead of deleting them.")] = None,
+    log_format: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_FORMAT", show_envvar=True, help="json | human | auto")] = "auto",
+    log_level: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_LEVEL", show_envvar=True)] = "INFO",
+    slot: Annotated[str, typer.Option(
+        envvar="OUTBOX_SLOT", show_envvar=True,
+        help="Logical replication slot (postgres-wal).")] = "outbox_relay",
+    publication: Annotated[str, typer.Option(
+        envvar="OUTBOX_PUBLICATION", show_envvar=True,
+        help="Publication covering the outbox table (postgres-wal).")] = "outbox_relay",
+    message_prefix: Annotated[str, typer.Option(
+        envvar="OUTBOX_MESSAGE_PREFIX", show_envvar=True,
+        help="Prefix of table-less events written with mode='message' (postgres-wal).",
+    )] = "outbox",
+    table_less: Annotated[bool, typer.Option(
+        envvar="OUTBOX_TABLE_LESS", show_envvar=True,
+        help="postgres-wal: read only mode='message' events (slot created with --table-less).",
+    )] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_METRICS_PORT", show_envvar=True,
+        help="Serve /metrics, /healthz and /readyz on this port.")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        envvar="OUTBOX_METRICS_HOST", show_envvar=True,
+        help="Address of the metrics port (0.0.0.0 in containers).")] = "127.0.0.1",
+    stall_timeout: Annotated[str, typer.Option(
+        envvar="OUTBOX_STALL_TIMEOUT", show_envvar=True,
+        help="/readyz fails when events are in flight and none was acknowledged for this "
+             "long.")] = "60s",
+    shutdown_timeout: Annotated[float, typer.Option(
+        envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
+        help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
+    print_config: Annotated[bool, typer.Option(
+        help="Print the effective settings (secrets redacted) and exit.")] = False,
+) -> None:
+    """Run the relay daemon: publish committed events to Kafka until SIGTERM/SIGINT."""
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay import logs
+    from relay import main as relay_main
+    from relay.settings import RelaySettings, parse_duration
+
+    def build() -> RelaySettings:
+        return RelaySettings(
+            source=source,
+            db_url=db,
+            mongo_url=mongo,
+            collections=tuple(c.strip() for c in collections.split(",") if c.strip()),
+            kafka_bootstrap=kafka,
+            kafka_settings=parse_kafka_settings(kafka_setting or []),
+            allow_unsafe_kafka_settings=allow_unsafe_kafka_settings,
+            topic_template=topic_template,
+            schema=schema,
+            table=table,
+            columns=columns,
+            batch_size=batch_size,
+            poll_interval=parse_duration(poll_interval, "poll_interval").total_seconds(),
+            keep_published=parse_duration(keep_published, "keep_published")
+            if keep_published else None,
+            slot=slot,
+            publication=publication,
+            message_prefix=message_prefix,
+            table_less=table_less,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            shutdown_timeout=shutdown_timeout,
+            stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
+        )
+
+    settings = guarded(build)
+    if print_config:
+        import json
+
+        typer.echo(json.dumps(settings.redacted(), indent=2))
+        return
+    try:
+        logs.setup(log_level, log_format)
+    except ValueError as exc:
+        fail(str(exc))
+    relay_main.tune_garbage_collector()
+    guarded(lambda: relay_main.run(settings))
+
+
+parked_app = typer.Typer(help="Events the relay could never publish.", no_args_is_help=True)
+app.add_typer(parked_app, name="parked")
+
+
+ParkedDbOption = Annotated[
+    str | None,
+    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+                 help="PostgreSQL URL (postgres-* sources)."),
+]
+ParkedMongoOption = Annotated[
+    str | None,
+    typer.Option("--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+                 help="MongoDB URL naming the database (mongo-* sources)."),
+]
+ParkedCollectionsOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_COLLECTIONS", show_envvar=True,
+                      help="The relay's --collections (mongo-* sources).")
+]
+
+
+def _mongo_parked(mongo: str, collections: str) -> Any:
+    from relay.mongo.config import MongoRelayConfig
+    from relay.mongo.parked import ParkedEvents
+
+    names = tuple(name.strip() for name in collections.split(",") if name.strip())
+    return ParkedEvents(guarded(lambda: MongoRelayConfig(url=mongo, collections=names)))
+
+
+def _one_source(db: str | None, mongo: str | None) -> None:
+    if (db is None) == (mongo is None):
+        fail("give either --db (PostgreSQL) or --mongo (MongoDB)")
+
+
+@parked_app.command("list")
+def parked_list(
+    db: ParkedDbOption = None,
+    mongo: ParkedMongoOption = None,
+    collections: ParkedCollectionsOption = "",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 100,
+) -> None:
+    """Show parked events by key, in the order they were parked, with the reason."""
+    _one_source(db, mongo)
+    lines: list[tuple[str | None, str]] = []  # (key, line)
+    if mongo is not None:
+        with _mongo_parked(mongo, collections) as store:
+            for entry in guarded(lambda: store.entries(limit)):
+                key = f"{entry.aggregate_type}/{entry.aggregate_id}" if entry.key else None
+                kept = "" if entry.complete else "  (kept without its payload: not re-queueable)"
+                lines.append((key, f"{entry.uuid or entry.event_id}  {entry.event_type}  in "
+                              f"{entry.collection} {entry.document_id!r}  parked "
+                              f"{entry.parked_at:%Y-%m-%d %H:%M:%S}  reason: {entry.reason}{kept}"))
+    else:
+        from relay import parked
+
+        names = guarded(lambda: SchemaNames(schema, table))
+        with connect(db or "") as conn:
+            events = guarded(lambda: parked.list_parked(conn, names, limit))
+        for event in events:
+            key = None if event.unreadable else f"{event.aggregate_type}/{event.aggregate_id}"
+            what = ("unreadable change (see its raw column)" if event.unreadable else
+                    f"{event.id}  {event.event_type}  {event.payload_bytes} bytes")
+            lines.append((key, f"#{event.parked_id}  {what}  parked "
+                          f"{event.parked_at:%Y-%m-%d %H:%M:%S}  reason: {event.reason}"))
+    if not lines:
+        typer.echo("no parked events")
+    shown: str | None = ""
+    for key, line in lines:
+        if key != shown:
+            typer.echo(f"key {key}:" if key is not None else "without a key:")
+            shown = key
+        typer.echo(f"  {line}")
+
+
+@parked_app.command("retry")
+def parked_retry(
+    ids: Annotated[list[str] | None, typer.Argument(
+        help="Event ids: their keys' parked events are re-queued (default: every key).")] = None,
+    db: ParkedDbOption = None,
+    mongo: ParkedMongoOption = None,
+    collections: ParkedCollectionsOption = "",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Re-queue parked events once the cause is fixed (e.g. the topic's message size): every
+    parked event of a key, in the order they were parked, ahead of the key's newer events."""
+    import uuid
+
+    _one_source(db, mongo)
+    try:
+        wanted = [uuid.UUID(value) for value in ids] if ids else None
+    except ValueError as exc:
+        fail(f"not an event id: {exc}")
+    if mongo is not None:
+        with _mongo_parked(mongo, collections) as store:
+            moved = guarded(lambda: store.retry(wanted))
+    else:
+        from relay import parked
+
+        names = guarded(lambda: SchemaNames(schema, table))
+        with connect(db or "") as conn:
+            moved = guarded(lambda: parked.retry(conn, names, wanted))
+    typer.echo(f"re-queued {len(moved)} event(s)")
+
+
+OptionalKafkaOption = Annotated[
+    str | None,
+    typer.Option("--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+                 help="Kafka bootstrap servers; without it the broker is not checked."),
+]
+KafkaSettingOption = Annotated[
+    list[str] | None,
+    typer.Option("--kafka-setting", envvar="OUTBOX_KAFKA_SETTINGS", show_envvar=True,
+                 help="librdkafka setting key=value (repeatable): the relay's TLS/SASL settings."),
+]
+SlotOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_SLOT", show_envvar=True,
+                      help="Logical replication slot of the WAL relay.")
+]
+PublicationOption = Annotated[
+    str, typer.Option(envvar="OUTBOX_PUBLICATION", show_envvar=True,
+                      help="Publication of the WAL relay.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+KafkaTimeoutOption = Annotated[float, typer.Option(
+    envvar="OUTBOX_KAFKA_TIMEOUT", show_envvar=True, help="Seconds to wait for the broker.")]
+AllowUnsafeOption = Annotated[bool, typer.Option(
+    envvar="OUTBOX_ALLOW_UNSAFE_KAFKA_SETTINGS", show_envvar=True,
+    help="Allow librdkafka settings that run commands or load libraries.")]
+
+
+@app.command("status")
+def status_command(
+    db: DbOption,
+    kafka: OptionalKafkaOption = None,
+    kafka_setting: KafkaSettingOption = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    kafka_timeout: KafkaTimeoutOption = 10.0,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the backlog, oldest pending event, parked events, leader, slot state and lag."""
+    import dataclasses
+    import json
+
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay import doctor, status
+    from relay.postgres_poll import PollConfig
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    leader_key = PollConfig(db_url=db, names=names).leader_key
+    with connect(db) as conn:
+        conn.autocommit = True  # read-only report: no transaction to hold open
+        report = guarded(lambda: status.gather(
+            conn, names, leader_key=leader_key, slot=slot, publication=publication))
+    if kafka:
+        facts = guarded(lambda: doctor.inspect_kafka(
+            kafka, parse_kafka_settings(kafka_setting or []), timeout=kafka_timeout,
+            allow_unsafe=allow_unsafe_kafka_settings))
+        report = dataclasses.replace(report, kafka=status.KafkaReport(
+            kafka, facts.brokers, facts.cluster_id, facts.error))
+    if as_json:
+        typer.echo(redact(json.dumps(status.as_json(report), indent=2)))
+    else:
+        typer.echo(redact(status.render(report)))
+
+
+@app.command("doctor")
+def doctor_command(
+    db: DbOption,
+    kafka: OptionalKafkaOption = None,
+    kafka_setting: KafkaSettingOption = None,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
+    source: Annotated[str, typer.Option(
+        envvar="OUTBOX_SOURCE", show_envvar=True,
+        help="postgres-poll | postgres-wal: which relay the checks are for.")] = "postgres-poll",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    max_payload_bytes: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_MAX_PAYLOAD_BYTES", show_envvar=True,
+        help="Largest payload the writers accept (Outbox.max_payload_bytes; default 1 MiB).",
+    )] = None,
+    topics: Annotated[str, typer.Option(
+        envvar="OUTBOX_DOCTOR_TOPICS", show_envvar=True,
+        help="Comma-separated topics that must exist.")] = "",
+    partitions: Annotated[int | None, typer.Option(
+        envvar="OUTBOX_DOCTOR_PARTITIONS", show_envvar=True,
+        help="Partitions each of --topics must have.")] = None,
+    kafka_timeout: KafkaTimeoutOption = 10.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the setup before going live: one line per check (OK, WARN, FAIL) with a fix.
+    Run it with the relay's own --db URL, so that its role's privileges are checked. Exits 1
+    when a check fails."""
+    import json
+
+    from outbox.kafka_safety import parse_kafka_settings
+    from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
+    from relay import doctor
+
+    def options() -> doctor.DoctorOptions:
+        return doctor.DoctorOptions(
+            source=source,
+            names=SchemaNames(schema, table),
+            slot=slot,
+            publication=publication,
+            max_payload_bytes=max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES,
+            topics=tuple(t.strip() for t in topics.split(",") if t.strip()),
+            partitions=partitions,
+        )
+
+    checked = guarded(options)
+    settings = guarded(lambda: parse_kafka_settings(kafka_setting or []))
+    gather_kafka = None
+    if kafka:
+        def gather_kafka() -> doctor.KafkaFacts:
+            return doctor.inspect_kafka(
+                kafka, settings, topics=checked.topics, timeout=kafka_timeout,
+                allow_unsafe=allow_unsafe_kafka_settings)
+    results = guarded(lambda: doctor.run(db, checked, gather_kafka))
+    if as_json:
+        typer.echo(json.dumps(doctor.as_json(results), indent=2))
+    else:
+        typer.echo(doctor.render(results))
+    if doctor.failed(results):
+        raise typer.Exit(1)
+
+
+slot_app = typer.Typer(
+    help="The WAL relay's publication and replication slot (an admin step, before the relay).",
+    no_args_is_help=True)
+app.add_typer(slot_app, name="slot")
+
+
+def _wal_config(
+    slot: str, publication: str, schema: str, table: str, table_less: bool,
+    columns: str = "native",
+) -> Any:
+    from outbox.columns import ColumnMapping
+    from relay.wal.source import WalSourceConfig
+
+    if table_less and columns != "native":
+        raise ConfigurationError(
+            f"--columns {columns} with --table-less: a table-less setup publishes no table")
+    return WalSourceConfig(slot=slot, publication=publication, schema=schema,
+                           table=None if table_less else table,
+                           columns=ColumnMapping.for_layout(columns))
+
+
+@slot_app.command("create")
+def slot_create(
+    db: DbOption,
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
+    table_less: Annotated[bool, typer.Option(
+        help="Only pg_logical_emit_message events: the publication covers no table.")] = False,
+) -> None:
+    """Create the publication (the outbox table's event columns only) and the pgoutput slot."""
+    from relay.wal import format_lsn, setup
+
+    config = guarded(
+        lambda: _wal_config(slot, publication, schema, table, table_less, columns))
+    with connect(db) as conn:
+        conn.autocommit = True
+        position = guarded(lambda: setup(conn, config))
+    typer.echo(f"created publication {publication} and slot {slot}; events committed after "
+               f"{format_lsn(position)} will be relayed")
+
+
+@slot_app.command("status")
+def slot_status_command(db: DbOption, slot: SlotOption = "outbox_relay") -> None:
+    """Show the slot: active, WAL status, confirmed position, WAL it retains."""
+    from relay.wal import format_lsn, slots
+
+    with connect(db) as conn:
+        status = guarded(lambda: slots.slot_status(conn, slot))
+    if status is None:
+        fail(f"slot {slot} does not exist: create it with `outbox slot create`")
+        return
+    confirmed = format_lsn(status.confirmed_flush_lsn) if status.confirmed_flush_lsn else "-"
+    typer.echo(f"slot {status.slot_name}: active={status.active} pid={status.active_pid} "
+               f"wal_status={status.wal_status} confirmed={confirmed} "
+               f"retained_bytes={status.retained_bytes}")
+
+
+@slot_app.command("drop")
+def slot_drop(
+    db: DbOption,
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Drop the slot and the publication (the server frees the WAL the slot kept)."""
+    from relay.wal import teardown
+
+    config = guarded(lambda: _wal_config(slot, publication, schema, table, False))
+    with connect(db) as conn:
+        conn.autocommit = True
+        guarded(lambda: teardown(conn, config))
+    typer.echo(f"dropped slot {slot} and publication {publication}")
+
+
+def main() -> None:
+    from outbox.config_files import apply_secret_files
+
+    try:
+        apply_secret_files(os.environ)
+    except OutboxError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    app(prog_name="outbox")
+
+
+if __name__ == "__main__":
+    main()

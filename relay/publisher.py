@@ -12,7 +12,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from outbox.errors import ConfigurationError, OutboxError
+from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
 from relay.errors import StoppedWhileBlocked
 from relay.holds import KeyHolds
@@ -54,10 +54,6 @@ RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
 # Topic names checked per publisher; templates over aggregate ids could make many.
 _MAX_TOPICS_REMEMBERED = 4096
 _UNSEEN: Any = object()
-
-
-class PublishError(OutboxError):
-    """Kafka refused or failed to deliver an event."""
 
 
 class Delivery(NamedTuple):

@@ -6,7 +6,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 from outbox.columns import ColumnMapping
 from outbox.conninfo import redact
@@ -14,7 +14,6 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from relay.publisher import PublisherConfig
 
-Source = Literal["postgres-poll", "postgres-wal", "mongo-poll", "mongo-stream"]
 SOURCES: tuple[str, ...] = ("postgres-poll", "postgres-wal", "mongo-poll", "mongo-stream")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

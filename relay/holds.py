@@ -31,15 +31,16 @@ class KeyHolds:
     """The held keys, each with the id of the first parked event it waits behind."""
 
     def __init__(self, held: Iterable[tuple[Key, uuid.UUID]] = ()) -> None:
-        self._behind: dict[Key, uuid.UUID] = {}
+        # Key -> the event it waits behind; empty nearly always (the publisher tests it per event).
+        self.behind: dict[Key, uuid.UUID] = {}
         for key, behind in held:  # the first of a key is the one it waits behind
             self.hold(key, behind)
 
     def __len__(self) -> int:
-        return len(self._behind)
+        return len(self.behind)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._behind
+        return key in self.behind
 
     def reason_to_park(self, record: OutboxRecord) -> str | None:
         """Why `record` must be parked because of its key, or None when it may be sent.
@@ -47,11 +48,11 @@ class KeyHolds:
         The event the key waits behind coming back (re-queued by `outbox parked retry`) ends
         the hold: it is sent, and its followers after it.
         """
-        behind = self._behind.get((record.aggregate_type, record.aggregate_id))
+        behind = self.behind.get((record.aggregate_type, record.aggregate_id))
         if behind is None:
             return None
         if behind == record.id:
-            del self._behind[(record.aggregate_type, record.aggregate_id)]
+            del self.behind[(record.aggregate_type, record.aggregate_id)]
             return None
         return f"{HELD_PREFIX}{behind}"
 
@@ -60,7 +61,7 @@ class KeyHolds:
         self.hold(key_of(record), record.id)
 
     def hold(self, key: Key, behind: uuid.UUID) -> None:
-        self._behind.setdefault(key, behind)
+        self.behind.setdefault(key, behind)
 
 
 def log_parked(reason: str, **where: object) -> None:

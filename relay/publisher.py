@@ -54,6 +54,8 @@ RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
 # Topic names checked per publisher; templates over aggregate ids could make many.
 _MAX_TOPICS_REMEMBERED = 4096
 _UNSEEN: Any = object()
+# Seconds between fresh looks at the topics' limits (see `poll`).
+TOPICS_RECHECK = 10.0
 
 
 class Delivery(NamedTuple):
@@ -196,6 +198,7 @@ class KafkaPublisher(Generic[Token]):
         self._default_topics = config.topic_template == DEFAULT_TOPIC_TEMPLATE
         # topic -> its limits, or None for a name Kafka would refuse
         self._topics: dict[str, TopicLimit | None] = {}
+        self._topics_checked = time.monotonic()
         self._alone_in_flight = 0  # an event travelling alone: nothing is sent until answered
         self._topic_bytes: dict[str, int] = {}  # in flight to topics with a budget
 
@@ -220,7 +223,7 @@ class KafkaPublisher(Generic[Token]):
             else topic_for(record, self.config.topic_template)
         )
         limit = self._topics.get(topic, _UNSEEN)
-        if limit is _UNSEEN or (limit is not None and limit.expires <= time.monotonic()):
+        if limit is _UNSEEN:
             limit = self._learn(topic)
         if limit is None:
             self._refuse(token, Delivery(
@@ -234,7 +237,7 @@ class KafkaPublisher(Generic[Token]):
         if limit.budget is not None:
             budgeted = size + HEADROOM_BYTES
             self._wait_until(lambda: self._fits(topic, budgeted, limit.budget))
-        if self.holds:
+        if self.holds.behind:
             reason = self.holds.reason_to_park(record)
             if reason is not None:
                 self._refuse(token, Delivery(record, topic, reason, permanent=True))
@@ -322,6 +325,11 @@ class KafkaPublisher(Generic[Token]):
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery reports, waiting up to `timeout` seconds for the first."""
+        if self._topics and time.monotonic() >= self._topics_checked + TOPICS_RECHECK:
+            # Limits are looked up again now and then (an operator may change them); here, not
+            # per event. TopicLimits asks the brokers only once its own entry expires.
+            self._topics.clear()
+            self._topics_checked = time.monotonic()
         return int(self._producer.poll(timeout))
 
     def flush(self, timeout: float) -> int:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Transaction ids per statement: many small transactions are deleted together, and a chunk of
 # rows (CHUNK_ROWS) stays the bound for each statement.
 MAX_XIDS = 10_000
+GATHER_SECONDS = 0.1
 
 
 class TableCleaner:
@@ -63,7 +64,8 @@ class TableCleaner:
         """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`."""
         with self._wake:
             self._queue.append((xids, end_lsn))
-            self._wake.notify()
+            if len(self._queue) == 1:
+                self._wake.notify()
 
     def check(self) -> None:
         """Raise what stopped the cleaner, in the relay's thread."""
@@ -123,6 +125,11 @@ class TableCleaner:
                 self._wake.wait(wait)
             if not self._queue:
                 return None if self._closing else []
+            # Gather for a moment: one statement for many transactions costs the server far less
+            # than one each (the slot is confirmed once a second anyway).
+            if not self._closing:
+                self._wake.wait_for(lambda: self._closing or len(self._queue) >= MAX_XIDS,
+                                    GATHER_SECONDS)
             batch, count = [], 0
             while self._queue and count < MAX_XIDS:
                 item = self._queue.popleft()

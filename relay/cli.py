@@ -7,8 +7,6 @@ library never imports the daemon.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +20,9 @@ from outbox.cli import (
     app,
     connect,
     guarded,
+)
+from outbox.cli import (
+    main as outbox_main,
 )
 from outbox.cli_errors import fail
 from outbox.conninfo import redact
@@ -486,15 +487,10 @@ def slot_drop(
     typer.echo(f"dropped slot {slot} and publication {publication}")
 
 
-def main() -> None:
-    from outbox.config_files import apply_secret_files
 
-    try:
-        apply_secret_files(os.environ)
-    except OutboxError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    app(prog_name="outbox")
+def main() -> None:
+    """The `outbox` console script: the library's main, on the app that now has every command."""
+    outbox_main()
 
 
 if __name__ == "__main__":

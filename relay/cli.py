@@ -326,7 +326,7 @@ def status_command(
 
     from outbox.kafka_safety import parse_kafka_settings
     from relay import doctor, status
-    from relay.postgres_poll import PollConfig
+    from relay.poll.relay import PollConfig
 
     names = guarded(lambda: SchemaNames(schema, table))
     leader_key = PollConfig(db_url=db, names=names).leader_key

@@ -27,7 +27,7 @@ WAL_KAFKA_DEFAULTS = {"linger.ms": "5"}
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     """Check the source once (fail fast on a wrong setup) and return a maker of relays."""
     if settings.source == "postgres-poll":
-        from relay.postgres_poll import PollConfig, PollingRelay, check_schema, poll_gauges
+        from relay.poll.relay import PollConfig, PollingRelay, check_schema, poll_gauges
 
         assert settings.db_url is not None
         config = PollConfig(

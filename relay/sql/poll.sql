@@ -1,11 +1,11 @@
--- Queries of the polling relay (relay/postgres_poll.py).
+-- Queries of the polling relay (relay/poll/relay.py).
 
 -- name: begin_snapshot
 -- One snapshot for the three reads below (they run in one pipeline: one round trip).
 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY
 
 -- name: snapshot
--- Which transactions had not completed in this snapshot (see relay/poll_cursor.py).
+-- Which transactions had not completed in this snapshot (see relay/poll/cursor.py).
 SELECT pg_snapshot_xmax(s)::text, array(SELECT pg_snapshot_xip(s)::text)
 FROM pg_current_snapshot() AS s
 
@@ -64,7 +64,7 @@ SELECT pg_try_advisory_lock(%(key)s)
 -- Twins of the blocks above that name event columns, for a table of another layout (Debezium's,
 -- given the polling relay's bookkeeping by `outbox migrate up --columns debezium`): the
 -- bookkeeping columns (position, txid, published_at) are the same, the event columns are
--- composed from the column mapping in relay/postgres_poll.py: event_columns is
+-- composed from the column mapping in relay/poll/relay.py: event_columns is
 -- fetch_late's select list after position: mapped columns, defaults for absent ones, the
 -- payload as bytes.
 SELECT position, {event_columns}

@@ -19,7 +19,7 @@ import outbox
 from deploy.local._common import free_port
 from outbox.names import SchemaNames
 from relay import doctor, status
-from relay.postgres_poll import PollConfig
+from relay.poll.relay import PollConfig
 from relay.settings import RelaySettings
 from relay.wal import WalSource, WalSourceConfig, setup
 from tests.support.kafka import create_topics, unique_topic

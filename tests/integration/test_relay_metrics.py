@@ -98,7 +98,7 @@ def test_backlog_gauge_counts_pending_events(db_url: str, kafka_bootstrap: str) 
     with psycopg.connect(db_url) as conn:
         outbox.publish(conn, outbox.Event("NoRelay", "1", "E"), outbox.Event("NoRelay", "2", "E"))
         conn.commit()
-    from relay.postgres_poll import PollConfig, poll_gauges
+    from relay.poll.relay import PollConfig, poll_gauges
 
     gauges = poll_gauges(PollConfig(db_url=db_url))
     assert gauges["backlog_events"]() == 2

@@ -12,7 +12,7 @@ from outbox.errors import ConfigurationError
 from outbox.migrate import MigrationState, available
 from relay import doctor, status
 from relay.doctor import DatabaseFacts, DoctorOptions, KafkaFacts, Level, RoleFacts, TopicFacts
-from relay.postgres_poll import PollConfig
+from relay.poll.relay import PollConfig
 from relay.status import TableAccess
 from relay.wal.slots import SlotStatus
 

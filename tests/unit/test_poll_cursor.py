@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.poll_cursor import PollCursor, Snapshot
+from relay.poll.cursor import PollCursor, Snapshot
 
 
 def test_first_read_has_no_late_rows_and_moves_the_cursor() -> None:

@@ -34,7 +34,7 @@ from relay.errors import (
     StoppedWhileBlocked,
 )
 from relay.holds import log_parked
-from relay.poll_cursor import PollCursor, Snapshot
+from relay.poll.cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
 from relay.publisher import (
     Delivery,

@@ -12,9 +12,10 @@ from outbox.columns import ColumnMapping
 from outbox.conninfo import redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
+from relay import sources
 from relay.publisher import PublisherConfig
 
-SOURCES: tuple[str, ...] = ("postgres-poll", "postgres-wal", "mongo-poll", "mongo-stream")
+SOURCES = sources.NAMES
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}

@@ -98,8 +98,8 @@ def test_topic_and_headers_follow_the_contract() -> None:
 def test_wal_relay_batches_for_throughput_unless_told_otherwise(
     own: dict[str, str], linger: str
 ) -> None:
-    from relay.main import WAL_KAFKA_DEFAULTS
     from relay.settings import RelaySettings
+    from relay.wal.factory import WAL_KAFKA_DEFAULTS
 
     settings = RelaySettings(source="postgres-wal", kafka_bootstrap="127.0.0.1:9092",
                              db_url="postgresql://127.0.0.1/db", kafka_settings=own)

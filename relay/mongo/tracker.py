@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions
 
 from outbox.record import OutboxRecord
+from relay.in_order import InOrder
 
 # Keys are the BSON of the stored values, so any _id (sub-documents included) is hashable and
 # compares the way the server compares it.
@@ -157,7 +157,7 @@ class Acknowledgements:
 @dataclass
 class _Change:
     token: Mapping[str, Any]
-    waiting: int
+    outstanding: int  # events sent for it, not yet removed from their documents
 
 
 class TokenLog:
@@ -170,7 +170,7 @@ class TokenLog:
     """
 
     def __init__(self) -> None:
-        self._changes: deque[_Change] = deque()
+        self._changes: InOrder[_Change] = InOrder()
         self._owner: dict[EntryRef, _Change] = {}
 
     def change(self, token: Mapping[str, Any], refs: Iterable[EntryRef]) -> None:
@@ -179,7 +179,7 @@ class TokenLog:
         for ref in refs:
             if ref not in self._owner:
                 self._owner[ref] = entry
-                entry.waiting += 1
+                entry.outstanding += 1
         self._changes.append(entry)
 
     def acknowledged(self, refs: Iterable[EntryRef]) -> None:
@@ -187,19 +187,19 @@ class TokenLog:
         for ref in refs:
             owner = self._owner.pop(ref, None)
             if owner is not None:
-                owner.waiting -= 1
+                owner.outstanding -= 1
 
     def committable(self) -> Mapping[str, Any] | None:
         """The newest token that may be stored now, or None if none became storable."""
         token = None
-        while self._changes and self._changes[0].waiting == 0:
-            token = self._changes.popleft().token
+        for change in self._changes.pop_done():
+            token = change.token
         return token
 
     @property
     def empty(self) -> bool:
         """No change read so far waits for any event."""
-        return not self._changes
+        return len(self._changes) == 0
 
     @property
     def waiting(self) -> int:

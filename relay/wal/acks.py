@@ -1,4 +1,5 @@
-"""The WAL relay's acknowledgement rule, without I/O: which commit position may be confirmed.
+"""The WAL relay's transactions for the acknowledgement rule (relay/in_order.py): which commit
+position may be confirmed.
 
 Transactions arrive whole and in commit order (no streaming of in-progress transactions). The
 slot may move to a transaction's end only when every event of that transaction and of all
@@ -7,8 +8,9 @@ earlier ones has a successful (or parked) delivery report.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+
+from relay.in_order import InOrder
 
 
 @dataclass(slots=True)
@@ -22,7 +24,7 @@ class Transaction:
 
 class CommitTracker:
     def __init__(self) -> None:
-        self._queue: deque[Transaction] = deque()
+        self._queue: InOrder[Transaction] = InOrder()
         self._current = Transaction()
         self.outstanding = 0
 
@@ -50,11 +52,7 @@ class CommitTracker:
     def pop_done(self) -> list[Transaction]:
         """The committed transactions whose events, and all earlier ones', are done, oldest
         first; the slot may be confirmed up to the last one's `end_lsn`."""
-        done = []
-        queue = self._queue
-        while queue and queue[0].outstanding == 0:
-            done.append(queue.popleft())
-        return done
+        return self._queue.pop_done()
 
     @property
     def transactions_waiting(self) -> int:

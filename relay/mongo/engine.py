@@ -14,7 +14,6 @@ from typing import Protocol, TypeVar
 
 from outbox.conninfo import redact
 from outbox.record import OutboxRecord
-from relay.errors import DeliveryFailedError
 from relay.holds import KeyHolds, log_parked
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.entries import Found, in_document, in_outbox_document
@@ -22,8 +21,10 @@ from relay.mongo.errors import LeadershipLostError
 from relay.mongo.paging import Sweep
 from relay.mongo.store import OutboxStore
 from relay.mongo.tracker import Acknowledgements, EntryRef, Pending
+from relay.outcomes import BrokerCheck, FailureLatch
 from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
 from relay.stats import RelayStats
+from relay.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,12 @@ PublisherFactory = Callable[[OnDelivery], Publisher[Pending]]
 StoreFactory = Callable[[], OutboxStore]
 
 
-# While idle, the relay asks the broker for metadata this often (readiness reflects it).
-BROKER_CHECK_INTERVAL = 5.0
-
-
-def kafka_publisher(config: PublisherConfig, stats: RelayStats) -> PublisherFactory:
-    # Kept across restarts: what the topics accept, and which need their events sent alone.
-    limits = topic_limits_for(config)
+def kafka_publisher(
+    config: PublisherConfig, stats: RelayStats, limits: TopicLimits | None = None
+) -> PublisherFactory:
+    # What the topics accept, and which need their events sent alone: the daemon keeps one
+    # across restarts (relay/mongo/factory.py).
+    limits = limits or topic_limits_for(config)
 
     def make(on_delivery: OnDelivery) -> Publisher[Pending]:
         return KafkaPublisher[Pending](
@@ -88,8 +88,9 @@ class Relayer:
         self.publisher = publisher_factory(self._on_delivery)
         self.publisher.holds = store.held_keys()
         self._last_ack = time.monotonic()
+        self.failures = FailureLatch(stats)
         self.publisher.broker_reachable(timeout=5.0)
-        self._broker_checked = time.monotonic()
+        self.check_broker = BrokerCheck(self.publisher)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -120,8 +121,7 @@ class Relayer:
         elif delivery.permanent:
             self.acks.parked(pending, delivery.error or "unknown")
         else:
-            self.stats.delivery_errors += 1
-            self.acks.failed(f"delivery to {delivery.topic} failed: {delivery.error}")
+            self.failures.failed(delivery)
 
     @property
     def in_flight(self) -> int:
@@ -134,19 +134,13 @@ class Relayer:
         self.publisher.poll(timeout)
         self.stats.in_flight = self.publisher.in_flight
 
-    def check_broker(self) -> None:
-        """While idle: ask the broker for metadata now and then (readiness reflects it)."""
-        if time.monotonic() - self._broker_checked > BROKER_CHECK_INTERVAL:
-            self.publisher.broker_reachable(timeout=2.0)
-            self._broker_checked = time.monotonic()
-
     # -- acknowledging -------------------------------------------------------------------------
 
     def acknowledge(self, *, force: bool) -> list[EntryRef]:
         """Apply Kafka's answers to MongoDB (at most every ack_interval unless forced); returns
         the entries removed. Raises DeliveryFailedError after applying what was delivered if a
         delivery failed for a reason a restart may cure."""
-        failure = self.acks.failure
+        failure = self.failures.first
         due = force or time.monotonic() - self._last_ack >= self.config.ack_interval
         applied: list[EntryRef] = []
         if self.acks.ready and (due or self.acks.ready >= 10_000 or failure):
@@ -161,8 +155,7 @@ class Relayer:
                 log_parked(parking.reason, collection=parking.ref.collection,
                            document_id=str(parking.ref.document_id),
                            event_id=str(parking.ref.event_id))
-        if failure is not None:
-            raise DeliveryFailedError(f"{failure}; unacknowledged events will be sent again")
+        self.failures.raise_if_failed("unacknowledged events will be sent again")
         return applied
 
     def drain(self, timeout: float) -> int:
@@ -193,6 +186,7 @@ class MongoRelayBase:
         store_factory: StoreFactory | None = None,
         publisher_factory: PublisherFactory | None = None,
         owner: str | None = None,
+        topic_limits: TopicLimits | None = None,
     ) -> None:
         from relay.mongo.store import MongoStore
 
@@ -203,7 +197,7 @@ class MongoRelayBase:
         if publisher_factory is None:
             if publisher_config is None:
                 raise TypeError("pass publisher_config or publisher_factory")
-            publisher_factory = kafka_publisher(publisher_config, self.stats)
+            publisher_factory = kafka_publisher(publisher_config, self.stats, topic_limits)
         self._publisher_factory = publisher_factory
 
 

@@ -13,6 +13,7 @@ from relay.mongo import (
     lease_owner,
     mongo_gauges,
 )
+from relay.publisher import topic_limits_for
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -36,4 +37,5 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
     stats.gauges.update(mongo_gauges(mongo))
     mongo_relay = MongoStreamRelay if streaming else MongoPollRelay
     owner = lease_owner()
-    return lambda: mongo_relay(mongo, publisher, stats, owner=owner)
+    limits = topic_limits_for(publisher)  # kept across the relay's restarts
+    return lambda: mongo_relay(mongo, publisher, stats, owner=owner, topic_limits=limits)

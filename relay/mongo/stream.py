@@ -24,6 +24,7 @@ from relay.mongo.store import ChangeSource, OutboxStore
 from relay.mongo.tracker import TokenLog
 from relay.publisher import PublisherConfig, waiting
 from relay.stats import RelayStats
+from relay.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,11 @@ class MongoStreamRelay(MongoRelayBase):
         store_factory: StoreFactory | None = None,
         publisher_factory: PublisherFactory | None = None,
         owner: str | None = None,
+        topic_limits: TopicLimits | None = None,
     ) -> None:
         super().__init__(config, publisher_config, stats, store_factory=store_factory,
-                         publisher_factory=publisher_factory, owner=owner)
+                         publisher_factory=publisher_factory, owner=owner,
+                         topic_limits=topic_limits)
         # A short server-side wait keeps delivery reports and the lease served while idle.
         self._max_await = min(config.poll_interval, 0.1)
         self._saved: Token | None = None

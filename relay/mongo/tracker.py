@@ -107,7 +107,6 @@ class Acknowledgements:
         self._known: dict[EntryRef, Pending] = {}
         self._delivered: list[EntryRef] = []
         self._parked: list[Parking] = []
-        self.failure: str | None = None
 
     def __len__(self) -> int:
         return len(self._known)
@@ -125,12 +124,6 @@ class Acknowledgements:
     def parked(self, pending: Pending, reason: str) -> None:
         if pending.ref in self._known:
             self._parked.append(Parking(pending.ref, pending.entry, reason))
-
-    def failed(self, reason: str) -> None:
-        """A delivery failed for a reason a retry may cure: the relay must restart and send
-        every unacknowledged event again, from each document's first pending entry."""
-        if self.failure is None:
-            self.failure = reason
 
     @property
     def ready(self) -> int:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from relay.daemon import Relay
 from relay.poll.relay import PollConfig, PollingRelay, check_schema, poll_gauges
+from relay.publisher import topic_limits_for
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -24,4 +25,5 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
     config = check_schema(config)
     publisher = settings.publisher()
     stats.gauges.update(poll_gauges(config))
-    return lambda: PollingRelay(config, publisher, stats)
+    limits = topic_limits_for(publisher)  # kept across the relay's restarts
+    return lambda: PollingRelay(config, publisher, stats, limits)

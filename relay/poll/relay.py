@@ -28,12 +28,12 @@ from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay import parked, queries
 from relay.errors import (
-    DeliveryFailedError,
     FatalRelayError,
     SourceUnavailableError,
     StoppedWhileBlocked,
 )
 from relay.holds import log_parked
+from relay.outcomes import BrokerCheck, FailureLatch
 from relay.poll.cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
 from relay.publisher import (
@@ -44,12 +44,9 @@ from relay.publisher import (
     waiting,
 )
 from relay.stats import RelayStats
+from relay.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
-
-# While idle, the relay asks the broker for metadata this often (readiness reflects it).
-BROKER_CHECK_INTERVAL = 5.0
-
 
 @dataclass(frozen=True)
 class PollConfig:
@@ -125,18 +122,19 @@ class PollingRelay:
         config: PollConfig,
         publisher_config: PublisherConfig,
         stats: RelayStats | None = None,
+        topic_limits: TopicLimits | None = None,
     ) -> None:
         self.config = config
         self.publisher_config = publisher_config
         self.stats = stats or RelayStats()
         self._delivered: list[int] = []
         self._parked: list[tuple[int, str]] = []
-        self._failure: Delivery | None = None
+        self.failures = FailureLatch(self.stats)
         self._last_ack = time.monotonic()
         self._last_expire = 0.0
-        self._broker_checked = time.monotonic()
-        # Kept across restarts: what the topics accept, and which need their events sent alone.
-        self.topic_limits = topic_limits_for(publisher_config)
+        # What the topics accept, and which need their events sent alone: the daemon keeps one
+        # across restarts (relay/poll/factory.py).
+        self.topic_limits = topic_limits or topic_limits_for(publisher_config)
         self._queries: dict[str, sql.Composed] = {}
 
     def _query(self, name: str) -> Any:
@@ -156,9 +154,7 @@ class PollingRelay:
         elif delivery.permanent:
             self._parked.append((position, delivery.error or "unknown"))
         else:
-            self.stats.delivery_errors += 1
-            if self._failure is None:
-                self._failure = delivery
+            self.failures.failed(delivery)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -175,6 +171,7 @@ class PollingRelay:
                 on_wait=waiting(stop),
             )
             publisher.broker_reachable(timeout=5.0)
+            self._check_broker = BrokerCheck(publisher)
             log.info("polling relay active", extra={
                 "event": "relay_active", "source": "postgres-poll",
                 "table": f"{self.config.names.schema}.{self.config.names.table}"})
@@ -269,9 +266,7 @@ class PollingRelay:
 
     def _idle(self, listener: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
         """Nothing to do: check the broker now and then, and wait for a notification."""
-        if time.monotonic() - self._broker_checked > BROKER_CHECK_INTERVAL:
-            publisher.broker_reachable(timeout=2.0)
-            self._broker_checked = time.monotonic()
+        self._check_broker()
         for _ in listener.notifies(timeout=self.config.poll_interval, stop_after=1):
             pass
 
@@ -284,7 +279,7 @@ class PollingRelay:
 
     def _acknowledge(self, conn: psycopg.Connection[Any], *, force: bool) -> None:
         """Delete (or mark) rows Kafka acknowledged; park rows that can never be published."""
-        failure = self._failure
+        failure = self.failures.first
         for position, reason in self._parked:
             conn.execute(self._query("park"), {"position": position, "reason": reason})
             self.stats.parked += 1
@@ -297,11 +292,7 @@ class PollingRelay:
             conn.execute(self._query(name), {"positions": self._delivered})
             self._delivered = []
             self._last_ack = time.monotonic()
-        if failure is not None:
-            raise DeliveryFailedError(
-                f"delivery to {failure.topic} failed: {failure.error}; "
-                "unacknowledged events will be sent again"
-            )
+        self.failures.raise_if_failed("unacknowledged events will be sent again")
 
     def _expire(self, conn: psycopg.Connection[Any]) -> None:
         """Delete kept rows past their retention, at most once a minute (it scans the table)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from relay.daemon import Relay
+from relay.publisher import topic_limits_for
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 from relay.wal.relay import WalRelay, WalRelayConfig, check_setup, wal_gauges
@@ -36,4 +37,5 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
     check_setup(wal)
     publisher = settings.publisher(WAL_KAFKA_DEFAULTS)
     stats.gauges.update(wal_gauges(wal))
-    return lambda: WalRelay(wal, publisher, stats)
+    limits = topic_limits_for(publisher)  # kept across the relay's restarts
+    return lambda: WalRelay(wal, publisher, stats, limits)

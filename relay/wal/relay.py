@@ -17,12 +17,12 @@ from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import parked
 from relay.errors import (
-    DeliveryFailedError,
     FatalRelayError,
     SourceUnavailableError,
     StoppedWhileBlocked,
 )
 from relay.holds import log_parked
+from relay.outcomes import FailureLatch
 from relay.published import backlog_gauges
 from relay.publisher import (
     Delivery,
@@ -32,6 +32,7 @@ from relay.publisher import (
     waiting,
 )
 from relay.stats import RelayStats
+from relay.topic_limits import TopicLimits
 from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
 from relay.wal.cleanup import TableCleaner
@@ -64,7 +65,11 @@ class WalRelay:
     """Runs until `stop`; raises RetryableError (restart from the slot) or FatalRelayError."""
 
     def __init__(
-        self, config: WalRelayConfig, publisher_config: PublisherConfig, stats: RelayStats
+        self,
+        config: WalRelayConfig,
+        publisher_config: PublisherConfig,
+        stats: RelayStats,
+        topic_limits: TopicLimits | None = None,
     ) -> None:
         self.config = config
         self.publisher_config = publisher_config
@@ -72,9 +77,10 @@ class WalRelay:
         self.tracker = CommitTracker()
         self._refused: list[tuple[Transaction, Delivery]] = []
         self._published = stats.published
-        self._failure: Delivery | None = None
-        # Kept across restarts: what the topics accept, and which need their events sent alone.
-        self.topic_limits = topic_limits_for(publisher_config)
+        self.failures = FailureLatch(stats)
+        # What the topics accept, and which need their events sent alone: the daemon keeps one
+        # across restarts (relay/wal/factory.py).
+        self.topic_limits = topic_limits or topic_limits_for(publisher_config)
 
     def _on_delivered(self, transaction: Transaction, topic: str) -> None:
         # Once per event: count it and settle its transaction; the latency is observed per
@@ -88,8 +94,7 @@ class WalRelay:
         elif delivery.permanent:
             self._refused.append((transaction, delivery))  # parked before it counts as done
         else:
-            self.stats.delivery_errors += 1
-            self._failure = self._failure or delivery
+            self.failures.failed(delivery)
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -231,10 +236,7 @@ class WalRelay:
             confirm = cleaner.cleaned_lsn
         if confirm > source.acknowledged_lsn:
             source.acknowledge(confirm)
-        if self._failure is not None:
-            raise DeliveryFailedError(
-                f"delivery to {self._failure.topic} failed: {self._failure.error}; "
-                "the relay restarts from the slot's confirmed position")
+        self.failures.raise_if_failed("the relay restarts from the slot's confirmed position")
 
 
 def check_setup(config: WalRelayConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -62,6 +63,10 @@ class RelayStats:
         self.broker_connected = True
         if created_at is not None:
             self.latency.observe(max(0.0, now - created_at))
+
+    def delivered_record(self, topic: str, created_at: dt.datetime | None) -> None:
+        """`delivered`, for an event whose creation time came with it (or not)."""
+        self.delivered(topic, created_at.timestamp() if created_at else None)
 
     def delivered_transaction(self, events: int, committed_at: float) -> None:
         """The last delivery report of a transaction's `events` (already counted per topic)

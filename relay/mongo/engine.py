@@ -116,8 +116,7 @@ class Relayer:
     def _on_delivery(self, pending: Pending, delivery: Delivery) -> None:
         if delivery.ok:
             self.acks.delivered(pending)
-            created = delivery.record.created_at
-            self.stats.delivered(delivery.topic, created.timestamp() if created else None)
+            self.stats.delivered_record(delivery.topic, delivery.record.created_at)
         elif delivery.permanent:
             self.acks.parked(pending, delivery.error or "unknown")
         else:

@@ -149,8 +149,7 @@ class PollingRelay:
     def _on_delivery(self, position: int, delivery: Delivery) -> None:
         if delivery.ok:
             self._delivered.append(position)
-            created = delivery.record.created_at
-            self.stats.delivered(delivery.topic, created.timestamp() if created else None)
+            self.stats.delivered_record(delivery.topic, delivery.record.created_at)
         elif delivery.permanent:
             self._parked.append((position, delivery.error or "unknown"))
         else:

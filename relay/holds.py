@@ -11,8 +11,10 @@ the key is held behind) comes back: the rest follow it in order, then the key's 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from outbox.record import OutboxRecord
 
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (aggregate_type, aggregate_id)
 
 HELD_PREFIX = "held behind "
+# How often an idle relay reads the held keys again from its parked events.
+REFRESH_INTERVAL = 5.0
 
 
 def key_of(record: OutboxRecord) -> Key:
@@ -72,3 +76,29 @@ def log_parked(reason: str, **where: object) -> None:
     else:
         log.error("event parked: it can never be published", extra={
             "event": "event_parked", "reason": reason, **where})
+
+
+class Holding(Protocol):
+    holds: KeyHolds
+
+
+class HoldRefresh:
+    """Call while idle (nothing in flight, nothing waiting to be parked): now and then the held
+    keys are read again from the parked events, so that a key whose parked events an operator
+    deleted, or re-queued while the relay was busy elsewhere, flows again without a restart.
+    A key is held exactly while it has parked events."""
+
+    def __init__(self, load: Callable[[], KeyHolds], publisher: Holding) -> None:
+        self.load = load
+        self.publisher = publisher
+        self._refreshed = time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self._refreshed < REFRESH_INTERVAL:
+            return
+        fresh = self.load()
+        for key in self.publisher.holds.behind.keys() - fresh.behind.keys():
+            log.info("key released: it has no parked events any more", extra={
+                "event": "key_released", "aggregate_type": key[0], "aggregate_id": key[1]})
+        self.publisher.holds = fresh
+        self._refreshed = time.monotonic()

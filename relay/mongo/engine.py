@@ -14,7 +14,7 @@ from typing import Protocol, TypeVar
 
 from outbox.conninfo import redact
 from outbox.record import OutboxRecord
-from relay.holds import KeyHolds, log_parked
+from relay.holds import HoldRefresh, KeyHolds, log_parked
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.entries import Found, in_document, in_outbox_document
 from relay.mongo.errors import LeadershipLostError
@@ -91,6 +91,7 @@ class Relayer:
         self.failures = FailureLatch(stats)
         self.publisher.broker_reachable(timeout=5.0)
         self.check_broker = BrokerCheck(self.publisher)
+        self._refresh_holds = HoldRefresh(store.held_keys, self.publisher)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -121,6 +122,12 @@ class Relayer:
             self.acks.parked(pending, delivery.error or "unknown")
         else:
             self.failures.failed(delivery)
+
+    def idle(self) -> None:
+        """Nothing in flight: check the broker and the held keys now and then."""
+        self.check_broker()
+        if self.publisher.in_flight == 0 and not self.acks.ready:
+            self._refresh_holds()
 
     @property
     def in_flight(self) -> int:

@@ -83,7 +83,7 @@ class MongoPollRelay(MongoRelayBase):
             relayer.acknowledge(force=False)
             lease.renew()
         relayer.acknowledge(force=True)
-        relayer.check_broker()
+        relayer.idle()
         if relayer.in_flight == 0:
             self.stats.progressed()
             lease.wait(stop, deadline - time.monotonic())

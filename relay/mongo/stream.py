@@ -194,7 +194,7 @@ class MongoStreamRelay(MongoRelayBase):
             if change is None:
                 if relayer.in_flight == 0:
                     self.stats.progressed()
-                relayer.check_broker()
+                relayer.idle()
                 if not stream.alive:
                     raise SourceUnavailableError(
                         "the server closed the change stream (a watched collection or the "

@@ -32,7 +32,7 @@ from relay.errors import (
     SourceUnavailableError,
     StoppedWhileBlocked,
 )
-from relay.holds import log_parked
+from relay.holds import HoldRefresh, log_parked
 from relay.outcomes import BrokerCheck, FailureLatch
 from relay.poll.cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
@@ -171,6 +171,8 @@ class PollingRelay:
             )
             publisher.broker_reachable(timeout=5.0)
             self._check_broker = BrokerCheck(publisher)
+            self._refresh_holds = HoldRefresh(
+                lambda: parked.held_keys(conn, self.config.names), publisher)
             log.info("polling relay active", extra={
                 "event": "relay_active", "source": "postgres-poll",
                 "table": f"{self.config.names.schema}.{self.config.names.table}"})
@@ -264,8 +266,10 @@ class PollingRelay:
         self._drain(conn, publisher)
 
     def _idle(self, listener: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
-        """Nothing to do: check the broker now and then, and wait for a notification."""
+        """Nothing to do: check the broker and the held keys now and then, and wait for a
+        notification."""
         self._check_broker()
+        self._refresh_holds()
         for _ in listener.notifies(timeout=self.config.poll_interval, stop_after=1):
             pass
 

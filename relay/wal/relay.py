@@ -21,7 +21,7 @@ from relay.errors import (
     SourceUnavailableError,
     StoppedWhileBlocked,
 )
-from relay.holds import log_parked
+from relay.holds import HoldRefresh, log_parked
 from relay.outcomes import FailureLatch
 from relay.published import backlog_gauges
 from relay.publisher import (
@@ -129,6 +129,7 @@ class WalRelay:
             on_wait=waiting(stop, source.heartbeat),
             holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits)
         publisher.broker_reachable(timeout=5.0)
+        refresh_holds = HoldRefresh(lambda: parked.held_keys(conn, self.config.names), publisher)
         cleaner = self._cleaner(conn)
         log.info("WAL relay streaming", extra={
             "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
@@ -146,6 +147,7 @@ class WalRelay:
                 self.stats.in_flight = self.tracker.outstanding
                 if not self.tracker.outstanding:
                     self.stats.progressed()
+                    refresh_holds()
             remaining = publisher.flush(self.config.shutdown_timeout)
             self._settle(source, conn, cleaner)
             if cleaner is not None:

@@ -10,6 +10,7 @@ their original order, before K's newer events, once the topic takes them.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import sys
@@ -61,6 +62,9 @@ class Source(Protocol):
 
     def started(self, relay: RelayThread) -> None: ...
 
+    def discard_parked(self) -> None:
+        """What an operator does who gives up on the parked events."""
+
 
 class PostgresSource:
     def __init__(self, name: str, db_url: str) -> None:
@@ -85,6 +89,10 @@ class PostgresSource:
 
     def cli(self) -> list[str]:
         return ["--db", self.db_url]
+
+    def discard_parked(self) -> None:
+        with psycopg.connect(self.db_url) as conn:
+            conn.execute("DELETE FROM outbox_parked")
 
     def started(self, relay: RelayThread) -> None:
         """The slot (WAL) or the table (polling) keeps what is written before the relay runs."""
@@ -115,6 +123,9 @@ class MongoSource:
 
     def cli(self) -> list[str]:
         return ["--mongo", self.url, "--collections", "orders"]
+
+    def discard_parked(self) -> None:
+        self.db.outbox_parked.delete_many({})
 
     def started(self, relay: RelayThread) -> None:
         if self.name == "mongo-stream":  # events written before the stream opens would wait
@@ -210,3 +221,29 @@ def test_a_parked_event_holds_its_key_and_retry_keeps_the_order(
             first_seen.append(message.id)
     assert first_seen == [str(e.id) for e in (small, large, held, later, after)]
     assert {m.id for m in received} >= {str(e.id) for e in others}
+
+
+def test_a_key_whose_parked_events_were_deleted_flows_again_without_a_restart(
+    source: Source, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.holds")
+    topic = unique_topic("drop")
+    create_topics(kafka_bootstrap, topic)
+    misrouted = outbox.Event(topic, "K", "Misrouted", {}, topic="not a valid topic!")
+    behind = outbox.Event(topic, "K", "Behind", {})
+    reader = TopicReader(kafka_bootstrap, topic)
+    with RelayThread(source.settings(kafka_bootstrap)) as relay:
+        source.started(relay)
+        source.write(misrouted)
+        source.write(behind)
+        wait_for(lambda: len(source.parked()) == 2, 60, "the event and its follower parked")
+        source.discard_parked()
+        wait_for(lambda: any(getattr(r, "event", None) == "key_released"
+                             and getattr(r, "aggregate_id", None) == "K"
+                             for r in caplog.records), 60, "the relay to release the key")
+        after = outbox.Event(topic, "K", "After", {})
+        source.write(after)
+        (message,) = reader.read_ids({str(after.id)}, timeout=60)
+        assert source.parked() == []
+    reader.close()
+    assert message.key == "K"

@@ -9,8 +9,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox import sql_blocks
 from outbox.errors import ConfigurationError
 from outbox.identifiers import check_identifier
+from outbox.names import SchemaNames
 from relay.wal._translate import translate
 from relay.wal.errors import (
     PublicationMismatchError,
@@ -104,22 +106,16 @@ def _lsn(value: str | None) -> int | None:
 
 # -- slots -------------------------------------------------------------------------------------
 
-_SLOT_QUERY = sql.SQL(
-    "SELECT slot_name::text, plugin::text, slot_type, database::text, temporary, active,"
-    " active_pid, wal_status, restart_lsn::text, confirmed_flush_lsn::text,"
-    " CASE WHEN restart_lsn IS NOT NULL"
-    "  THEN pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint"
-    " END,"
-    " safe_wal_size, two_phase"
-    " FROM pg_catalog.pg_replication_slots WHERE slot_name = {}"
-)
+def _sql(name: str, **parts: sql.Composable) -> sql.Composed:
+    """Block `name` of relay/sql/slots.sql; `parts` are literals and identifiers."""
+    return sql_blocks.compose("relay", "slots.sql", name, SchemaNames(), **parts)
 
 
 def slot_status(conn: psycopg.Connection[Any], slot: str) -> SlotStatus | None:
     """The slot's row of pg_replication_slots, or None if there is no such slot."""
     check_slot_name(slot)
     try:
-        row = conn.execute(_SLOT_QUERY.format(sql.Literal(slot))).fetchone()
+        row = conn.execute(_sql("slot_status", slot=sql.Literal(slot))).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, f"reading the status of replication slot {slot!r}") from exc
     if row is None:
@@ -143,7 +139,7 @@ def slot_status(conn: psycopg.Connection[Any], slot: str) -> SlotStatus | None:
 
 def current_database(conn: psycopg.Connection[Any]) -> str:
     try:
-        row = conn.execute("SELECT pg_catalog.current_database()::text").fetchone()
+        row = conn.execute(_sql("current_database")).fetchone()
     except psycopg.Error as exc:
         raise translate(exc, "reading the current database") from exc
     assert row is not None
@@ -202,9 +198,7 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> int:
     attribute, and no open transaction that has written on `conn`.
     """
     check_slot_name(slot)
-    query = sql.SQL(
-        "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot({}, {})"
-    ).format(sql.Literal(slot), sql.Literal(PLUGIN))
+    query = _sql("create_slot", slot=sql.Literal(slot), plugin=sql.Literal(PLUGIN))
     try:
         row = conn.execute(query).fetchone()
     except psycopg.errors.DuplicateObject as exc:
@@ -224,7 +218,7 @@ def drop_slot(conn: psycopg.Connection[Any], slot: str, missing_ok: bool = True)
         if missing_ok:
             return False
         raise SlotMissingError(f"replication slot {slot!r} does not exist")
-    query = sql.SQL("SELECT pg_catalog.pg_drop_replication_slot({})").format(sql.Literal(slot))
+    query = _sql("drop_slot", slot=sql.Literal(slot))
     try:
         conn.execute(query)
     except psycopg.Error as exc:
@@ -241,18 +235,11 @@ def publication_info(conn: psycopg.Connection[Any], publication: str) -> Publica
     # Column lists and row filters exist from PostgreSQL 15 on.
     details = "attnames::text[], rowfilter" if conn.info.server_version >= 150000 else "NULL, NULL"
     try:
-        row = conn.execute(
-            sql.SQL(
-                "SELECT puballtables, pubinsert FROM pg_catalog.pg_publication WHERE pubname = {}"
-            ).format(name)
-        ).fetchone()
+        row = conn.execute(_sql("publication", publication_name=name)).fetchone()
         if row is None:
             return None
         tables = conn.execute(
-            sql.SQL(
-                "SELECT schemaname::text, tablename::text, {} FROM pg_catalog.pg_publication_tables"
-                " WHERE pubname = {} ORDER BY 1, 2"
-            ).format(sql.SQL(details), name)
+            _sql("publication_tables", details=sql.SQL(details), publication_name=name)
         ).fetchall()
     except psycopg.Error as exc:
         raise translate(exc, f"reading publication {publication!r}") from exc
@@ -270,13 +257,7 @@ def publication_info(conn: psycopg.Connection[Any], publication: str) -> Publica
 def table_columns(conn: psycopg.Connection[Any], table: QualifiedTable) -> tuple[str, ...]:
     """The columns of `table`, in order; empty if there is no such table."""
     schema, name = table
-    query = sql.SQL(
-        "SELECT a.attname::text FROM pg_catalog.pg_attribute a"
-        " JOIN pg_catalog.pg_class c ON c.oid = a.attrelid"
-        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = {} AND c.relname = {} AND a.attnum > 0 AND NOT a.attisdropped"
-        " ORDER BY a.attnum"
-    ).format(sql.Literal(schema), sql.Literal(name))
+    query = _sql("table_columns", schema_name=sql.Literal(schema), table_name=sql.Literal(name))
     try:
         return tuple(str(r[0]) for r in conn.execute(query).fetchall())
     except psycopg.Error as exc:
@@ -338,23 +319,17 @@ def create_publication(
     table. Runs in `conn`'s transaction.
     """
     check_identifier(publication, "publication")
-    if table is None:
-        query = sql.SQL("CREATE PUBLICATION {} WITH (publish = 'insert')").format(
-            sql.Identifier(publication)
-        )
-    else:
+    target: sql.Composable = sql.SQL("")
+    if table is not None:
         schema, name = table
-        target: sql.Composable = sql.Identifier(
-            check_identifier(schema, "schema"), check_identifier(name, "table")
-        )
+        target = sql.Identifier(check_identifier(schema, "schema"), check_identifier(name, "table"))
         if columns:
             target = sql.SQL("{} ({})").format(
                 target,
                 sql.SQL(", ").join(sql.Identifier(check_identifier(c, "column")) for c in columns),
             )
-        query = sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
-            sql.Identifier(publication), target
-        )
+        target = sql.SQL("FOR TABLE {}").format(target)
+    query = _sql("create_publication", publication=sql.Identifier(publication), target=target)
     try:
         conn.execute(query)
     except psycopg.errors.DuplicateObject as exc:
@@ -372,7 +347,7 @@ def drop_publication(
         if missing_ok:
             return False
         raise PublicationMissingError(f"publication {publication!r} does not exist")
-    query = sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(publication))
+    query = _sql("drop_publication", publication=sql.Identifier(publication))
     try:
         conn.execute(query)
     except psycopg.Error as exc:

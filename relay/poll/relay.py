@@ -26,7 +26,7 @@ from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
-from relay import parked, queries
+from relay import catalog, parked, queries
 from relay.errors import (
     FatalRelayError,
     SourceUnavailableError,
@@ -315,18 +315,12 @@ def check_schema(config: PollConfig) -> PollConfig:
     names = config.names
     setup = migrate.command(names, config.columns.layout)
     with connect(config.db_url) as conn:
-        missing = [
-            name for name in (names.table, names.parked_table)
-            if conn.execute("SELECT to_regclass(%s)", [names.qualified(name).as_string(conn)])
-            .fetchone() == (None,)
-        ]
+        missing = [name for name in (names.table, names.parked_table)
+                   if not catalog.table_exists(conn, catalog.qualified(conn, names, name))]
         if config.columns.is_native or names.table in missing:
             types: dict[str, str] = {}
         else:
-            types = dict(conn.execute(
-                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-                "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-                [names.qualified(names.table).as_string(conn)]).fetchall())
+            types = catalog.column_types(conn, catalog.qualified(conn, names, names.table))
     if config.columns.is_native:
         if missing:
             raise FatalRelayError(

@@ -15,7 +15,7 @@ import psycopg
 from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
-from relay import parked
+from relay import catalog, parked
 from relay.errors import (
     FatalRelayError,
     SourceUnavailableError,
@@ -250,14 +250,14 @@ def check_setup(config: WalRelayConfig) -> None:
             with contextlib.suppress(SlotInUseError):
                 slots.check_slot(slots.slot_status(conn, config.source.slot),
                                  config.source.slot, slots.current_database(conn))
-            parked_table = config.names.qualified(config.names.parked_table).as_string(conn)
-            row = conn.execute("SELECT to_regclass(%s)", [parked_table]).fetchone()
-            missing = _missing_cleanup_rights(conn, config) if row != (None,) else None
+            parked_table = catalog.qualified(conn, config.names, config.names.parked_table)
+            parked_exists = catalog.table_exists(conn, parked_table)
+            missing = _missing_cleanup_rights(conn, config) if parked_exists else None
     except SlotError as exc:
         raise FatalRelayError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
-    if row == (None,):
+    if not parked_exists:
         setup = migrate.command(config.names, config.source.columns.layout)
         raise FatalRelayError(
             f"table {parked_table} is missing: run `{setup}` first "
@@ -274,18 +274,12 @@ def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfi
         return None
     if "txid" not in slots.table_columns(conn, (config.source.schema, config.source.table)):
         return None  # nothing to find its rows by: they are left alone (see _cleaner)
-    table = config.names.qualified(config.names.table).as_string(conn)
+    table = catalog.qualified(conn, config.names, config.names.table)
     wanted: list[tuple[str, str | None]] = [("DELETE", None)]
     if config.keep_published is not None:
         wanted.append(("UPDATE", "published_at"))
     for privilege, column in wanted:
-        if column is None:
-            allowed = conn.execute("SELECT has_table_privilege(%s, %s)",
-                                   [table, privilege]).fetchone()
-        else:
-            allowed = conn.execute("SELECT has_column_privilege(%s, %s, %s)",
-                                   [table, column, privilege]).fetchone()
-        if allowed != (True,):
+        if not catalog.may(conn, table, privilege, column):
             return f"{privilege} {table}" + (f" ({column})" if column else "")
     return None
 

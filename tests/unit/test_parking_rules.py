@@ -1,5 +1,6 @@
-"""The rules behind per-key parking and topic size limits, without Kafka (relay.holds,
-relay.topic_limits); the integration tests run them against the real broker."""
+"""The rules behind per-key parking, topic size limits and the WAL cleanup's transaction ids,
+without Kafka or PostgreSQL (relay.holds, relay.topic_limits, relay.published); the integration
+tests run them against the real services."""
 
 from __future__ import annotations
 
@@ -67,3 +68,12 @@ def test_a_batch_refused_for_its_size_makes_every_event_of_the_topic_go_alone() 
     topics.refused_in_batch("t")
     assert topics.of("t", now=0).alone_from == 0
     assert topics.of("t", now=KNOWN_TTL * 10).alone_from == 0  # for good, in this relay
+
+
+def test_pgoutput_xids_widen_to_the_tables_xid8_across_a_wraparound() -> None:
+    from relay.published import full_txids
+
+    epoch = 3 << 32
+    assert full_txids([1000, 999], epoch + 5000) == [str(epoch + 1000), str(epoch + 999)]
+    # Assigned just before the counter wrapped into this epoch: the epoch before.
+    assert full_txids([4_294_967_000], epoch + 10) == [str(epoch - (1 << 32) + 4_294_967_000)]

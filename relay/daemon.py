@@ -12,7 +12,7 @@ from types import FrameType
 from typing import Protocol
 
 from outbox.conninfo import redact
-from relay.errors import RetryableError
+from relay.errors import RelayError
 from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 class Relay(Protocol):
     def run(self, stop: threading.Event) -> None:
-        """Publish until `stop` is set; raise RetryableError on a transient failure."""
+        """Publish until `stop` is set; raise a RelayError whose `restart` says what follows."""
 
 
 @contextmanager
@@ -52,10 +52,10 @@ def supervise(
     healthy_after: float = 60.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """Run relays one after another until `stop`: a RetryableError restarts after a pause that
-    doubles up to `max_backoff`, and starts again from `initial_backoff` after a relay that ran
-    `healthy_after` seconds (a failure a day apart is not a crash loop); any other error ends
-    the daemon."""
+    """Run relays one after another until `stop`: an error that declares `restart` restarts
+    after a pause that doubles up to `max_backoff`, and starts again from `initial_backoff`
+    after a relay that ran `healthy_after` seconds (a failure a day apart is not a crash loop);
+    any other error ends the daemon."""
     backoff = initial_backoff
     while not stop.is_set():
         relay = make_relay()
@@ -63,7 +63,9 @@ def supervise(
         try:
             relay.run(stop)
             return
-        except RetryableError as exc:
+        except RelayError as exc:
+            if not exc.restart:
+                raise
             if clock() - started >= healthy_after:
                 backoff = initial_backoff
             if stats is not None:

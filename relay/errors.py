@@ -1,17 +1,26 @@
-"""Errors of the relay daemon: which ones a restart can cure and which ones stop it."""
+"""Errors of the relay daemon, each declaring what the supervisor does with it (`restart`):
+start the relay again, after a pause, from the last acknowledged position; or stop the daemon.
+The sources' own errors say it the same way (relay/wal/errors.py, relay/mongo/errors.py), so no
+source translates them by hand."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from outbox.errors import OutboxError
 
 
 class RelayError(OutboxError):
-    """The relay failed."""
+    """The relay failed. `restart`: a restart may cure it; else an operator has to act."""
+
+    restart: ClassVar[bool] = False
 
 
 class RetryableError(RelayError):
     """A transient failure (connection lost, delivery failed): the relay restarts after a pause
     and resumes from the last acknowledged position."""
+
+    restart = True
 
 
 class DeliveryFailedError(RetryableError):

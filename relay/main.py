@@ -10,7 +10,7 @@ from collections.abc import Callable
 from outbox.errors import OutboxError
 from relay import sources
 from relay.daemon import Relay, stop_on_signals, supervise
-from relay.errors import FatalRelayError, RetryableError
+from relay.errors import FatalRelayError, RelayError
 from relay.metrics import MetricsServer
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
@@ -46,7 +46,9 @@ def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:
     log.info("relay starting", extra={"event": "relay_starting", "settings": settings.redacted()})
     try:
         factory = relay_factory(settings, stats)
-    except RetryableError as exc:
+    except RelayError as exc:
+        if not exc.restart:
+            raise
         # At start-up an unreachable source is a configuration problem until proven otherwise.
         raise FatalRelayError(f"cannot start: {exc}") from exc
     server = None

@@ -1,11 +1,16 @@
-"""Errors of the WAL (logical replication) source; every one is an `OutboxError`."""
+"""Errors of the WAL (logical replication) source; every one is an `OutboxError`.
+
+Only a lost connection is worth a restart (`restart`, relay/errors.py); a missing or invalidated
+slot, a wrong publication, missing privileges need an operator: the relay never carries on from
+a fresh slot (events would be lost).
+"""
 
 from __future__ import annotations
 
-from outbox.errors import OutboxError
+from relay.errors import RelayError
 
 
-class WalError(OutboxError):
+class WalError(RelayError):
     """Reading the outbox from PostgreSQL's write-ahead log failed."""
 
 
@@ -23,6 +28,8 @@ class AcknowledgementError(WalError, ValueError):
 
 class ReplicationConnectionError(WalError):
     """The replication connection failed or was lost; reconnect with backoff and resume."""
+
+    restart = True
 
 
 class ReplicationPermissionError(WalError):

@@ -37,7 +37,7 @@ from relay.wal import slots
 from relay.wal.acks import CommitTracker, Transaction
 from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
-from relay.wal.errors import ReplicationConnectionError, SlotError, SlotInUseError, WalError
+from relay.wal.errors import SlotInUseError
 from relay.wal.lsn import format_lsn
 from relay.wal.pgoutput import PG_EPOCH_UNIX
 from relay.wal.source import WalSource, WalSourceConfig, open_as_standby
@@ -62,7 +62,8 @@ class WalRelayConfig:
 
 
 class WalRelay:
-    """Runs until `stop`; raises RetryableError (restart from the slot) or FatalRelayError."""
+    """Runs until `stop`; raises a RelayError whose `restart` says whether to start again from
+    the slot (relay/errors.py)."""
 
     def __init__(
         self,
@@ -97,23 +98,16 @@ class WalRelay:
             self.failures.failed(delivery)
 
     def run(self, stop: threading.Event) -> None:
-        try:
-            source = open_as_standby(self.config.db_url, self.config.source, stop,
-                                     retry_interval=self.config.standby_retry)
-        except ReplicationConnectionError as exc:
-            raise SourceUnavailableError(str(exc)) from exc
-        except WalError as exc:
-            # A missing or invalidated slot, a wrong publication, missing privileges: an
-            # operator has to act; never carry on from a fresh slot (events would be lost).
-            raise FatalRelayError(str(exc)) from exc
+        # Its errors declare what follows (relay/wal/errors.py): a lost connection restarts,
+        # a missing slot or publication stops the daemon.
+        source = open_as_standby(self.config.db_url, self.config.source, stop,
+                                 retry_interval=self.config.standby_retry)
         if source is None:
             return
         try:
             with source, psycopg.connect(libpq_url(self.config.db_url), autocommit=True) as conn:
                 self.stats.source_connected = self.stats.leader = True
                 self._stream(source, conn, stop)
-        except ReplicationConnectionError as exc:
-            raise SourceUnavailableError(f"lost the replication connection: {exc}") from exc
         except psycopg.OperationalError as exc:
             raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
         finally:
@@ -253,8 +247,6 @@ def check_setup(config: WalRelayConfig) -> None:
             parked_table = catalog.qualified(conn, config.names, config.names.parked_table)
             parked_exists = catalog.table_exists(conn, parked_table)
             missing = _missing_cleanup_rights(conn, config) if parked_exists else None
-    except SlotError as exc:
-        raise FatalRelayError(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
     if not parked_exists:

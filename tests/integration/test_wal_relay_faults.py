@@ -15,9 +15,9 @@ import psycopg
 import pytest
 
 import outbox
-from relay.errors import FatalRelayError
 from relay.settings import RelaySettings
 from relay.wal import format_lsn, slots
+from relay.wal.errors import SlotMissingError
 from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
 from tests.support.ledger import Ledger
 from tests.support.relays import REPO, RelayProcess, RelayThread, wait_for
@@ -186,7 +186,7 @@ def test_slot_dropped_while_stopped_refuses_to_start_and_never_makes_a_new_slot(
     writer.write_many(db_url, keys=3, per_key=20)  # committed while there is no slot
     # In-process: the relay stops with an error that says what happened and what to do.
     refused = RelayThread(wal.settings(kafka_bootstrap)).start()
-    with pytest.raises(FatalRelayError, match="does not exist") as caught:
+    with pytest.raises(SlotMissingError, match="does not exist") as caught:
         refused.stop()
     assert "Recover them first" in str(caught.value)
     # The CLI: exits non-zero with that message, in bounded time.

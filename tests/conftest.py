@@ -130,4 +130,4 @@ def private_postgres(
     with psycopg.connect(url) as conn:
         migrate.up(conn, SchemaNames())
     yield server, url
-    server.stop()
+    server.discard()

@@ -160,6 +160,12 @@ class PostgresService:
         bindir = Path(str(state.get("bindir") or find_bindir()))
         self._pg_ctl(bindir, server_user(), "stop", "-m", "fast", "-w", "-t", "60", check=False)
 
+    def discard(self) -> None:
+        """Stop the server and delete its cluster: for a throw-away server (a test's own),
+        whose home may be in /var/tmp, where nothing else would ever remove it."""
+        self.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
     def status(self) -> str | None:
         if not self._running():
             return None

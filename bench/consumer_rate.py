@@ -34,7 +34,7 @@ from outbox import migrate
 from outbox.consumer import Consumer, Message
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
-from relay.publisher import kafka_headers
+from relay.sinks.kafka.sink import kafka_headers
 
 
 def settings(args: argparse.Namespace) -> tuple[str, str]:

@@ -38,7 +38,7 @@ from outbox import mongo as outbox_mongo
 from relay.daemon import supervise
 from relay.mongo import MongoPollRelay, MongoRelayConfig, MongoStore, MongoStreamRelay, check_source
 from relay.mongo.tracker import AckPlan
-from relay.publisher import PublisherConfig
+from relay.sinks.kafka.sink import PublisherConfig
 
 Document = dict[str, Any]
 

@@ -17,7 +17,7 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay import queries
-from relay.kafka_settings import (
+from relay.sinks.kafka.settings import (
     LIBRDKAFKA_MESSAGE_MAX_BYTES,
     admin_settings,
     producer_settings,

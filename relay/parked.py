@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay import queries
-from relay.holds import KeyHolds
+from relay.core.holds import KeyHolds
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from outbox.conninfo import redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from relay import sources
-from relay.publisher import PublisherConfig
+from relay.sinks.kafka.sink import PublisherConfig
 
 SOURCES = sources.NAMES
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-# Headers every relay source sets (relay/publisher.py `kafka_headers`); the rest are the
+# Headers every relay source sets (relay/sinks/kafka/sink.py `kafka_headers`); the rest are the
 # event's own headers.
 ID_HEADER = "id"
 EVENT_TYPE_HEADER = "event_type"

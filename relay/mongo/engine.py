@@ -1,7 +1,8 @@
-"""What both MongoDB sources share: sending, acknowledging, parking, the lease, the scan."""
+"""What both MongoDB sources share: sending, applying answers, parking, the lease, the scan."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -9,179 +10,161 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Iterator, Mapping
 
 from outbox.conninfo import redact
-from outbox.record import OutboxRecord
-from relay.holds import HoldRefresh, KeyHolds, log_parked
+from relay.core.holds import KeyHolds
+from relay.core.loop import RelayCore
+from relay.core.ports import Cadence, Refused, Sink, SinkFactory
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.entries import Found, in_document, in_outbox_document
 from relay.mongo.errors import LeadershipLostError
 from relay.mongo.paging import Sweep
 from relay.mongo.store import OutboxStore
 from relay.mongo.tracker import Acknowledgements, EntryRef, Pending
-from relay.outcomes import BrokerCheck, FailureLatch
-from relay.publisher import Delivery, KafkaPublisher, PublisherConfig, topic_limits_for
+from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", contravariant=True)
-OnDelivery = Callable[[Pending, Delivery], None]
-
-
-class Publisher(Protocol[T]):
-    """What the relay needs of `relay.publisher.KafkaPublisher` (the fake is in `testing`)."""
-
-    in_flight: int
-    on_wait: Callable[[], None]  # called while `send` waits for room (keeps the lease)
-    holds: KeyHolds  # keys with a parked event: their later events are parked behind it
-
-    def send(self, record: OutboxRecord, token: T) -> None: ...
-
-    def poll(self, timeout: float = 0.0) -> int: ...
-
-    def flush(self, timeout: float) -> int: ...
-
-    def purge(self) -> None: ...
-
-    def broker_reachable(self, timeout: float) -> bool: ...
-
-
-PublisherFactory = Callable[[OnDelivery], Publisher[Pending]]
 StoreFactory = Callable[[], OutboxStore]
+# Sends what was found in a collection (named for the logs); returns how many events it took.
+Offer = Callable[[Found, str], int]
 
 
-def kafka_publisher(
-    config: PublisherConfig, stats: RelayStats, limits: TopicLimits | None = None
-) -> PublisherFactory:
-    # What the topics accept, and which need their events sent alone: the daemon keeps one
-    # across restarts (relay/mongo/factory.py).
-    limits = limits or topic_limits_for(config)
+class MongoSource:
+    """What both MongoDB sources share as the core's `Source` (relay/core/ports.py): the store,
+    the lease, the events on their way (sent once while known), and writing Kafka's answers:
+    delivered entries are pulled from their documents, refused ones parked. The token of an
+    event is its `Pending` entry."""
 
-    def make(on_delivery: OnDelivery) -> Publisher[Pending]:
-        return KafkaPublisher[Pending](
-            config, on_delivery, limits=limits,
-            on_broker_state=lambda up: setattr(stats, "broker_connected", up))
-
-    return make
-
-
-class Relayer:
-    """Hands pending events to Kafka and applies Kafka's answers to MongoDB: delivered entries
-    are pulled from their documents, permanently refused ones parked, and any other failure
-    makes the relay restart from what is still pending."""
+    name = ""
+    latency_per_event = True
+    after_failure = "unacknowledged events will be sent again"
 
     def __init__(
         self,
         config: MongoRelayConfig,
-        store: OutboxStore,
-        publisher_factory: PublisherFactory,
         stats: RelayStats,
+        store_factory: StoreFactory | None = None,
+        owner: str | None = None,
     ) -> None:
+        from relay.mongo.store import MongoStore
+
         self.config = config
-        self.store = store
         self.stats = stats
+        self.owner = owner or lease_owner()
+        self._store_factory = store_factory or (lambda: MongoStore(config))
+        self.cadence = Cadence(room=config.batch_size, max_in_flight=config.max_in_flight,
+                               ack_interval=config.ack_interval,
+                               shutdown_timeout=config.shutdown_timeout)
+        self.caught_up = False
         self.acks = Acknowledgements()
-        self.publisher = publisher_factory(self._on_delivery)
-        self.publisher.holds = store.held_keys()
-        self._last_ack = time.monotonic()
-        self.failures = FailureLatch(stats)
-        self.publisher.broker_reachable(timeout=5.0)
-        self.check_broker = BrokerCheck(self.publisher)
-        self._refresh_holds = HoldRefresh(store.held_keys, self.publisher)
+        self._store: OutboxStore | None = None
+        self._lease: Lease | None = None
 
-    # -- sending -------------------------------------------------------------------------------
+    @property
+    def store(self) -> OutboxStore:
+        assert self._store is not None, "the source is not open"
+        return self._store
 
-    def offer(self, pending: Pending) -> bool:
-        """Send `pending` unless it is already on its way; True if it was taken now."""
-        if self.acks.is_known(pending.ref):
-            return False
-        # Known before `send`: a refused topic is reported from inside `send`.
-        self.acks.sent(pending)
-        if pending.record is None:
-            self.acks.parked(pending, pending.problem or "malformed outbox entry")
-        else:
-            self.publisher.send(pending.record, pending)
-        return True
+    @property
+    def lease(self) -> Lease:
+        assert self._lease is not None, "the source is not open"
+        return self._lease
 
-    def offer_all(self, found: Found, where: str) -> list[EntryRef]:
-        taken = [p.ref for p in found.pending if self.offer(p)]
+    @contextlib.contextmanager
+    def open(self, stop: threading.Event) -> Iterator[bool]:
+        store = self._store = self._store_factory()
+        lease = self._lease = Lease(store, self.config, self.stats, self.owner)
+        self.acks = Acknowledgements()
+        try:
+            self.stats.source_connected = True
+            yield lease.acquire(stop) and self.started(stop)
+        finally:
+            lease.release()
+            self.stats.source_connected = False
+            store.close()
+
+    def started(self, stop: threading.Event) -> bool:
+        """The lease is held: get ready to read (False if stopped first)."""
+        raise NotImplementedError
+
+    def held_keys(self) -> KeyHolds:
+        return self.store.held_keys()
+
+    # Each source reads its own way (relay/mongo/poll.py, relay/mongo/stream.py).
+
+    def read(self, sink: Sink[Pending], park: Callable[[Refused], None], busy: bool) -> int:
+        raise NotImplementedError
+
+    def wait_for_more(self, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def finish(self, unacknowledged: int) -> None:
+        raise NotImplementedError
+
+    def offer_all(
+        self, found: Found, where: str, sink: Sink[Pending], park: Callable[[Refused], None]
+    ) -> list[EntryRef]:
+        """Send what was found, except what is already on its way; returns what was taken."""
+        acks, send = self.acks, sink.send
+        taken = []
+        for pending in found.pending:
+            if acks.is_known(pending.ref):
+                continue
+            # Known before `send`: a refused topic is reported from inside `send`.
+            acks.sent(pending)
+            if pending.record is None:
+                park(Refused(pending, pending.problem or "malformed outbox entry"))
+            else:
+                send(pending.record, pending)
+            taken.append(pending.ref)
         if found.unidentifiable:
             log.warning("outbox entries without an event id are left in place", extra={
                 "event": "entry_without_id", "where": where, "count": found.unidentifiable})
         return taken
 
-    def _on_delivery(self, pending: Pending, delivery: Delivery) -> None:
-        if delivery.ok:
-            self.acks.delivered(pending)
-            self.stats.delivered_record(delivery.topic, delivery.record.created_at)
-        elif delivery.permanent:
-            self.acks.parked(pending, delivery.error or "unknown")
-        else:
-            self.failures.failed(delivery)
-
-    def idle(self) -> None:
-        """Nothing in flight: check the broker and the held keys now and then."""
-        self.check_broker()
-        if self.publisher.in_flight == 0 and not self.acks.ready:
-            self._refresh_holds()
-
-    @property
-    def in_flight(self) -> int:
-        return self.publisher.in_flight
-
-    def has_room(self) -> bool:
-        return self.publisher.in_flight + self.config.batch_size <= self.config.max_in_flight
-
-    def poll(self, timeout: float = 0.0) -> None:
-        self.publisher.poll(timeout)
-        self.stats.in_flight = self.publisher.in_flight
-
-    # -- acknowledging -------------------------------------------------------------------------
-
-    def acknowledge(self, *, force: bool) -> list[EntryRef]:
-        """Apply Kafka's answers to MongoDB (at most every ack_interval unless forced); returns
-        the entries removed. Raises DeliveryFailedError after applying what was delivered if a
-        delivery failed for a reason a restart may cure."""
-        failure = self.failures.first
-        due = force or time.monotonic() - self._last_ack >= self.config.ack_interval
-        applied: list[EntryRef] = []
-        if self.acks.ready and (due or self.acks.ready >= 10_000 or failure):
-            plan = self.acks.plan()
+    def apply(self, delivered: list[Pending], refused: list[Refused]) -> None:
+        """Park the refused entries and pull the delivered ones, in one plan."""
+        acks = self.acks
+        for pending in delivered:
+            acks.delivered(pending)
+        for parking in refused:
+            acks.parked(parking.token, parking.reason)
+        plan = acks.plan()
+        if plan:
             self.store.apply(plan)
-            self.acks.applied(plan)
-            self._last_ack = time.monotonic()
-            applied = plan.refs
-            self.stats.progressed()
-            for parking in plan.parks:
-                self.stats.parked += 1
-                log_parked(parking.reason, collection=parking.ref.collection,
-                           document_id=str(parking.ref.document_id),
-                           event_id=str(parking.ref.event_id))
-        self.failures.raise_if_failed("unacknowledged events will be sent again")
-        return applied
+            acks.applied(plan)
+            self.applied(plan.refs)
 
-    def drain(self, timeout: float) -> int:
-        """On stop: wait (bounded) for outstanding delivery reports and apply them."""
-        remaining = self.publisher.flush(timeout)
-        self.acknowledge(force=True)
-        return remaining
+    def applied(self, refs: list[EntryRef]) -> None:
+        """These entries' removal from their documents is applied."""
 
-    def abandon(self) -> None:
-        """On failure: drop what librdkafka still holds, so nothing is sent behind the back of
-        the relay that restarts and sends it again in order."""
-        try:
-            self.publisher.purge()
-        except Exception as exc:
-            log.debug("purge failed", extra={"event": "purge_failed", "error": str(exc)})
+    def confirm(self, *, force: bool) -> None:
+        """Nothing to confirm: an entry's removal is its acknowledgement."""
+
+    def where(self, token: Pending) -> Mapping[str, object]:
+        ref = token.ref
+        return {"collection": ref.collection, "document_id": str(ref.document_id),
+                "event_id": str(ref.event_id)}
+
+    def keep_alive(self) -> None:
+        self.lease.renew()
+
+    def on_caught_up(self) -> None:
+        """Nothing to do: MongoDB keeps no published entries."""
+
+    def abandon(self, *, blocked: bool) -> None:
+        """What was not acknowledged stays in the documents: the next relay sends it."""
 
 
-class MongoRelayBase:
-    """What both MongoDB relays are made of: configuration, stats, and the store and publisher
-    factories (real ones by default, in-memory fakes in unit tests)."""
+class MongoRelay(RelayCore[Pending]):
+    """A MongoDB relay: the core driving its `source_class` into a sink (Kafka unless a
+    `publisher_factory` is given: the in-memory sink of unit tests)."""
+
+    source_class: type[MongoSource]
 
     def __init__(
         self,
@@ -190,21 +173,17 @@ class MongoRelayBase:
         stats: RelayStats | None = None,
         *,
         store_factory: StoreFactory | None = None,
-        publisher_factory: PublisherFactory | None = None,
+        publisher_factory: SinkFactory | None = None,
         owner: str | None = None,
         topic_limits: TopicLimits | None = None,
     ) -> None:
-        from relay.mongo.store import MongoStore
-
-        self.config = config
-        self.owner = owner or lease_owner()
-        self.stats = stats or RelayStats()
-        self._store_factory = store_factory or (lambda: MongoStore(config))
+        stats = stats or RelayStats()
         if publisher_factory is None:
             if publisher_config is None:
                 raise TypeError("pass publisher_config or publisher_factory")
-            publisher_factory = kafka_publisher(publisher_config, self.stats, topic_limits)
-        self._publisher_factory = publisher_factory
+            publisher_factory = kafka_sink(publisher_config, stats, topic_limits)
+        super().__init__(self.source_class(config, stats, store_factory, owner),
+                         publisher_factory, stats)
 
 
 def lease_owner() -> str:
@@ -286,10 +265,9 @@ class Scanner:
     """Passes over the relayed collections' pending documents in _id order, a page of each
     collection per step: mongo-poll's reading, and mongo-stream's catch-up scan."""
 
-    def __init__(self, config: MongoRelayConfig, store: OutboxStore, relayer: Relayer) -> None:
+    def __init__(self, config: MongoRelayConfig, store: OutboxStore) -> None:
         self.config = config
         self.store = store
-        self.relayer = relayer
         self.sweeps = [Sweep(name, embedded=True) for name in config.collections]
         self.sweeps.append(Sweep(config.outbox_collection, embedded=False))
         self._done: set[str] = set()
@@ -305,12 +283,13 @@ class Scanner:
         self._done.clear()
         self.round_sent = 0
 
-    def step(self) -> int:
-        """Read and send one page of every collection not yet done this round."""
+    def step(self, offer: Offer) -> int:
+        """Read one page of every collection not yet done this round and `offer` what it
+        holds; returns how many events were taken."""
         sent = 0
         for sweep in self.sweeps:
             if sweep.collection not in self._done:
-                sent += self._page(sweep)
+                sent += self._page(sweep, offer)
         self.round_sent += sent
         return sent
 
@@ -321,7 +300,7 @@ class Scanner:
         wanted = math.ceil(self.config.batch_size / max(per_document, 1.0))
         return max(1, min(self.config.page_documents, wanted))
 
-    def _page(self, sweep: Sweep) -> int:
+    def _page(self, sweep: Sweep, offer: Offer) -> int:
         limit = self._limit(sweep)
         documents = self.store.page(
             sweep.collection, sweep.id_filter(), limit, embedded=sweep.embedded)
@@ -334,7 +313,7 @@ class Scanner:
                 found = in_document(sweep.collection, document, self.config.field)
             else:
                 found = in_outbox_document(sweep.collection, document)
-            sent += len(self.relayer.offer_all(found, sweep.collection))
+            sent += offer(found, sweep.collection)
             events += len(found.pending)
             handled += 1
             last_id = document["_id"]
@@ -343,9 +322,6 @@ class Scanner:
             self._per_document[sweep.collection] = (
                 self._per_document.get(sweep.collection, seen) + seen) / 2
         cut = handled < len(documents)
-        if sent:
-            self.relayer.stats.batches += 1
-            self.relayer.stats.batch_events += sent
         if sweep.advance(last_id, more=cut or len(documents) >= limit):
             self._done.add(sweep.collection)
         return sent

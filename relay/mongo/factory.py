@@ -13,8 +13,8 @@ from relay.mongo import (
     lease_owner,
     mongo_gauges,
 )
-from relay.publisher import topic_limits_for
 from relay.settings import RelaySettings
+from relay.sinks.kafka.sink import topic_limits_for
 from relay.stats import RelayStats
 
 

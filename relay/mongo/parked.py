@@ -5,8 +5,8 @@ it from its document (relay/mongo/store.py). Re-queueing puts a key's parked eve
 the relays read pending events, in the order they were parked and *before* the key's newer
 pending events: at the front of their document's list, or, when that document is gone (the
 aggregate was deleted) or the event came from the outbox collection, into the outbox
-collection under its own id. The first of them is the one the key is held behind (relay/holds.py),
-so the key's order survives.
+collection under its own id. The first of them is the one the key is held behind
+(relay/core/holds.py), so the key's order survives.
 """
 
 from __future__ import annotations

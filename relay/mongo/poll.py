@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 
-from relay.errors import StoppedWhileBlocked
-from relay.mongo.engine import (
-    Lease,
-    MongoRelayBase,
-    Relayer,
-    Scanner,
-)
-from relay.publisher import waiting
+from relay.core.ports import Refused, Sink
+from relay.mongo.engine import MongoRelay, MongoSource, Scanner
+from relay.mongo.tracker import Pending
 
 log = logging.getLogger(__name__)
 
 
-class MongoPollRelay(MongoRelayBase):
-    """The polling source for MongoDB. Runs until `stop` is set; raises RetryableError for the
-    supervisor to restart it.
+class MongoPollSource(MongoSource):
+    """The polling source for MongoDB.
 
     Passes over each collection's documents with pending events in _id order, a page at a time,
     and sends each document's entries in list order. Once Kafka acknowledged an entry it is
@@ -28,62 +22,41 @@ class MongoPollRelay(MongoRelayBase):
     still on its way is never sent twice by the same relay (the next pass skips it).
     """
 
-    source = "mongo-poll"
+    name = "mongo-poll"
 
-    def run(self, stop: threading.Event) -> None:
-        store = self._store_factory()
-        lease = Lease(store, self.config, self.stats, self.owner)
-        try:
-            self.stats.source_connected = True
-            if not lease.acquire(stop):
-                return
-            relayer = Relayer(self.config, store, self._publisher_factory, self.stats)
-            # The lease lives on while Kafka is full; a stop does not wait for the broker.
-            relayer.publisher.on_wait = waiting(stop, lease.renew)
-            log.info("mongo polling relay active", extra={
-                "event": "relay_active", "source": self.source,
-                "collections": list(self.config.watched)})
-            try:
-                self._loop(relayer, lease, stop)
-                remaining = relayer.drain(self.config.shutdown_timeout)
-            except StoppedWhileBlocked:
-                # What was not acknowledged stays in the documents: the next relay sends it.
-                relayer.abandon()
-                remaining = relayer.in_flight
-            except BaseException:
-                relayer.abandon()
-                raise
-            log.info("mongo polling relay stopped", extra={
-                "event": "relay_stopped", "unacknowledged": remaining})
-        finally:
-            lease.release()
-            self.stats.source_connected = False
-            store.close()
+    def started(self, stop: threading.Event) -> bool:
+        self._scanner = Scanner(self.config, self.store)
+        self._exhausted = False  # a whole pass found nothing new: wait before the next
+        log.info("mongo polling relay active", extra={
+            "event": "relay_active", "source": self.name,
+            "collections": list(self.config.watched)})
+        return True
 
-    def _loop(self, relayer: Relayer, lease: Lease, stop: threading.Event) -> None:
-        scanner = Scanner(self.config, relayer.store, relayer)
-        while not stop.is_set():
-            if relayer.has_room():
-                scanner.step()
-            else:
-                relayer.poll(0.05)  # backpressure: the broker is slow or away
-            relayer.poll(0)
-            relayer.acknowledge(force=False)
-            lease.renew()
+    def read(self, sink: Sink[Pending], park: Callable[[Refused], None], busy: bool) -> int:
+        self.lease.renew()
+        scanner = self._scanner
+        if not self._exhausted:
             if scanner.round_complete:
-                if scanner.round_sent == 0:
-                    self._idle(relayer, lease, stop)
                 scanner.new_round()
+            sent = scanner.step(
+                lambda found, where: len(self.offer_all(found, where, sink, park)))
+            self._exhausted = scanner.round_complete and scanner.round_sent == 0
+        else:
+            sent = 0
+        self.caught_up = self._exhausted
+        return sent
 
-    def _idle(self, relayer: Relayer, lease: Lease, stop: threading.Event) -> None:
-        """A pass found nothing new: finish what is in flight, then wait for the next pass."""
-        deadline = time.monotonic() + self.config.poll_interval
-        while relayer.in_flight and not stop.is_set() and time.monotonic() < deadline:
-            relayer.poll(0.05)
-            relayer.acknowledge(force=False)
-            lease.renew()
-        relayer.acknowledge(force=True)
-        relayer.idle()
-        if relayer.in_flight == 0:
-            self.stats.progressed()
-            lease.wait(stop, deadline - time.monotonic())
+    def wait_for_more(self, stop: threading.Event) -> None:
+        """A pass found nothing new and all is settled: the next pass after the interval."""
+        self._exhausted = False
+        self.lease.wait(stop, self.config.poll_interval)
+
+    def finish(self, unacknowledged: int) -> None:
+        log.info("mongo polling relay stopped", extra={
+            "event": "relay_stopped", "unacknowledged": unacknowledged})
+
+
+class MongoPollRelay(MongoRelay):
+    """mongo-poll: the core driving a MongoPollSource into a sink."""
+
+    source_class = MongoPollSource

@@ -28,8 +28,8 @@ from pymongo.errors import (
 from outbox.conninfo import redact
 from outbox.errors import ConfigurationError, InvalidEventError
 from outbox.mongo import MAX_DOCUMENT_BYTES, event_id_of
+from relay.core.holds import KeyHolds
 from relay.errors import FatalRelayError, RelayError, SourceUnavailableError
-from relay.holds import KeyHolds
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.errors import ResumeTokenInvalidError
 from relay.mongo.tracker import AckPlan, Parking

@@ -1,27 +1,23 @@
-"""In-memory fakes of the MongoDB relays' boundaries (store, change stream, publisher) for tests."""
+"""In-memory fakes of the MongoDB relays' boundaries (store, change stream) for tests; the sink's
+is relay/core/testing.py."""
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from outbox.mongo import event_id_of
-from outbox.record import OutboxRecord
-from relay.holds import KeyHolds
-from relay.kafka_settings import valid_topic
+from relay.core.holds import KeyHolds
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.errors import ResumeTokenInvalidError
 from relay.mongo.paging import BRACKETS, bracket_of
 from relay.mongo.tracker import AckPlan
-from relay.publisher import Delivery, topic_for
 
 Document = dict[str, Any]
 Token = Mapping[str, Any]
-T = TypeVar("T")
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -228,70 +224,3 @@ class InMemoryStream:
 
     def close(self) -> None:
         self.alive = False
-
-
-class InMemoryPublisher(Generic[T]):
-    """A Kafka publisher that keeps what it was sent; `poll` delivers unless `paused`.
-
-    `refuse[event_id] = (error, permanent)` makes that event's delivery fail.
-    """
-
-    def __init__(
-        self, on_delivery: Callable[[T, Delivery], None], topic_template: str = "{aggregate_type}"
-    ) -> None:
-        self._on_delivery = on_delivery
-        self.topic_template = topic_template
-        self.sent: list[OutboxRecord] = []
-        self.delivered: list[OutboxRecord] = []
-        self.refuse: dict[Any, tuple[str, bool]] = {}
-        self.paused = False
-        self.on_wait: Callable[[], None] = lambda: None
-        self.holds = KeyHolds()
-        self._queue: deque[tuple[OutboxRecord, T, str]] = deque()
-        self.in_flight = 0
-
-    def send(self, record: OutboxRecord, token: T) -> None:
-        topic = topic_for(record, self.topic_template)
-        if not valid_topic(topic):
-            self._on_delivery(
-                token, Delivery(record, topic, f"invalid topic name {topic!r}", permanent=True))
-            self.holds.parked(record)
-            return
-        reason = self.holds.reason_to_park(record)
-        if reason is not None:
-            self._on_delivery(token, Delivery(record, topic, reason, permanent=True))
-            return
-        self.sent.append(record)
-        self._queue.append((record, token, topic))
-        self.in_flight += 1
-
-    def poll(self, timeout: float = 0.0) -> int:
-        if self.paused:
-            return 0
-        served = 0
-        while self._queue:
-            record, token, topic = self._queue.popleft()
-            self.in_flight -= 1
-            served += 1
-            refused = self.refuse.get(record.id)
-            if refused is not None:
-                if refused[1]:
-                    self.holds.parked(record)
-                self._on_delivery(token, Delivery(record, topic, refused[0], permanent=refused[1]))
-            else:
-                self.delivered.append(record)
-                self._on_delivery(token, Delivery(record, topic))
-        return served
-
-    def flush(self, timeout: float) -> int:
-        self.poll()
-        return self.in_flight
-
-    def purge(self) -> None:
-        while self._queue:
-            record, token, topic = self._queue.popleft()
-            self.in_flight -= 1
-            self._on_delivery(token, Delivery(record, topic, "Purged in queue"))
-
-    def broker_reachable(self, timeout: float) -> bool:
-        return not self.paused

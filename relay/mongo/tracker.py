@@ -11,7 +11,7 @@ from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions
 
 from outbox.record import OutboxRecord
-from relay.in_order import InOrder
+from relay.core.watermark import Group, Watermark
 
 # Keys are the BSON of the stored values, so any _id (sub-documents included) is hashable and
 # compares the way the server compares it.
@@ -147,52 +147,45 @@ class Acknowledgements:
             self._known.pop(ref, None)
 
 
-@dataclass
-class _Change:
-    token: Mapping[str, Any]
-    outstanding: int  # events sent for it, not yet removed from their documents
-
-
 class TokenLog:
     """Resume tokens of the changes read, oldest first, each with the events it still waits for.
 
-    The rule: the token of a change may be stored once every event sent for that change and for
-    all changes before it has been delivered by Kafka *and* removed from its document (or
-    parked). Resuming there replays nothing that is still needed; an event already removed may
-    be replayed and sent again (at least once), never skipped.
+    The rule (relay/core/watermark.py, a change being a group): the token of a change may be
+    stored once every event sent for that change and for all changes before it has been
+    delivered by Kafka *and* removed from its document (or parked). Resuming there replays
+    nothing that is still needed; an event already removed may be replayed and sent again (at
+    least once), never skipped.
     """
 
     def __init__(self) -> None:
-        self._changes: InOrder[_Change] = InOrder()
-        self._owner: dict[EntryRef, _Change] = {}
+        self._changes: Watermark[Mapping[str, Any]] = Watermark()
+        self._owner: dict[EntryRef, Group[Mapping[str, Any]]] = {}
 
     def change(self, token: Mapping[str, Any], refs: Iterable[EntryRef]) -> None:
         """A change was read and these events were sent for it (none: done at once)."""
-        entry = _Change(token, 0)
         for ref in refs:
             if ref not in self._owner:
-                self._owner[ref] = entry
-                entry.outstanding += 1
-        self._changes.append(entry)
+                self._owner[ref] = self._changes.sent()
+        self._changes.close(token)
 
     def acknowledged(self, refs: Iterable[EntryRef]) -> None:
         """These events' removal from the source has been applied."""
         for ref in refs:
             owner = self._owner.pop(ref, None)
             if owner is not None:
-                owner.outstanding -= 1
+                self._changes.done(owner)
 
     def committable(self) -> Mapping[str, Any] | None:
         """The newest token that may be stored now, or None if none became storable."""
         token = None
         for change in self._changes.pop_done():
-            token = change.token
+            token = change.position
         return token
 
     @property
     def empty(self) -> bool:
         """No change read so far waits for any event."""
-        return len(self._changes) == 0
+        return self._changes.waiting == 0
 
     @property
     def waiting(self) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from relay.poll.cursor import PollCursor, Snapshot
-from relay.poll.relay import PollConfig, PollingRelay, check_schema, poll_gauges
+from relay.poll.relay import PollConfig, PollSource, check_schema, poll_gauges, polling_relay
 
-__all__ = ["PollConfig", "PollCursor", "PollingRelay", "Snapshot", "check_schema", "poll_gauges"]
+__all__ = [
+    "PollConfig", "PollCursor", "PollSource", "Snapshot", "check_schema", "poll_gauges",
+    "polling_relay",
+]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from relay.daemon import Relay
-from relay.poll.relay import PollConfig, PollingRelay, check_schema, poll_gauges
-from relay.publisher import topic_limits_for
+from relay.poll.relay import PollConfig, check_schema, poll_gauges, polling_relay
 from relay.settings import RelaySettings
+from relay.sinks.kafka.sink import topic_limits_for
 from relay.stats import RelayStats
 
 
@@ -26,4 +26,4 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
     publisher = settings.publisher()
     stats.gauges.update(poll_gauges(config))
     limits = topic_limits_for(publisher)  # kept across the relay's restarts
-    return lambda: PollingRelay(config, publisher, stats, limits)
+    return lambda: polling_relay(config, publisher, stats, limits)

@@ -1,11 +1,9 @@
-"""The polling publisher: reads committed rows of the outbox table, publishes them, then deletes.
-
-One relay is active per outbox table (a session advisory lock elects it); the others wait as
-standbys. Rows are deleted (or marked) only after Kafka's delivery report succeeded for them.
-"""
+"""The polling source: reads committed rows of the outbox table in position order; the core
+(relay/core/loop.py) publishes them, then the source deletes (or marks) them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -13,7 +11,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,24 +25,15 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.record import OutboxRecord
 from relay import catalog, parked, queries
-from relay.errors import (
-    FatalRelayError,
-    SourceUnavailableError,
-    StoppedWhileBlocked,
-)
-from relay.holds import HoldRefresh, log_parked
-from relay.outcomes import BrokerCheck, FailureLatch
+from relay.core.holds import KeyHolds
+from relay.core.loop import RelayCore
+from relay.core.ports import Cadence, Refused, Sink
+from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
-from relay.publisher import (
-    Delivery,
-    KafkaPublisher,
-    PublisherConfig,
-    topic_limits_for,
-    waiting,
-)
+from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.topic_limits import TopicLimits
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +103,30 @@ def _record(row: tuple[Any, ...]) -> OutboxRecord:
     )
 
 
-class PollingRelay:
-    """Runs until `stop` is set; raises RetryableError for the supervisor to restart it."""
+class PollSource:
+    """The polling source (relay/core/ports.py `Source`): committed rows in position order.
 
-    def __init__(
-        self,
-        config: PollConfig,
-        publisher_config: PublisherConfig,
-        stats: RelayStats | None = None,
-        topic_limits: TopicLimits | None = None,
-    ) -> None:
+    One relay is active per outbox table: a session advisory lock elects it, the others wait as
+    standbys. A row is deleted (or marked) only once its delivery succeeded; the row's position
+    is its token.
+    """
+
+    name = "postgres-poll"
+    latency_per_event = True
+    after_failure = "unacknowledged events will be sent again"
+
+    def __init__(self, config: PollConfig, stats: RelayStats) -> None:
         self.config = config
-        self.publisher_config = publisher_config
-        self.stats = stats or RelayStats()
-        self._delivered: list[int] = []
-        self._parked: list[tuple[int, str]] = []
-        self.failures = FailureLatch(self.stats)
-        self._last_ack = time.monotonic()
+        self.stats = stats
+        self.cadence = Cadence(room=config.batch_size, max_in_flight=config.max_in_flight,
+                               ack_interval=config.ack_interval,
+                               shutdown_timeout=config.shutdown_timeout)
+        self.caught_up = False
         self._last_expire = 0.0
-        # What the topics accept, and which need their events sent alone: the daemon keeps one
-        # across restarts (relay/poll/factory.py).
-        self.topic_limits = topic_limits or topic_limits_for(publisher_config)
         self._queries: dict[str, sql.Composed] = {}
+        self._conn: psycopg.Connection[Any] | None = None
+        self._listener: psycopg.Connection[Any] | None = None
+        self._cursor = PollCursor()
 
     def _query(self, name: str) -> Any:
         # Composed once per relay: a mapped table's queries are not cached by relay.queries.
@@ -144,54 +135,30 @@ class PollingRelay:
             found = self._queries[name] = poll_query(self.config, name)
         return found
 
-    # -- delivery reports (called from publisher.poll/flush on this thread) ----------------------
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        assert self._conn is not None, "the source is not open"
+        return self._conn
 
-    def _on_delivery(self, position: int, delivery: Delivery) -> None:
-        if delivery.ok:
-            self._delivered.append(position)
-            self.stats.delivered_record(delivery.topic, delivery.record.created_at)
-        elif delivery.permanent:
-            self._parked.append((position, delivery.error or "unknown"))
-        else:
-            self.failures.failed(delivery)
-
-    # -- the loop ---------------------------------------------------------------------------------
-
-    def run(self, stop: threading.Event) -> None:
-        with connect(self.config.db_url) as conn, connect(self.config.db_url) as listener:
-            self.stats.source_connected = True
-            if not self._lead(conn, stop):
-                return
-            listener.execute(self._query("listen"))
-            publisher: KafkaPublisher[int] = KafkaPublisher(
-                self.publisher_config, self._on_delivery,
-                on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
-                holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits,
-                on_wait=waiting(stop),
-            )
-            publisher.broker_reachable(timeout=5.0)
-            self._check_broker = BrokerCheck(publisher)
-            self._refresh_holds = HoldRefresh(
-                lambda: parked.held_keys(conn, self.config.names), publisher)
-            log.info("polling relay active", extra={
-                "event": "relay_active", "source": "postgres-poll",
-                "table": f"{self.config.names.schema}.{self.config.names.table}"})
-            try:
-                self._loop(conn, listener, publisher, stop)
-            except StoppedWhileBlocked:
-                # The rows not acknowledged stay: the next relay sends them again.
-                publisher.purge()
-                log.info("polling relay stopped while Kafka was unavailable",
-                         extra={"event": "relay_stopped"})
-            except psycopg.OperationalError as exc:
-                publisher.purge()
-                raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
-            except BaseException:
-                publisher.purge()
-                raise
-            finally:
-                self.stats.leader = False
-                self.stats.source_connected = False
+    @contextlib.contextmanager
+    def open(self, stop: threading.Event) -> Iterator[bool]:
+        try:
+            with connect(self.config.db_url) as conn, connect(self.config.db_url) as listener:
+                self._conn, self._listener = conn, listener
+                self.stats.source_connected = True
+                try:
+                    leading = self._lead(conn, stop)
+                    if leading:
+                        listener.execute(self._query("listen"))
+                        log.info("polling relay active", extra={
+                            "event": "relay_active", "source": self.name,
+                            "table": f"{self.config.names.schema}.{self.config.names.table}"})
+                    yield leading
+                finally:
+                    self.stats.leader = False
+                    self.stats.source_connected = False
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
 
     def _lead(self, conn: psycopg.Connection[Any], stop: threading.Event) -> bool:
         """Wait as a standby until this relay holds the table's advisory lock."""
@@ -207,6 +174,21 @@ class PollingRelay:
                 announced = True
             stop.wait(self.config.standby_interval)
         return False
+
+    def held_keys(self) -> KeyHolds:
+        return parked.held_keys(self.conn, self.config.names)
+
+    def read(self, sink: Sink[int], park: Callable[[Refused], None], busy: bool) -> int:
+        limit = self.config.batch_size
+        rows = self._read(self.conn, self._cursor, limit)
+        send = sink.send
+        for row in rows:
+            if row[6] is None:  # a Debezium payload may be null; the WAL relay parks it too
+                park(Refused(row[0], "the payload column is null"))
+            else:
+                send(_record(row), row[0])
+        self.caught_up = len(rows) < limit
+        return len(rows)
 
     def _read(
         self, conn: psycopg.Connection[Any], cursor: PollCursor, limit: int
@@ -230,80 +212,56 @@ class PollingRelay:
         cursor.advance(Snapshot(xmax, tuple(in_progress)), [row[0] for row in page])
         return late_rows + page
 
-    def _loop(
-        self,
-        conn: psycopg.Connection[Any],
-        listener: psycopg.Connection[Any],
-        publisher: KafkaPublisher[int],
-        stop: threading.Event,
-    ) -> None:
-        cursor = PollCursor()
-        limit = self.config.batch_size
-        while not stop.is_set():
-            rows: list[tuple[Any, ...]] = []
-            if publisher.in_flight + limit <= self.config.max_in_flight:
-                rows = self._read(conn, cursor, limit)
-                for row in rows:
-                    if row[6] is None:  # a Debezium payload may be null; the WAL relay parks
-                        self._parked.append((row[0], "the payload column is null"))
-                    else:
-                        publisher.send(_record(row), row[0])
-                if rows:
-                    self.stats.batches += 1
-                    self.stats.batch_events += len(rows)
-            publisher.poll(0)
-            self._acknowledge(conn, force=False)
-            self.stats.in_flight = publisher.in_flight
-            if len(rows) < limit:
-                if publisher.in_flight:
-                    publisher.poll(0.005)
-                else:
-                    self._acknowledge(conn, force=True)
-                    self._expire(conn)
-                    self.stats.progressed()
-                    if not rows:
-                        self._idle(listener, publisher)
-        self._drain(conn, publisher)
-
-    def _idle(self, listener: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
-        """Nothing to do: check the broker and the held keys now and then, and wait for a
-        notification."""
-        self._check_broker()
-        self._refresh_holds()
-        for _ in listener.notifies(timeout=self.config.poll_interval, stop_after=1):
-            pass
-
-    def _drain(self, conn: psycopg.Connection[Any], publisher: KafkaPublisher[int]) -> None:
-        """On stop: wait for outstanding deliveries (bounded) and acknowledge them."""
-        remaining = publisher.flush(self.config.shutdown_timeout)
-        self._acknowledge(conn, force=True)
-        log.info("polling relay stopped", extra={
-            "event": "relay_stopped", "unacknowledged": remaining})
-
-    def _acknowledge(self, conn: psycopg.Connection[Any], *, force: bool) -> None:
-        """Delete (or mark) rows Kafka acknowledged; park rows that can never be published."""
-        failure = self.failures.first
-        for position, reason in self._parked:
-            conn.execute(self._query("park"), {"position": position, "reason": reason})
-            self.stats.parked += 1
-            self.stats.progressed()
-            log_parked(reason, position=position)
-        self._parked.clear()
-        due = force or time.monotonic() - self._last_ack >= self.config.ack_interval
-        if self._delivered and (due or len(self._delivered) >= 10_000 or failure):
+    def apply(self, delivered: list[int], refused: list[Refused]) -> None:
+        """Park rows that can never be published; delete (or mark) the delivered ones."""
+        conn = self.conn
+        for parking in refused:
+            conn.execute(self._query("park"), {"position": parking.token,
+                                               "reason": parking.reason})
+        if delivered:
             name = "mark_published" if self.config.keep_published else "delete_published"
-            conn.execute(self._query(name), {"positions": self._delivered})
-            self._delivered = []
-            self._last_ack = time.monotonic()
-        self.failures.raise_if_failed("unacknowledged events will be sent again")
+            conn.execute(self._query(name), {"positions": delivered})
 
-    def _expire(self, conn: psycopg.Connection[Any]) -> None:
+    def confirm(self, *, force: bool) -> None:
+        """Nothing to confirm: a row's removal is its acknowledgement."""
+
+    def where(self, token: int) -> Mapping[str, object]:
+        return {"position": token}
+
+    def keep_alive(self) -> None:
+        """Nothing to keep alive: the connections idle between statements."""
+
+    def on_caught_up(self) -> None:
         """Delete kept rows past their retention, at most once a minute (it scans the table)."""
         keep = self.config.keep_published
         if keep is None or time.monotonic() - self._last_expire < expire_interval(keep):
             return
-        purge_expired(conn, self.config.names, keep)
+        purge_expired(self.conn, self.config.names, keep)
         self._last_expire = time.monotonic()
+
+    def wait_for_more(self, stop: threading.Event) -> None:
+        """Wait for a notification of new rows (or the poll interval, for a late commit)."""
+        assert self._listener is not None
+        for _ in self._listener.notifies(timeout=self.config.poll_interval, stop_after=1):
+            pass
+
+    def finish(self, unacknowledged: int) -> None:
+        log.info("polling relay stopped", extra={
+            "event": "relay_stopped", "unacknowledged": unacknowledged})
+
+    def abandon(self, *, blocked: bool) -> None:
+        if blocked:  # the rows not acknowledged stay: the next relay sends them again
+            log.info("polling relay stopped while Kafka was unavailable",
+                     extra={"event": "relay_stopped"})
+
+
+def polling_relay(
+    config: PollConfig, publisher_config: PublisherConfig, stats: RelayStats,
+    topic_limits: TopicLimits | None = None,
+) -> RelayCore[int]:
+    """The polling relay: the core driving a PollSource into the Kafka sink."""
+    return RelayCore(PollSource(config, stats), kafka_sink(publisher_config, stats, topic_limits),
+                     stats)
 
 
 def check_schema(config: PollConfig) -> PollConfig:

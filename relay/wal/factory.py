@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from relay.daemon import Relay
-from relay.publisher import topic_limits_for
 from relay.settings import RelaySettings
+from relay.sinks.kafka.sink import topic_limits_for
 from relay.stats import RelayStats
-from relay.wal.relay import WalRelay, WalRelayConfig, check_setup, wal_gauges
+from relay.wal.relay import WalRelayConfig, check_setup, wal_gauges, wal_relay
 from relay.wal.source import WalSourceConfig
 
 # The WAL relay drains a backlog at up to ~90,000 events/s: waiting 5 ms (not the default 1) to
@@ -38,4 +38,4 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
     publisher = settings.publisher(WAL_KAFKA_DEFAULTS)
     stats.gauges.update(wal_gauges(wal))
     limits = topic_limits_for(publisher)  # kept across the relay's restarts
-    return lambda: WalRelay(wal, publisher, stats, limits)
+    return lambda: wal_relay(wal, publisher, stats, limits)

@@ -1,4 +1,5 @@
-"""The log-tailing relay: pgoutput changes of the outbox -> Kafka, slot confirmed after acks."""
+"""The log-tailing source: pgoutput changes of the outbox, for the relay core; the slot is
+confirmed only after Kafka acknowledged (relay/core/loop.py drives it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,25 +17,16 @@ from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import catalog, parked
-from relay.errors import (
-    FatalRelayError,
-    SourceUnavailableError,
-    StoppedWhileBlocked,
-)
-from relay.holds import HoldRefresh, log_parked
-from relay.outcomes import FailureLatch
+from relay.core.holds import KeyHolds
+from relay.core.loop import RelayCore
+from relay.core.ports import Cadence, Refused, Sink
+from relay.core.watermark import Group, Watermark
+from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.published import backlog_gauges
-from relay.publisher import (
-    Delivery,
-    KafkaPublisher,
-    PublisherConfig,
-    topic_limits_for,
-    waiting,
-)
+from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.topic_limits import TopicLimits
 from relay.wal import slots
-from relay.wal.acks import CommitTracker, Transaction
 from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
 from relay.wal.errors import SlotInUseError
@@ -61,109 +53,62 @@ class WalRelayConfig:
     keep_published: dt.timedelta | None = None
 
 
-class WalRelay:
-    """Runs until `stop`; raises a RelayError whose `restart` says whether to start again from
-    the slot (relay/errors.py)."""
+class WalRelaySource:
+    """The WAL source (relay/core/ports.py `Source`): pgoutput changes of the outbox, in commit
+    order. A transaction is a group of the watermark (relay/core/watermark.py): the slot is
+    confirmed up to the newest transaction done with all before it, and in table mode only
+    once its rows are removed from the outbox table (relay/wal/cleanup.py)."""
 
-    def __init__(
-        self,
-        config: WalRelayConfig,
-        publisher_config: PublisherConfig,
-        stats: RelayStats,
-        topic_limits: TopicLimits | None = None,
-    ) -> None:
+    name = "postgres-wal"
+    # Observed per transaction when it is done (see confirm): cheaper than per event.
+    latency_per_event = False
+    after_failure = "the relay restarts from the slot's confirmed position"
+
+    def __init__(self, config: WalRelayConfig, stats: RelayStats) -> None:
         self.config = config
-        self.publisher_config = publisher_config
         self.stats = stats
-        self.tracker = CommitTracker()
-        self._refused: list[tuple[Transaction, Delivery]] = []
-        self._published = stats.published
-        self.failures = FailureLatch(stats)
-        # What the topics accept, and which need their events sent alone: the daemon keeps one
-        # across restarts (relay/wal/factory.py).
-        self.topic_limits = topic_limits or topic_limits_for(publisher_config)
+        self.cadence = Cadence(room=1, max_in_flight=config.max_in_flight, ack_interval=0.0,
+                               shutdown_timeout=config.shutdown_timeout)
+        self.caught_up = False
+        self.transactions: Watermark[WalCommit] = Watermark()
+        self._source: WalSource | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._cleaner: TableCleaner | None = None
 
-    def _on_delivered(self, transaction: Transaction, topic: str) -> None:
-        # Once per event: count it and settle its transaction; the latency is observed per
-        # transaction when the slot is confirmed (see _settle).
-        self._published[topic] += 1
-        self.tracker.event_done(transaction)
+    @property
+    def source(self) -> WalSource:
+        assert self._source is not None, "the source is not open"
+        return self._source
 
-    def _on_delivery(self, transaction: Transaction, delivery: Delivery) -> None:
-        if delivery.error is None:
-            self._on_delivered(transaction, delivery.topic)
-        elif delivery.permanent:
-            self._refused.append((transaction, delivery))  # parked before it counts as done
-        else:
-            self.failures.failed(delivery)
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        assert self._conn is not None, "the source is not open"
+        return self._conn
 
-    def run(self, stop: threading.Event) -> None:
+    @contextlib.contextmanager
+    def open(self, stop: threading.Event) -> Iterator[bool]:
         # Its errors declare what follows (relay/wal/errors.py): a lost connection restarts,
         # a missing slot or publication stops the daemon.
         source = open_as_standby(self.config.db_url, self.config.source, stop,
                                  retry_interval=self.config.standby_retry)
         if source is None:
+            yield False
             return
         try:
             with source, psycopg.connect(libpq_url(self.config.db_url), autocommit=True) as conn:
+                self._source, self._conn = source, conn
                 self.stats.source_connected = self.stats.leader = True
-                self._stream(source, conn, stop)
+                self._cleaner = self._start_cleaner(conn)
+                log.info("WAL relay streaming", extra={
+                    "event": "relay_active", "source": self.name,
+                    "slot": self.config.source.slot, "from": format_lsn(source.acknowledged_lsn)})
+                yield True
         except psycopg.OperationalError as exc:
             raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
         finally:
             self.stats.source_connected = self.stats.leader = False
 
-    def _stream(
-        self, source: WalSource, conn: psycopg.Connection[Any], stop: threading.Event
-    ) -> None:
-        publisher: KafkaPublisher[Transaction] = KafkaPublisher(
-            self.publisher_config, self._on_delivery, on_delivered=self._on_delivered,
-            on_broker_state=lambda up: setattr(self.stats, "broker_connected", up),
-            # Kafka's queue full: status updates keep the session alive, a stop ends the wait.
-            on_wait=waiting(stop, source.heartbeat),
-            holds=parked.held_keys(conn, self.config.names), limits=self.topic_limits)
-        publisher.broker_reachable(timeout=5.0)
-        refresh_holds = HoldRefresh(lambda: parked.held_keys(conn, self.config.names), publisher)
-        cleaner = self._cleaner(conn)
-        log.info("WAL relay streaming", extra={
-            "event": "relay_active", "source": "postgres-wal", "slot": self.config.source.slot,
-            "from": format_lsn(source.acknowledged_lsn)})
-        try:
-            while not stop.is_set():
-                if self.tracker.outstanding < self.config.max_in_flight:
-                    wait = 0.002 if self.tracker.outstanding else 0.2
-                    self._handle(source, conn, publisher, source.poll(wait))
-                else:
-                    source.heartbeat()  # keep the replication session alive while Kafka is slow
-                    publisher.poll(0.05)
-                publisher.poll(0)
-                self._settle(source, conn, cleaner)
-                self.stats.in_flight = self.tracker.outstanding
-                if not self.tracker.outstanding:
-                    self.stats.progressed()
-                    refresh_holds()
-            remaining = publisher.flush(self.config.shutdown_timeout)
-            self._settle(source, conn, cleaner)
-            if cleaner is not None:
-                cleaner.close(self.config.shutdown_timeout, finish=True)
-                self._settle(source, conn, cleaner)
-            log.info("WAL relay stopped", extra={
-                "event": "relay_stopped", "unacknowledged": remaining,
-                "confirmed": format_lsn(source.acknowledged_lsn)})
-        except StoppedWhileBlocked:
-            # Nothing unacknowledged is confirmed: the next relay sends it again from the slot.
-            publisher.purge()
-            if cleaner is not None:
-                cleaner.close(self.config.shutdown_timeout, finish=True)
-            log.info("WAL relay stopped while Kafka was unavailable", extra={
-                "event": "relay_stopped", "confirmed": format_lsn(source.acknowledged_lsn)})
-        except BaseException:
-            publisher.purge()
-            if cleaner is not None:
-                cleaner.close(1.0, finish=False)
-            raise
-
-    def _cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
+    def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
         """The remover of published rows, unless there is no table (table-less mode) or its
         rows carry no transaction id to find them by (a mapped layout, e.g. Debezium's, whose
         writers delete their rows themselves)."""
@@ -179,60 +124,105 @@ class WalRelay:
         cleaner.start()
         return cleaner
 
-    def _handle(
-        self,
-        source: WalSource,
-        conn: psycopg.Connection[Any],
-        publisher: KafkaPublisher[Transaction],
-        items: list[WalEvent | WalRejected | WalCommit],
-    ) -> None:
+    def held_keys(self) -> KeyHolds:
+        return parked.held_keys(self.conn, self.config.names)
+
+    def read(self, sink: Sink[Group[WalCommit]], park: Callable[[Refused], None],
+             busy: bool) -> int:
+        items = self.source.poll(0.002 if busy else 0.2)
         sent = 0
-        send, event_sent = publisher.send, self.tracker.event_sent
+        send, event_sent = sink.send, self.transactions.sent
         for item in items:
             if type(item) is WalEvent:  # nearly every item: the cheapest test first
                 send(item.record, event_sent())
                 sent += 1
             elif isinstance(item, WalCommit):
-                self.tracker.committed(item.end_lsn, item.commit_time_us, item.xid)
+                self.transactions.close(item)
             elif isinstance(item, WalRejected):
-                parked.park_raw(conn, self.config.names, {"source": item.source, **item.raw},
-                                item.reason)
+                # Not an event of any transaction's count: parked at once, by its raw change.
+                parked.park_raw(self.conn, self.config.names,
+                                {"source": item.source, **item.raw}, item.reason)
                 self.stats.parked += 1
                 log.error("unreadable outbox change parked", extra={
                     "event": "event_parked", "reason": item.reason, "lsn": format_lsn(item.lsn)})
-        if sent:
-            self.stats.batches += 1
-            self.stats.batch_events += sent
+        self.caught_up = not items
+        return sent
 
-    def _settle(
-        self, source: WalSource, conn: psycopg.Connection[Any], cleaner: TableCleaner | None
-    ) -> None:
-        """Park refused events, hand acknowledged transactions to the cleaner, then confirm
-        what is safe (acknowledged, and its rows removed); fail on a lost delivery."""
-        for transaction, delivery in self._refused:
-            parked.park_record(conn, self.config.names, delivery.record, delivery.error or "")
-            self.stats.parked += 1
-            self.stats.progressed()
-            log_parked(delivery.error or "", id=str(delivery.record.id))
-            self.tracker.event_done(transaction)
-        self._refused.clear()
-        done = self.tracker.pop_done()
-        confirm = 0
-        if done and done[-1].end_lsn is not None:  # always set once committed
+    def apply(self, delivered: list[Group[WalCommit]], refused: list[Refused]) -> None:
+        """Refused events are parked by their record; then they, and the delivered ones, are
+        done in their transactions."""
+        transactions = self.transactions
+        for parking in refused:
+            assert parking.record is not None  # the sink refuses records
+            parked.park_record(self.conn, self.config.names, parking.record, parking.reason)
+            transactions.done(parking.token)
+        for transaction in delivered:  # once per event: the watermark's `done`, inlined
+            transaction.outstanding -= 1
+        transactions.outstanding -= len(delivered)
+
+    def confirm(self, *, force: bool) -> None:
+        """Hand done transactions to the cleaner, then confirm the slot up to what is safe:
+        done, and in table mode its rows removed."""
+        done = self.transactions.pop_done()
+        cleaner, confirm = self._cleaner, 0
+        if done:
+            last = done[-1].position
+            assert last is not None  # closed groups have their commit
             for transaction in done:
-                if transaction.events:
+                commit = transaction.position
+                if transaction.events and commit is not None:
                     self.stats.delivered_transaction(
-                        transaction.events, transaction.commit_time_us / 1e6 + PG_EPOCH_UNIX)
+                        transaction.events, commit.commit_time_us / 1e6 + PG_EPOCH_UNIX)
             if cleaner is None:
-                confirm = done[-1].end_lsn
+                confirm = last.end_lsn
             else:
-                cleaner.done([t.xid for t in done if t.events], done[-1].end_lsn)
+                cleaner.done([t.position.xid for t in done if t.events and t.position],
+                             last.end_lsn)
         if cleaner is not None:
             cleaner.check()
             confirm = cleaner.cleaned_lsn
+        source = self.source
         if confirm > source.acknowledged_lsn:
             source.acknowledge(confirm)
-        self.failures.raise_if_failed("the relay restarts from the slot's confirmed position")
+
+    def where(self, token: Group[WalCommit]) -> Mapping[str, object]:
+        return {}
+
+    def keep_alive(self) -> None:
+        self.source.heartbeat()  # keep the replication session alive while Kafka is slow
+
+    def on_caught_up(self) -> None:
+        """Nothing to do: the cleaner purges kept rows on its own thread."""
+
+    def wait_for_more(self, stop: threading.Event) -> None:
+        """Nothing to do: `read` waits on the replication stream."""
+
+    def finish(self, unacknowledged: int) -> None:
+        if self._cleaner is not None:
+            self._cleaner.close(self.config.shutdown_timeout, finish=True)
+            self.confirm(force=True)
+        log.info("WAL relay stopped", extra={
+            "event": "relay_stopped", "unacknowledged": unacknowledged,
+            "confirmed": format_lsn(self.source.acknowledged_lsn)})
+
+    def abandon(self, *, blocked: bool) -> None:
+        if blocked:
+            # Nothing unacknowledged is confirmed: the next relay sends it again from the slot.
+            if self._cleaner is not None:
+                self._cleaner.close(self.config.shutdown_timeout, finish=True)
+            log.info("WAL relay stopped while Kafka was unavailable", extra={
+                "event": "relay_stopped", "confirmed": format_lsn(self.source.acknowledged_lsn)})
+        elif self._cleaner is not None:
+            self._cleaner.close(1.0, finish=False)
+
+
+def wal_relay(
+    config: WalRelayConfig, publisher_config: PublisherConfig, stats: RelayStats,
+    topic_limits: TopicLimits | None = None,
+) -> RelayCore[Group[WalCommit]]:
+    """The WAL relay: the core driving a WalRelaySource into the Kafka sink."""
+    return RelayCore(WalRelaySource(config, stats),
+                     kafka_sink(publisher_config, stats, topic_limits), stats)
 
 
 def check_setup(config: WalRelayConfig) -> None:

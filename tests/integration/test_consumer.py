@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from outbox.consumer import Consumer, InboxMissingError, Message, RetryPolicy
 from outbox.consumer import dead_letters as dlq
 from outbox.record import OutboxRecord
-from relay.publisher import kafka_headers
+from relay.sinks.kafka.sink import kafka_headers
 from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def order_record(n: int, key: str | None = None, event_type: str = "OrderCreated
 
 
 def produce(bootstrap: str, topic: str, records: Sequence[OutboxRecord]) -> None:
-    """Produce as the relay does (relay.publisher.kafka_headers: the message contract)."""
+    """Produce as the relay does (relay.sinks.kafka.sink.kafka_headers: the message contract)."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     failures: list[str] = []
     for record in records:

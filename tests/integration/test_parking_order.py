@@ -226,7 +226,7 @@ def test_a_parked_event_holds_its_key_and_retry_keeps_the_order(
 def test_a_key_whose_parked_events_were_deleted_flows_again_without_a_restart(
     source: Source, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="relay.holds")
+    caplog.set_level(logging.INFO, logger="relay.core.holds")
     topic = unique_topic("drop")
     create_topics(kafka_bootstrap, topic)
     misrouted = outbox.Event(topic, "K", "Misrouted", {}, topic="not a valid topic!")

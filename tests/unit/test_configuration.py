@@ -7,8 +7,8 @@ import pytest
 import outbox
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
-from relay.kafka_settings import producer_settings, valid_topic
-from relay.publisher import PublisherConfig, kafka_headers, topic_for
+from relay.sinks.kafka.settings import producer_settings, valid_topic
+from relay.sinks.kafka.sink import PublisherConfig, kafka_headers, topic_for
 
 
 @pytest.mark.parametrize("name", ["", "1abc", "a-b", 'x"y', "a" * 64, "outbox; DROP TABLE t"])

@@ -13,13 +13,14 @@ from bson import Binary
 
 import outbox
 from outbox.mongo import MongoOutbox
+from relay.core.ports import OnDelivered, OnDelivery
+from relay.core.testing import MemorySink
 from relay.errors import DeliveryFailedError
 from relay.mongo import MongoPollRelay, MongoRelayConfig, MongoStreamRelay
-from relay.mongo.engine import OnDelivery
 from relay.mongo.entries import appended_entries, in_change, in_document
 from relay.mongo.errors import LeadershipLostError
 from relay.mongo.paging import Sweep
-from relay.mongo.testing import InMemoryPublisher, InMemoryStore
+from relay.mongo.testing import InMemoryStore
 from relay.mongo.tracker import Acknowledgements, EntryRef, Pending, TokenLog
 from relay.stats import RelayStats
 
@@ -75,18 +76,20 @@ class StopWhen(threading.Event):
 
 
 class Harness:
-    """A relay wired to an InMemoryStore and an InMemoryPublisher."""
+    """A relay wired to an InMemoryStore and a MemorySink."""
 
     def __init__(self, cfg: MongoRelayConfig, store: InMemoryStore | None = None) -> None:
         self.config = cfg
         self.store = store or InMemoryStore(cfg)
-        self.publishers: list[InMemoryPublisher[Pending]] = []
+        self.publishers: list[MemorySink[Pending]] = []
         self.stats = RelayStats()
         self.paused = False
         self.refuse: dict[Any, tuple[str, bool]] = {}
 
-    def publisher(self, on_delivery: OnDelivery) -> InMemoryPublisher[Pending]:
-        made = InMemoryPublisher[Pending](on_delivery)
+    def publisher(
+        self, on_delivery: OnDelivery, on_delivered: OnDelivered | None
+    ) -> MemorySink[Pending]:
+        made = MemorySink[Pending](on_delivery, on_delivered)
         made.paused = self.paused
         made.refuse = self.refuse
         self.publishers.append(made)

@@ -1,14 +1,14 @@
 """The rules behind per-key parking, topic size limits and the WAL cleanup's transaction ids,
-without Kafka or PostgreSQL (relay.holds, relay.topic_limits, relay.published); the integration
-tests run them against the real services."""
+without Kafka or PostgreSQL (relay.core.holds, relay.sinks.kafka.topic_limits, relay.published);
+the integration tests run them against the real services."""
 
 from __future__ import annotations
 
 import uuid
 
 from outbox.record import OutboxRecord
-from relay.holds import KeyHolds
-from relay.topic_limits import HEADROOM_BYTES, KNOWN_TTL, UNKNOWN_TTL, TopicLimits
+from relay.core.holds import KeyHolds
+from relay.sinks.kafka.topic_limits import HEADROOM_BYTES, KNOWN_TTL, UNKNOWN_TTL, TopicLimits
 
 
 def record(key: str, aggregate_type: str = "orders") -> OutboxRecord:

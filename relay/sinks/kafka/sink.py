@@ -1,23 +1,24 @@
-"""Publishes outbox records to Kafka with confluent-kafka and reports each delivery."""
+"""The Kafka sink (relay/core/ports.py `Sink`): publishes outbox records with confluent-kafka and
+reports each delivery; which Kafka errors are permanent is decided here."""
 
 from __future__ import annotations
 
 import logging
 import string
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
-from relay.errors import StoppedWhileBlocked
-from relay.holds import KeyHolds
-from relay.kafka_settings import admin_settings, batch_limit, producer_settings, valid_topic
-from relay.topic_limits import HEADROOM_BYTES, TopicLimit, TopicLimits, kafka_describe
+from relay.core.holds import KeyHolds
+from relay.core.ports import Delivery, OnDelivered, OnDelivery, Sink, SinkFactory
+from relay.sinks.kafka.settings import admin_settings, batch_limit, producer_settings, valid_topic
+from relay.sinks.kafka.topic_limits import HEADROOM_BYTES, TopicLimit, TopicLimits, kafka_describe
+from relay.stats import RelayStats
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,6 @@ _UNSEEN: Any = object()
 TOPICS_RECHECK = 10.0
 
 
-class Delivery(NamedTuple):
-    """The outcome of one send: `error` is None on success; `permanent` errors are for parking.
-
-    A named tuple: one is made per event on the hot path, where a frozen dataclass costs more.
-    """
-
-    record: OutboxRecord
-    topic: str
-    error: str | None = None
-    permanent: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
 @dataclass(frozen=True)
 class PublisherConfig:
     bootstrap_servers: str
@@ -90,20 +75,6 @@ class PublisherConfig:
             self.kafka_settings,
             allow_unsafe=self.allow_unsafe_kafka_settings,
         )
-
-
-def waiting(
-    stop: threading.Event, keep_alive: Callable[[], None] = lambda: None
-) -> Callable[[], None]:
-    """An `on_wait` for KafkaPublisher: keeps the source alive while `send` waits, and ends the
-    wait (StoppedWhileBlocked) once `stop` is set, so a stop never waits for an absent broker."""
-
-    def on_wait() -> None:
-        keep_alive()
-        if stop.is_set():
-            raise StoppedWhileBlocked
-
-    return on_wait
 
 
 def topic_limits_for(config: PublisherConfig) -> TopicLimits:
@@ -153,19 +124,19 @@ def kafka_headers(record: OutboxRecord) -> list[tuple[str, str | bytes | None]]:
     return headers
 
 
-class KafkaPublisher(Generic[Token]):
+class KafkaSink(Generic[Token]):
     """Sends records; `on_delivery(token, delivery)` is called from `poll`/`flush` for each.
 
     `send` never raises for a single bad event: a permanent failure (invalid topic, too large)
     is reported through `on_delivery` like any other outcome, and holds the event's key: later
     events of the key are reported as permanent failures too ("held behind <id>", see
-    relay.holds), so that the key's order survives the parking. With `on_delivered`, successes
+    relay.core.holds), so that the key's order survives the parking. With `on_delivered`, successes
     go there instead, as (token, topic): the cheapest report, once per event.
 
     `send` waits, serving delivery reports and calling `on_wait` between polls so that the
     source stays alive meanwhile (replication status updates, the MongoDB lease): while the
     local queue is full (backpressure), and where an event must travel alone or a topic's batches
-    be kept under its own size limit (relay.topic_limits).
+    be kept under its own size limit (relay.sinks.kafka.topic_limits).
     """
 
     def __init__(
@@ -350,3 +321,19 @@ class KafkaPublisher(Generic[Token]):
             up = False
         self._on_broker_state(up)
         return up
+
+
+def kafka_sink(
+    config: PublisherConfig, stats: RelayStats, limits: TopicLimits | None = None
+) -> SinkFactory:
+    """What the relay core builds its Kafka sink with, at each run. `limits` (what the topics
+    accept, which need their events sent alone) are kept across the relay's restarts: the
+    daemon makes them once per source (relay/<source>/factory.py)."""
+    limits = limits or topic_limits_for(config)
+
+    def make(on_delivery: OnDelivery, on_delivered: OnDelivered | None) -> Sink[Any]:
+        return KafkaSink[Any](
+            config, on_delivery, on_delivered=on_delivered, limits=limits,
+            on_broker_state=lambda up: setattr(stats, "broker_connected", up))
+
+    return make

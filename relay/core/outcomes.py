@@ -1,4 +1,4 @@
-"""What every relay does with Kafka's answers besides applying them to its source: remember the
+"""What every relay does with Kafka's answers besides applying them to the source: remember the
 first failure a restart may cure, and ask an idle broker whether it is still there."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
+from relay.core.ports import Delivery
 from relay.errors import DeliveryFailedError
-from relay.publisher import Delivery
 from relay.stats import RelayStats
 
 # While idle, the relay asks the broker for metadata this often (readiness reflects it).

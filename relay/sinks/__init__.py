@@ -1,0 +1,1 @@
+"""Where the relay publishes: each sink a package implementing `relay.core.ports.Sink`."""

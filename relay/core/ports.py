@@ -151,3 +151,9 @@ class Source(Protocol[T]):
     def abandon(self, *, blocked: bool) -> None:
         """The run ends without a drain: stopped while the sink was blocked, or failed."""
         ...
+
+
+def while_open(value: T | None) -> T:
+    """What a source holds only inside its `open` (a connection, a store, a lease)."""
+    assert value is not None, "the source is not open"
+    return value

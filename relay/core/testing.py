@@ -1,10 +1,12 @@
 """In-memory implementations of the core's ports, for tests that need no server: a sink that
-keeps what it was sent and answers when polled, and a source over a list of records."""
+keeps what it was sent and answers when polled, a source over a list of records, and a stop
+event that sets itself."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -17,6 +19,26 @@ from relay.sinks.kafka.settings import valid_topic
 from relay.sinks.kafka.sink import topic_for
 
 T = TypeVar("T")
+
+
+class StopWhen(threading.Event):
+    """A stop event that sets itself once `condition` holds (or after `timeout`), so a relay
+    can run on the test's own thread, deterministically."""
+
+    def __init__(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        super().__init__()
+        self.condition = condition
+        self.deadline = time.monotonic() + timeout
+
+    def is_set(self) -> bool:
+        if not super().is_set() and (self.condition() or time.monotonic() > self.deadline):
+            self.set()
+        return super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            return True
+        return super().wait(min(timeout or 0.01, 0.01)) or self.is_set()
 
 
 class MemorySink(Generic[T]):

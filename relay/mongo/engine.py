@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from outbox.conninfo import redact
 from relay.core.holds import KeyHolds
 from relay.core.loop import RelayCore
-from relay.core.ports import Cadence, Refused, Sink, SinkFactory
+from relay.core.ports import Cadence, Refused, Sink, SinkFactory, while_open
 from relay.mongo.config import MongoRelayConfig
 from relay.mongo.entries import Found, in_document, in_outbox_document
 from relay.mongo.errors import LeadershipLostError
@@ -66,13 +66,11 @@ class MongoSource:
 
     @property
     def store(self) -> OutboxStore:
-        assert self._store is not None, "the source is not open"
-        return self._store
+        return while_open(self._store)
 
     @property
     def lease(self) -> Lease:
-        assert self._lease is not None, "the source is not open"
-        return self._lease
+        return while_open(self._lease)
 
     @contextlib.contextmanager
     def open(self, stop: threading.Event) -> Iterator[bool]:

@@ -27,7 +27,7 @@ from outbox.record import OutboxRecord
 from relay import catalog, parked, queries
 from relay.core.holds import KeyHolds
 from relay.core.loop import RelayCore
-from relay.core.ports import Cadence, Refused, Sink
+from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
 from relay.published import backlog_gauges, expire_interval, purge_expired
@@ -137,8 +137,7 @@ class PollSource:
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        assert self._conn is not None, "the source is not open"
-        return self._conn
+        return while_open(self._conn)
 
     @contextlib.contextmanager
     def open(self, stop: threading.Event) -> Iterator[bool]:

@@ -19,7 +19,7 @@ from outbox.names import SchemaNames
 from relay import catalog, parked
 from relay.core.holds import KeyHolds
 from relay.core.loop import RelayCore
-from relay.core.ports import Cadence, Refused, Sink
+from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.core.watermark import Group, Watermark
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.published import backlog_gauges
@@ -77,13 +77,11 @@ class WalRelaySource:
 
     @property
     def source(self) -> WalSource:
-        assert self._source is not None, "the source is not open"
-        return self._source
+        return while_open(self._source)
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        assert self._conn is not None, "the source is not open"
-        return self._conn
+        return while_open(self._conn)
 
     @contextlib.contextmanager
     def open(self, stop: threading.Event) -> Iterator[bool]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from bson import Binary
 import outbox
 from outbox.mongo import MongoOutbox
 from relay.core.ports import OnDelivered, OnDelivery
-from relay.core.testing import MemorySink
+from relay.core.testing import MemorySink, StopWhen
 from relay.errors import DeliveryFailedError
 from relay.mongo import MongoPollRelay, MongoRelayConfig, MongoStreamRelay
 from relay.mongo.entries import appended_entries, in_change, in_document
@@ -53,26 +52,6 @@ class Entries:
 
 def seqs(records: list[outbox.OutboxRecord], key: str) -> list[int]:
     return [int(r.payload.split(b":")[1].rstrip(b"}")) for r in records if r.aggregate_id == key]
-
-
-class StopWhen(threading.Event):
-    """A stop event that sets itself once `condition` holds (or after `timeout`), so a relay
-    can run on the test's own thread, deterministically."""
-
-    def __init__(self, condition: Callable[[], bool], timeout: float = 10.0) -> None:
-        super().__init__()
-        self.condition = condition
-        self.deadline = time.monotonic() + timeout
-
-    def is_set(self) -> bool:
-        if not super().is_set() and (self.condition() or time.monotonic() > self.deadline):
-            self.set()
-        return super().is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self.is_set():
-            return True
-        return super().wait(min(timeout or 0.01, 0.01)) or self.is_set()
 
 
 class Harness:

@@ -4,7 +4,6 @@ triage, cadence, parking with the per-key hold, the failure latch, and stop, wit
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 from outbox.record import OutboxRecord
 from relay.core.loop import RelayCore
 from relay.core.ports import OnDelivered, OnDelivery
-from relay.core.testing import MemorySink, MemorySource
+from relay.core.testing import MemorySink, MemorySource, StopWhen
 from relay.errors import DeliveryFailedError, StoppedWhileBlocked
 from relay.stats import RelayStats
 
@@ -22,20 +21,6 @@ from relay.stats import RelayStats
 def record(n: int, key: str | None = None, aggregate_type: str = "orders") -> OutboxRecord:
     return OutboxRecord(uuid.UUID(int=n + 1), aggregate_type, key or f"k{n}", "E", b"{}",
                         "application/json")
-
-
-class StopWhen(threading.Event):
-    """A stop event that sets itself once `condition` holds (or after `timeout`)."""
-
-    def __init__(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-        super().__init__()
-        self.condition = condition
-        self.deadline = time.monotonic() + timeout
-
-    def is_set(self) -> bool:
-        if not super().is_set() and (self.condition() or time.monotonic() > self.deadline):
-            self.set()
-        return super().is_set()
 
 
 class Wired:

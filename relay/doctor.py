@@ -16,7 +16,7 @@ from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
-from relay import queries
+from relay import queries, sources
 from relay.kafka_settings import (
     LIBRDKAFKA_MESSAGE_MAX_BYTES,
     admin_settings,
@@ -34,7 +34,7 @@ from relay.wal.errors import (
 from relay.wal.lsn import format_lsn
 from relay.wal.source import WalSourceConfig
 
-SOURCES = ("postgres-poll", "postgres-wal")
+SOURCES = tuple(name for name, source in sources.SOURCES.items() if source.doctor)
 # Room above the payload for the key, the headers (id, event_type, aggregate_type,
 # content_type, traceparent, the event's own) and the record batch framing.
 RECORD_OVERHEAD_BYTES = 16 * 1024

@@ -64,6 +64,10 @@ def test_secrets_come_from_files_and_are_redacted(tmp_path: Path) -> None:
         (["--topic-template", "{tenant}"], "tenant"),
         (["--poll-interval", "soon"], "not a duration"),
         (["--source", "mongo-poll", "--mongo", "mongodb://h/db"], "needs collections"),
+        (["--slot", "mine"], "slot='mine' applies to the postgres-wal source only"),
+        (["--source", "mongo-stream", "--mongo", "mongodb://h/db", "--collections", "a",
+          "--keep-published", "7d"],
+         "keep_published='604800s' applies to the postgres-* sources only"),
     ],
 )
 def test_invalid_settings_fail_at_start_up_naming_the_setting(

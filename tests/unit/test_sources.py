@@ -24,6 +24,7 @@ def test_every_source_has_a_wiring_and_doctor_checks_the_postgres_ones() -> None
     for source in sources.SOURCES.values():
         assert source.factory.startswith("relay.") and source.factory.endswith(".factory")
         assert source.reads <= set(sources.OWN_SETTINGS)
+    assert set(sources.OWN_SETTINGS) == set().union(*(s.reads for s in sources.SOURCES.values()))
     from relay import doctor
 
     assert doctor.SOURCES == ("postgres-poll", "postgres-wal")

@@ -69,6 +69,9 @@ class Wiring(Protocol):
 
 @dataclass(frozen=True)
 class Source:
+    """One source of the registry: checked with the settings (`require`, `refuse_others`),
+    then run through its factory module (`config`, `check`, `gauges`, `prepare`)."""
+
     name: str
     needs: tuple[str, ...]  # of _NEEDS
     reads: frozenset[str]  # of OWN_SETTINGS

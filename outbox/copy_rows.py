@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.types.json import set_json_dumps
 
+from outbox import statements
 from outbox.record import OutboxRecord
 
 # Smallest batch worth a COPY: below it, INSERT's single round trip wins.
@@ -45,11 +45,9 @@ def _dump_headers(headers: Mapping[str, str]) -> str:
 
 @functools.cache
 def copy_statement(schema: str, table: str) -> str:
-    query = sql.SQL("COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)").format(
-        table=sql.Identifier(schema, table),
-        columns=sql.SQL(", ").join(map(sql.Identifier, COLUMN_TYPES)),
-    )
-    return query.as_string()
+    """Block copy_events of outbox/sql/writer.sql for `schema.table`, built once per table."""
+    return statements.writer_block(
+        "copy_events", schema, table, columns=statements.column_list(list(COLUMN_TYPES)))
 
 
 def copy_records(

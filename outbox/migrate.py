@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from outbox import sql_blocks
 from outbox.columns import LAYOUTS
 from outbox.errors import ConfigurationError, MigrationError
 from outbox.names import SchemaNames
@@ -18,7 +19,7 @@ from outbox.names import SchemaNames
 # `NNNN_name.sql` for the native layout; `<layout>_NNNN_name.sql` replaces the native file of
 # that version for a table of another layout (migrations/__init__.py).
 _FILENAME = re.compile(r"^(?:([a-z]+)_)?(\d{4})_([a-z0-9_]+)\.sql$")
-# One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
+# One lock for every `migrate up` on the cluster (outbox/sql/migrate.sql, lock).
 _ADVISORY_LOCK_KEY = 0x6F7574626F78  # "outbox"
 
 
@@ -102,28 +103,26 @@ def render_all(
         body = migration.render(names).as_string(conn)
         parts.append(f"-- outbox migration {migration.version:04d}_{migration.name}\n{body}")
         if with_tracking:
-            parts.append(sql.SQL(
-                "INSERT INTO {} (target, version, name, checksum) VALUES ({}, {}, {}, {});"
-            ).format(names.qualified(names.migrations_table), sql.Literal(names.table),
-                     sql.Literal(migration.version), sql.Literal(migration.name),
-                     sql.Literal(migration.checksum)).as_string(conn))
+            values = (names.table, migration.version, migration.name, migration.checksum)
+            parts.append(
+                _record_migration(names, *map(sql.Literal, values)).as_string(conn) + ";")
     return "\n".join(parts)
 
 
+def _query(block: str, names: SchemaNames, /, **extra: sql.Composable) -> sql.Composed:
+    return sql_blocks.compose("outbox", "migrate.sql", block, names, **extra)
+
+
 def _tracking_table(names: SchemaNames) -> sql.Composed:
-    return sql.SQL(
-        "CREATE SCHEMA IF NOT EXISTS {schema};\n"
-        "CREATE TABLE IF NOT EXISTS {table} ("
-        " target text NOT NULL, version int NOT NULL, name text NOT NULL,"
-        " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
-        " PRIMARY KEY (target, version))"
-    ).format(schema=sql.Identifier(names.schema),
-             table=names.qualified(names.migrations_table))
+    return _query("tracking_table", names)
+
+
+def _record_migration(names: SchemaNames, *values: sql.Composable) -> sql.Composed:
+    return _query("record_migration", names,
+                  **dict(zip(("target", "version", "name", "checksum"), values, strict=True)))
 
 
 def _ensure_tracking(conn: psycopg.Connection[Any], names: SchemaNames) -> None:
-    # The bookkeeping table has to exist before versions can be read; it is the only object
-    # created with IF NOT EXISTS, and only under the advisory lock.
     conn.execute(_tracking_table(names))
 
 
@@ -131,20 +130,15 @@ def _applied(
     conn: psycopg.Connection[Any], names: SchemaNames
 ) -> dict[int, tuple[str, str, str]]:
     """version -> (checksum, applied_at, name) of the migrations applied to the table."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT version, checksum, applied_at::text, name FROM {} WHERE target = %s"
-        ).format(names.qualified(names.migrations_table)),
-        [names.table],
-    ).fetchall()
+    rows = conn.execute(_query("applied", names), {"target": names.table}).fetchall()
     return {int(version): (checksum, applied_at, name)
             for version, checksum, applied_at, name in rows}
 
 
 def _tracking_exists(conn: psycopg.Connection[Any], names: SchemaNames) -> bool:
     row = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL",
-        [names.qualified(names.migrations_table).as_string(conn)],
+        _query("tracking_exists", names),
+        {"table": names.qualified(names.migrations_table).as_string(conn)},
     ).fetchone()
     return bool(row and row[0])
 
@@ -172,7 +166,7 @@ def up(
     migrations = available(columns)
     try:
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_ADVISORY_LOCK_KEY])
+            conn.execute(_query("lock", names), {"key": _ADVISORY_LOCK_KEY})
             _ensure_tracking(conn, names)
             applied = _applied(conn, names)
             pending = []
@@ -194,9 +188,7 @@ def up(
                     continue
                 conn.execute(migration.render(names))
                 conn.execute(
-                    sql.SQL(
-                        "INSERT INTO {} (target, version, name, checksum) VALUES (%s, %s, %s, %s)"
-                    ).format(names.qualified(names.migrations_table)),
+                    _record_migration(names, *(sql.Placeholder() for _ in range(4))),
                     [names.table, migration.version, migration.name, migration.checksum],
                 )
                 pending.append(migration)

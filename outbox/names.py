@@ -48,6 +48,7 @@ class SchemaNames:
             "schema": sql.Identifier(self.schema),
             "table": sql.Identifier(self.table),
             "parked_table": sql.Identifier(self.parked_table),
+            "migrations_table": sql.Identifier(self.migrations_table),
             "inbox_table": sql.Identifier(self.inbox_table),
             "pending_index": sql.Identifier(f"{self.table}_pending_idx"),
             "txid_index": sql.Identifier(f"{self.table}_txid_idx"),

@@ -34,8 +34,14 @@ def _without_comment_lines(body: str) -> str:
                      if not line.lstrip().startswith("--"))
 
 
+def block(package: str, filename: str, name: str) -> sql.SQL:
+    """Block `name` of `<package>/sql/<filename>`, for the caller to fill in with `.format()`
+    (its names as sql.Identifier, never as text)."""
+    return sql.SQL(blocks(package, filename)[name])
+
+
 def compose(
-    package: str, filename: str, name: str, names: SchemaNames, **extra: sql.Composable
+    package: str, filename: str, name: str, names: SchemaNames, /, **extra: sql.Composable
 ) -> sql.Composed:
     """Block `name` with the identifiers of `names` and the caller's `extra` placeholders."""
-    return sql.SQL(blocks(package, filename)[name]).format(**names.identifiers(), **extra)
+    return block(package, filename, name).format(**names.identifiers(), **extra)

@@ -1,4 +1,8 @@
-"""The SQL the write side runs, composed with psycopg.sql so configured names are always quoted."""
+"""The statements the write side runs: named blocks of `outbox/sql/writer.sql`, composed with
+psycopg.sql so configured names are always quoted.
+
+Each is built once per (names, columns, placeholder style) and cached: publishing only binds.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from collections.abc import Callable
 
 from psycopg import sql
 
+from outbox import sql_blocks
 from outbox.columns import ColumnMapping
 
-# Element types of the arrays the events are sent in: one round trip per batch, however many
-# events (unnest keeps the order of the arrays, so rows are inserted in the order given).
+# Element types of the arrays the events are sent in (one array per column present).
 _FIELD_TYPES = {
     "id": "uuid",
     "aggregate_type": "text",
@@ -34,29 +38,32 @@ def sqlalchemy_placeholder(name: str, pg_type: str) -> sql.Composable:
     return sql.SQL("CAST(:{} AS {}[])").format(sql.SQL(name), sql.SQL(pg_type))
 
 
+def writer_block(name: str, schema: str, table: str, **parts: sql.Composable) -> str:
+    """Block `name` of writer.sql for the table `schema.table`, as the text a driver runs."""
+    return sql_blocks.block("outbox", "writer.sql", name).format(
+        schema=sql.Identifier(schema), table=sql.Identifier(table), **parts).as_string()
+
+
+def column_list(columns: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, columns))
+
+
 @functools.cache
 def insert_events(
     schema: str, table: str, columns: ColumnMapping, placeholder: Placeholder
 ) -> str:
     present = columns.present()
     types = {**_FIELD_TYPES, "payload": columns.payload_type}
-    query = sql.SQL("INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays})").format(
-        table=sql.Identifier(schema, table),
-        columns=sql.SQL(", ").join(sql.Identifier(col) for col in present.values()),
+    return writer_block(
+        "insert_events", schema, table,
+        columns=column_list(list(present.values())),
         arrays=sql.SQL(", ").join(placeholder(name, types[name]) for name in present),
     )
-    return query.as_string()
 
 
 @functools.cache
 def emit_messages(placeholder: Placeholder) -> str:
-    # transactional=true: the message is decoded only if, and when, the transaction commits.
-    query = sql.SQL(
-        "SELECT count(pg_logical_emit_message(true, {prefix}, m)) FROM unnest({messages}) AS m"
-    ).format(
-        prefix=sql.SQL("CAST(:prefix AS text)")
-        if placeholder is sqlalchemy_placeholder
-        else sql.Placeholder("prefix"),
-        messages=placeholder("messages", "bytea"),
-    )
-    return query.as_string()
+    prefix = (sql.SQL("CAST(:prefix AS text)") if placeholder is sqlalchemy_placeholder
+              else sql.Placeholder("prefix"))
+    return sql_blocks.block("outbox", "writer.sql", "emit_messages").format(
+        prefix=prefix, messages=placeholder("messages", "bytea")).as_string()

@@ -16,7 +16,7 @@ from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
-from relay import queries
+from relay import queries, sources
 from relay.sinks.kafka.settings import (
     LIBRDKAFKA_MESSAGE_MAX_BYTES,
     admin_settings,
@@ -34,7 +34,7 @@ from relay.wal.errors import (
 from relay.wal.lsn import format_lsn
 from relay.wal.source import WalSourceConfig
 
-SOURCES = ("postgres-poll", "postgres-wal")
+SOURCES = tuple(name for name, source in sources.SOURCES.items() if source.doctor)
 # Room above the payload for the key, the headers (id, event_type, aggregate_type,
 # content_type, traceparent, the event's own) and the record batch framing.
 RECORD_OVERHEAD_BYTES = 16 * 1024
@@ -144,16 +144,22 @@ class KafkaFacts:
 # -- checks: plain functions from facts to results --------------------------------------------
 
 
-def _ident(*parts: str) -> str:
-    return sql.Identifier(*parts).as_string()
+def _fix(names: SchemaNames, block: str, **parts: sql.Composable) -> str:
+    """The statement of a fix (relay/sql/doctor.sql), names quoted as PostgreSQL reads them."""
+    return queries.compose("doctor.sql", block, names, **parts).as_string()
 
 
-def _literal(value: str) -> str:
-    return sql.Literal(value).as_string()
+def _role(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
 
 
 def _bytes(count: int) -> str:
     return f"{count} bytes ({count / 1024 / 1024:.2f} MiB)"
+
+
+def _grant(names: SchemaNames, role: str, privileges: Sequence[str], table: str) -> str:
+    return _fix(names, "grant", role=_role(role), relation=sql.Identifier(table),
+                privileges=sql.SQL(", ").join(map(sql.SQL, privileges)))
 
 
 def check_wal_level(db: DatabaseFacts) -> CheckResult:
@@ -163,7 +169,7 @@ def check_wal_level(db: DatabaseFacts) -> CheckResult:
     return CheckResult(
         "wal_level", Level.FAIL,
         f"wal_level is {level}: logical decoding needs 'logical'",
-        "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL (managed services: "
+        f"{_fix(SchemaNames(), 'set_wal_level')}; then restart PostgreSQL (managed services: "
         "rds.logical_replication = 1, cloudsql.logical_decoding = on)",
     )
 
@@ -179,7 +185,7 @@ def check_replication_slots(db: DatabaseFacts, options: DoctorOptions) -> CheckR
             "replication slots", Level.FAIL,
             f"no free replication slot for {options.slot!r}: {used} of {total} in use",
             "raise max_replication_slots (needs a restart), or drop slots nothing reads from "
-            "(SELECT slot_name, active FROM pg_replication_slots)",
+            f"({_fix(options.names, 'list_slots')})",
         )
     return CheckResult("replication slots", Level.OK, f"{used} of {total} in use, room for one")
 
@@ -222,7 +228,7 @@ def check_wal_keep_size(db: DatabaseFacts) -> CheckResult:
             "max_slot_wal_keep_size", Level.WARN,
             "-1 (unbounded): while the relay is stopped or behind, the server keeps WAL for "
             "its slot until the disk is full",
-            "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB' (sized to the disk; reload), and "
+            f"{_fix(SchemaNames(), 'set_wal_keep_size')} (sized to the disk; reload), and "
             "alert on the slot lag; see docs/operations.md, WAL slot safety",
         )
     limit = int(value) * 1024 * 1024
@@ -248,9 +254,8 @@ def check_schema(db: DatabaseFacts, options: DoctorOptions) -> CheckResult:
             "outbox schema", Level.WARN,
             f"role {db.role.name} may not read {names.schema}.{names.migrations_table}, so the "
             "applied migrations are unknown",
-            f"GRANT SELECT ON {_ident(names.schema, names.migrations_table)} TO "
-            f"{_ident(db.role.name)} ({ROLES_SCRIPT} does), or run `outbox migrate status` "
-            "as the owner",
+            f"{_grant(names, db.role.name, ['SELECT'], names.migrations_table)} "
+            f"({ROLES_SCRIPT} does), or run `outbox migrate status` as the owner",
         )
     pending = [state.migration for state in db.migrations if not state.applied]
     if pending:
@@ -294,7 +299,7 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
         return CheckResult(
             "privileges", Level.FAIL,
             f"role {role} has no USAGE on schema {names.schema}",
-            f"GRANT USAGE ON SCHEMA {_ident(names.schema)} TO {_ident(role)} "
+            f"{_fix(names, 'grant_usage', role=_role(role))} "
             f"({ROLES_SCRIPT}: role {suggested})",
         )
     tables = {"table": names.table, "parked": names.parked_table}
@@ -313,10 +318,7 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
                 optional.append(f"{privilege} on {names.schema}.{tables[key]}")
     if missing:
         text = "; ".join(f"{', '.join(p)} on {names.schema}.{t}" for t, p in missing.items())
-        grants = " ".join(
-            f"GRANT {', '.join(p)} ON {_ident(names.schema, t)} TO {_ident(role)};"
-            for t, p in missing.items()
-        )
+        grants = " ".join(f"{_grant(names, role, p, t)};" for t, p in missing.items())
         return CheckResult("privileges", Level.FAIL, f"role {role} lacks {text}",
                            f"{grants} ({ROLES_SCRIPT}: role {suggested})")
     if optional:
@@ -324,7 +326,7 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
             "privileges", Level.WARN,
             f"role {role} lacks {', '.join(optional)}: needed only to keep published rows "
             "(--keep-published)",
-            f"GRANT UPDATE ON {_ident(names.schema, names.table)} TO {_ident(role)}",
+            _grant(names, role, ["UPDATE"], names.table),
         )
     return CheckResult("privileges", Level.OK,
                        f"role {role} may read, delete and park outbox events")
@@ -337,7 +339,7 @@ def check_replication_role(db: DatabaseFacts) -> CheckResult:
     return CheckResult(
         "replication role", Level.FAIL,
         f"role {role.name} lacks the REPLICATION attribute: it cannot stream from a slot",
-        f"ALTER ROLE {_ident(role.name)} WITH LOGIN REPLICATION "
+        f"{_fix(SchemaNames(), 'grant_replication', role=_role(role.name))} "
         f"({ROLES_SCRIPT}: role outbox_relay_wal)",
     )
 
@@ -375,21 +377,21 @@ def check_least_privilege(db: DatabaseFacts, options: DoctorOptions) -> CheckRes
 def check_publication(db: DatabaseFacts, options: DoctorOptions) -> CheckResult:
     name, names = options.publication, options.names
     table = (names.schema, names.table)
-    qualified = _ident(names.schema, names.table)
+    publication = sql.Identifier(name)
+    create = _fix(names, "create_publication", publication=publication)
     info = db.publication
     if info is None:
         return CheckResult(
             "publication", Level.FAIL, f"publication {name!r} does not exist",
-            f"as the table's owner: CREATE PUBLICATION {_ident(name)} FOR TABLE {qualified} "
-            "WITH (publish = 'insert'); (setup step, docs/operations.md)",
+            f"as the table's owner: {create}; (setup step, docs/operations.md)",
         )
     if not info.covers(table):
         return CheckResult(
             "publication", Level.FAIL,
             f"publication {name!r} does not publish inserts into {names.schema}.{names.table}: "
             "the relay would never see its events",
-            f"ALTER PUBLICATION {_ident(name)} ADD TABLE {qualified}; "
-            f"ALTER PUBLICATION {_ident(name)} SET (publish = 'insert')",
+            f"{_fix(names, 'add_to_publication', publication=publication)}; "
+            f"{_fix(names, 'publish_inserts', publication=publication)}",
         )
     wanted = WalSourceConfig(options.slot, name, names.schema, names.table).published_columns
     needed = [column for column in wanted if column in db.table_columns]
@@ -398,8 +400,7 @@ def check_publication(db: DatabaseFacts, options: DoctorOptions) -> CheckResult:
     except WalError as exc:
         return CheckResult(
             "publication", Level.FAIL, str(exc),
-            f"DROP PUBLICATION {_ident(name)}; CREATE PUBLICATION {_ident(name)} FOR TABLE "
-            f"{qualified} WITH (publish = 'insert')",
+            f"{_fix(names, 'drop_publication', publication=publication)}; {create}",
         )
     return CheckResult("publication", Level.OK,
                        f"{name!r} publishes inserts into {names.schema}.{names.table}")
@@ -411,8 +412,8 @@ def check_slot(db: DatabaseFacts, options: DoctorOptions) -> CheckResult:
     if status is None:
         return CheckResult(
             "replication slot", Level.FAIL, f"slot {name!r} does not exist",
-            f"after the publication, as a role with REPLICATION: SELECT "
-            f"pg_create_logical_replication_slot({_literal(name)}, 'pgoutput'); if a relay "
+            "after the publication, as a role with REPLICATION: "
+            f"{_fix(options.names, 'create_slot', slot=sql.Literal(name))}; if a relay "
             "used this slot before, recover the events it missed first (docs/operations.md)",
         )
     lag = slot_lag(status, db.current_lsn)
@@ -651,7 +652,7 @@ def try_replication_connection(url: str) -> str | None:
         with psycopg.connect(
             libpq_url(url), replication="database", autocommit=True, connect_timeout=10
         ) as conn:
-            conn.execute("IDENTIFY_SYSTEM")
+            conn.execute(_query(SchemaNames(), "identify_system"))
     except psycopg.Error as exc:
         return redact(str(exc).strip()) or type(exc).__name__
     return None

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     """Check the source once (fail fast on a wrong setup) and return a maker of relays."""
-    return sources.factory_of(settings.source)(settings, stats)
+    return sources.get(settings.source).relay_factory(settings, stats)
 
 
 # The relay's hot path makes short-lived objects without reference cycles (records, closures,

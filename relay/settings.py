@@ -62,15 +62,10 @@ class RelaySettings:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ConfigurationError(f"source={self.source!r}: choose one of {', '.join(SOURCES)}")
-        if self.source.startswith("postgres") and not self.db_url:
-            raise ConfigurationError(f"source {self.source} needs db_url (--db / OUTBOX_DB_URL)")
-        if self.source.startswith("mongo"):
-            if not self.mongo_url:
-                raise ConfigurationError(
-                    f"source {self.source} needs mongo_url (--mongo / OUTBOX_MONGO_URL)")
-            if not self.collections:
-                raise ConfigurationError(
-                    f"source {self.source} needs collections (--collections a,b)")
+        # What is a source's own (its connection, its settings) is checked by its registry
+        # entry (relay/sources.py); the rest here.
+        source = sources.get(self.source)
+        source.require(self)
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigurationError(f"batch_size={self.batch_size} must be positive")
         if self.shutdown_timeout <= 0:
@@ -81,12 +76,7 @@ class RelaySettings:
             raise ConfigurationError(f"metrics_port={self.metrics_port} is not a TCP port")
         SchemaNames(self.schema, self.table)  # validates the names
         ColumnMapping.for_layout(self.columns)  # validates the layout's name
-        if self.columns != "native" and not self.source.startswith("postgres"):
-            raise ConfigurationError(
-                f"columns={self.columns!r} applies to the postgres-* sources only")
-        if self.columns != "native" and self.table_less:
-            raise ConfigurationError(
-                f"columns={self.columns!r} with table_less: a table-less relay reads no table")
+        source.refuse_others(self)
         self.publisher()  # validates the topic template and the Kafka settings
 
     @property

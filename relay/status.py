@@ -157,7 +157,7 @@ def gather(
 ) -> OutboxStatus:
     """Read the outbox's state with `conn` (autocommit); sections the role cannot read are
     listed in `unavailable` instead of failing the whole report."""
-    role = str((conn.execute("SELECT current_user::text").fetchone() or ("?",))[0])
+    role = str((conn.execute(_query(names, "current_role")).fetchone() or ("?",))[0])
     access = read_tables(conn, names)
     unavailable: dict[str, str] = {}
     backlog = last_published = parked = None

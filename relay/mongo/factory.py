@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from relay import sources
 from relay.daemon import Relay
 from relay.mongo import (
     MongoPollRelay,
@@ -14,14 +15,13 @@ from relay.mongo import (
     mongo_gauges,
 )
 from relay.settings import RelaySettings
-from relay.sinks.kafka.sink import topic_limits_for
 from relay.stats import RelayStats
 
 
-def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+def config(settings: RelaySettings) -> MongoRelayConfig:
     """mongo-poll and mongo-stream: one configuration, two ways of reading."""
     assert settings.mongo_url is not None
-    mongo = MongoRelayConfig(
+    return MongoRelayConfig(
         url=settings.mongo_url,
         collections=settings.collections,
         # --table names the outbox collection of outbox.mongo.publish for these sources.
@@ -31,11 +31,22 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         poll_interval=settings.poll_interval,
         shutdown_timeout=settings.shutdown_timeout,
     )
-    streaming = settings.source == "mongo-stream"
-    check_source(mongo, stream=streaming)
-    publisher = settings.publisher()
-    stats.gauges.update(mongo_gauges(mongo))
+
+
+def check(config: MongoRelayConfig, source: sources.Source) -> MongoRelayConfig:
+    """The server (a replica set for mongo-stream), the collections and the indexes."""
+    check_source(config, stream=source.name == "mongo-stream")
+    return config
+
+
+def gauges(config: MongoRelayConfig) -> sources.Gauges:
+    return mongo_gauges(config)
+
+
+def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+    source = sources.get(settings.source)
+    mongo, publisher, limits = source.prepare(settings, stats)
+    streaming = source.name == "mongo-stream"
     mongo_relay = MongoStreamRelay if streaming else MongoPollRelay
     owner = lease_owner()
-    limits = topic_limits_for(publisher)  # kept across the relay's restarts
     return lambda: mongo_relay(mongo, publisher, stats, owner=owner, topic_limits=limits)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from relay import sources
 from relay.daemon import Relay
 from relay.poll.relay import PollConfig, check_schema, poll_gauges, polling_relay
 from relay.settings import RelaySettings
-from relay.sinks.kafka.sink import topic_limits_for
 from relay.stats import RelayStats
 
 
-def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+def config(settings: RelaySettings) -> PollConfig:
     assert settings.db_url is not None
-    config = PollConfig(
+    return PollConfig(
         db_url=settings.db_url,
         names=settings.names,
         batch_size=settings.batch_size or PollConfig.batch_size,
@@ -22,8 +22,17 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         shutdown_timeout=settings.shutdown_timeout,
         columns=settings.column_mapping,
     )
-    config = check_schema(config)
-    publisher = settings.publisher()
-    stats.gauges.update(poll_gauges(config))
-    limits = topic_limits_for(publisher)  # kept across the relay's restarts
+
+
+def check(config: PollConfig, source: sources.Source) -> PollConfig:
+    """The tables, the role's privileges, and the type of a Debezium table's payload."""
+    return check_schema(config)
+
+
+def gauges(config: PollConfig) -> sources.Gauges:
+    return poll_gauges(config)
+
+
+def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+    config, publisher, limits = sources.get(settings.source).prepare(settings, stats)
     return lambda: polling_relay(config, publisher, stats, limits)

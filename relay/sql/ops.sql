@@ -80,3 +80,10 @@ SELECT current_user::text, r.rolsuper, r.rolreplication, r.rolcanlogin,
 FROM pg_catalog.pg_roles r
 LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = %(schema)s
 WHERE r.rolname = current_user
+
+-- name: current_role
+SELECT current_user::text
+
+-- name: identify_system
+-- A replication connection's first command: `outbox doctor` opens one as the relay does.
+IDENTIFY_SYSTEM

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from relay import sources
 from relay.daemon import Relay
 from relay.settings import RelaySettings
-from relay.sinks.kafka.sink import topic_limits_for
+from relay.sources import WAL_KAFKA_DEFAULTS
 from relay.stats import RelayStats
 from relay.wal.relay import WalRelayConfig, check_setup, wal_gauges, wal_relay
 from relay.wal.source import WalSourceConfig
 
-# The WAL relay drains a backlog at up to ~90,000 events/s: waiting 5 ms (not the default 1) to
-# fill batches sends it in fewer, larger produce requests, cutting the CPU librdkafka and the
-# broker spend per event (relay 13.9 -> 12.1 us/event, drain +15% on a 2-core machine shared
-# with PostgreSQL and Kafka). It adds up to 5 ms of latency: p99 5.7 ms at 1,000 events/s.
-WAL_KAFKA_DEFAULTS = {"linger.ms": "5"}
+__all__ = ["WAL_KAFKA_DEFAULTS", "check", "config", "gauges", "relay_factory"]
 
 
-def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+def config(settings: RelaySettings) -> WalRelayConfig:
     assert settings.db_url is not None
-    wal = WalRelayConfig(
+    return WalRelayConfig(
         db_url=settings.db_url,
         source=WalSourceConfig(
             slot=settings.slot, publication=settings.publication, schema=settings.schema,
@@ -34,8 +31,18 @@ def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Re
         shutdown_timeout=settings.shutdown_timeout,
         keep_published=settings.keep_published,
     )
-    check_setup(wal)
-    publisher = settings.publisher(WAL_KAFKA_DEFAULTS)
-    stats.gauges.update(wal_gauges(wal))
-    limits = topic_limits_for(publisher)  # kept across the relay's restarts
+
+
+def check(config: WalRelayConfig, source: sources.Source) -> WalRelayConfig:
+    """The slot, the publication, the tables and the role's privileges."""
+    check_setup(config)
+    return config
+
+
+def gauges(config: WalRelayConfig) -> sources.Gauges:
+    return wal_gauges(config)
+
+
+def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
+    wal, publisher, limits = sources.get(settings.source).prepare(settings, stats)
     return lambda: wal_relay(wal, publisher, stats, limits)

@@ -64,6 +64,9 @@ def test_secrets_come_from_files_and_are_redacted(tmp_path: Path) -> None:
         (["--topic-template", "{tenant}"], "tenant"),
         (["--poll-interval", "soon"], "not a duration"),
         (["--source", "mongo-poll", "--mongo", "mongodb://h/db"], "needs collections"),
+        (["--source", "mongo-poll", "--mongo", "mongodb://h/db", "--collections", "a",
+          "--columns", "debezium"],
+         "columns='debezium' applies to the postgres-* sources only"),
     ],
 )
 def test_invalid_settings_fail_at_start_up_naming_the_setting(

@@ -1,0 +1,23 @@
+-- The bookkeeping of `outbox migrate` (outbox/migrate.py): which migration files were applied to
+-- which outbox table. The migrations themselves are whole files in outbox/migrations/.
+
+-- name: tracking_table
+-- The only object created with IF NOT EXISTS, and only under the advisory lock: it has to exist
+-- before the applied versions can be read.
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.{migrations_table} ( target text NOT NULL, version int NOT NULL, name text NOT NULL, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (target, version))
+
+-- name: record_migration
+-- Values as bound parameters (migrate up) or as literals (migrate sql, for other tools).
+INSERT INTO {schema}.{migrations_table} (target, version, name, checksum) VALUES ({target}, {version}, {name}, {checksum})
+
+-- name: applied
+SELECT version, checksum, applied_at::text, name FROM {schema}.{migrations_table}
+WHERE target = %(target)s
+
+-- name: tracking_exists
+SELECT to_regclass(%(table)s) IS NOT NULL
+
+-- name: lock
+-- One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
+SELECT pg_advisory_xact_lock(%(key)s)

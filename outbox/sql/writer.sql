@@ -1,0 +1,17 @@
+-- The statements of Outbox.publish (outbox/statements.py, outbox/copy_rows.py). Each is composed
+-- once per (names, columns, driver) and cached: the publish path only binds values. {columns},
+-- {arrays}, {prefix} and {messages} are filled in Python from the table's layout
+-- (outbox/columns.py) in the driver's parameter style: psycopg's %(name)s or SQLAlchemy's :name.
+
+-- name: insert_events
+-- One round trip per batch, however many events: unnest keeps the order of the arrays, so rows
+-- are inserted in the order given.
+INSERT INTO {schema}.{table} ({columns}) SELECT * FROM unnest({arrays})
+
+-- name: emit_messages
+-- transactional=true: the message is decoded only if, and when, the transaction commits.
+SELECT count(pg_logical_emit_message(true, {prefix}, m)) FROM unnest({messages}) AS m
+
+-- name: copy_events
+-- Binary COPY into the table `outbox migrate` creates, whose column types are known exactly.
+COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT BINARY)

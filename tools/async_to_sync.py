@@ -79,6 +79,9 @@ NAMES = {
     "AsyncConsumer": "Consumer",
     "AsyncDriver": "SyncDriver",
     "AsyncHandler": "Handler",
+    "AsyncRunContext": "RunContext",
+    "AsyncStopEvent": "StopEvent",
+    "wait_async": "wait",
     "aio_stores": "stores",
 }
 

@@ -1,30 +1,22 @@
 """`AsyncConsumer`: the idempotent consumer for asyncio applications (SQLAlchemy, psycopg or
-pymongo), with `async def` handlers. Its decisions are in `engine` (a batch) and `schedule` (the run
-loop); this module only carries them out.
+pymongo), with `async def` handlers. Its decisions are in `engine` (a batch) and `schedule` (the
+run loop); this module only carries them out.
 
 The asyncio consumer is the one written by hand; the synchronous `Consumer`
 (outbox.consumer.runner) is generated from this file by tools/async_to_sync.py
-(`make sync-code`). Where the two truly differ (the stop event, signals, the thread that calls
-Kafka), an `if True:  # ASYNC` block holds both.
+(`make sync-code`). What truly differs between the two (the stop event, signals, the thread that
+calls Kafka) is in `waiting.py`, written there for both.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, Unpack
+from typing import Any, Unpack
 
 from outbox.consumer.aio_stores import AsyncInboxStore, AsyncInboxTransaction, async_store
-from outbox.consumer.base import (
-    STOP_SIGNALS,
-    AsyncHandler,
-    ConsumerBase,
-    ConsumerStats,
-    on_main_thread,
-)
+from outbox.consumer.base import AsyncHandler, ConsumerBase, ConsumerStats
 from outbox.consumer.config import ConsumerOptions
 from outbox.consumer.engine import (
     BatchEngine,
@@ -40,46 +32,17 @@ from outbox.consumer.errors import ConsumerError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Received
 from outbox.consumer.schedule import PurgeSchedule, RunLimits, dead_letter_delay
+from outbox.consumer.waiting import AsyncRunContext, AsyncStopEvent, wait_async
 from outbox.errors import ConfigurationError
 
-if True:  # ASYNC
-    import asyncio
-    import concurrent.futures
-    # librdkafka's calls block their thread: they run in a worker thread, with short waits
-    # there so that stop() is heard soon.
-    _LONGEST_POLL: float | None = 0.5
-
-
-    async def _wait(event: asyncio.Event, seconds: float) -> bool:
-        """Wait up to `seconds`; True if `event` is set (the consumer is stopping)."""
-        try:
-            await asyncio.wait_for(event.wait(), timeout=seconds)
-        except TimeoutError:
-            return False
-        return True
-
-else:
-    import threading
-    # stop() sets the event from any thread; a poll in librdkafka returns on its own time.
-    _LONGEST_POLL = None
-
-
-    def _wait(event: threading.Event, seconds: float) -> bool:
-        """Wait up to `seconds`; True if `event` is set (the consumer is stopping)."""
-        return event.wait(seconds)
-
-
 log = logging.getLogger("outbox.consumer")
-
-T = TypeVar("T")
 
 
 class AsyncDriver:
     """Carries out the engine's steps against a store: the I/O of a batch, no decisions."""
 
     def __init__(
-        self, store: AsyncInboxStore, consumer: ConsumerBase[AsyncHandler],
-        stop: Any,  # the consumer's stop event: an asyncio.Event, a threading.Event
+        self, store: AsyncInboxStore, consumer: ConsumerBase[AsyncHandler], stop: AsyncStopEvent
     ) -> None:
         self._store = store
         self._consumer = consumer
@@ -135,7 +98,7 @@ class AsyncDriver:
                         await tx.rollback()
                         tx = None
                 elif isinstance(step, Sleep):
-                    reply = not await _wait(self._stop, step.seconds)
+                    reply = not await wait_async(self._stop, step.seconds)
         finally:
             if tx is not None:
                 await tx.rollback()
@@ -165,122 +128,21 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         super().__init__(name=name, kafka=kafka, topics=topics, **options)
         self._store = async_store(db, mongo, self.config)
         self._purges = PurgeSchedule(self.config.purge_older_than, self.config.purge_every)
-        if True:  # ASYNC
-            # The event is made by run(), in the running loop; a stop() before sets the flag.
-            self._stop: asyncio.Event | None = None
-            self._stop_early = False
-            self._loop: asyncio.AbstractEventLoop | None = None
-            self._kafka_thread: concurrent.futures.ThreadPoolExecutor | None = None
-        else:
-            self._stop = threading.Event()
+        self._context = AsyncRunContext()
 
-    if True:  # ASYNC
+    def _check_handler(self, function: Callable[..., Any]) -> None:
+        super()._check_handler(function)
+        AsyncRunContext.check_handler(function)
 
-        def _check_handler(self, function: Callable[..., Any]) -> None:
-            super()._check_handler(function)
-            if not inspect.iscoroutinefunction(function):
-                raise ConfigurationError(
-                    f"handler {getattr(function, '__name__', function)!r} must be an async def "
-                    "function for AsyncConsumer"
-                )
-
-        def stop(self) -> None:
-            """Ask `run()` to return once the current batch is done (a message waiting for its
-            retry is left for redelivery). Safe from any thread or signal handler; a stop()
-            before run() makes that run return at once."""
-            self._stop_early = True
-            loop, event = self._loop, self._stop
-            if loop is not None and event is not None:
-                loop.call_soon_threadsafe(event.set)
-
-        def _stop_event(self) -> asyncio.Event:
-            assert self._stop is not None, "only while running"
-            return self._stop
-
-        async def _kafka(self, call: Callable[..., T], *args: Any) -> T:
-            # librdkafka's consumer is not thread-safe: one worker thread makes every call.
-            assert self._loop is not None and self._kafka_thread is not None
-            return await self._loop.run_in_executor(self._kafka_thread, call, *args)
-
-        def _started(self) -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            if self._stop_early:
-                self._stop.set()
-            self._kafka_thread = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="outbox-consumer-kafka"
-            )
-
-        def _finished(self) -> None:
-            if self._kafka_thread is not None:
-                self._kafka_thread.shutdown(wait=True)
-            self._kafka_thread = None
-            self._stop = None
-            self._stop_early = False
-            self._loop = None
-
-        def _install_signals(self) -> Callable[[], None]:
-            if not on_main_thread() or self._loop is None:
-                return lambda: None
-            loop = self._loop
-            previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-            try:
-                for sig in STOP_SIGNALS:
-                    loop.add_signal_handler(sig, self.stop)
-            except (NotImplementedError, RuntimeError):  # pragma: no cover - not on Unix
-                return lambda: None
-
-            def restore() -> None:
-                for sig, handler in previous.items():
-                    loop.remove_signal_handler(sig)
-                    signal.signal(sig, handler)
-
-            return restore
-
-    else:
-        def _check_handler(self, function: Callable[..., Any]) -> None:
-            super()._check_handler(function)
-            if inspect.iscoroutinefunction(function):
-                raise ConfigurationError(
-                    f"handler {function.__name__} is a coroutine function: use AsyncConsumer"
-                )
-
-        def stop(self) -> None:
-            """Ask `run()` to return once the current batch is done (a message waiting for its
-            retry is left for redelivery). Safe from any thread or signal handler; a stop()
-            before run() makes that run return at once."""
-            self._stop.set()
-
-        def _stop_event(self) -> threading.Event:
-            return self._stop
-
-        def _kafka(self, call: Callable[..., T], *args: Any) -> T:
-            return call(*args)
-
-        def _started(self) -> None:
-            """Nothing to set up: the stop event lives as long as the consumer."""
-
-        def _finished(self) -> None:
-            self._stop.clear()
-
-        def _install_signals(self) -> Callable[[], None]:
-            # Signal handlers can only be installed from the main thread; elsewhere stop() is
-            # the way out, and the application keeps its own handlers.
-            if not on_main_thread():
-                return lambda: None
-            previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-            for sig in STOP_SIGNALS:
-                signal.signal(sig, lambda signum, frame: self.stop())
-
-            def restore() -> None:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-            return restore
+    def stop(self) -> None:
+        """Ask `run()` to return once the current batch is done (a message waiting for its
+        retry is left for redelivery). Safe from any thread or signal handler; a stop() before
+        run() makes that run return at once."""
+        self._context.stop()
 
     async def wait_stop(self, seconds: float) -> bool:
         """Wait up to `seconds` while running; True if the consumer is stopping."""
-        return await _wait(self._stop_event(), seconds)
+        return await self._context.wait(seconds)
 
     async def run(
         self, max_messages: int | None = None, timeout: float | None = None
@@ -294,23 +156,22 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         if max_messages is not None and max_messages < 1:
             raise ConfigurationError(f"max_messages={max_messages} must be >= 1")
         self._running = True
-        self._started()
         before = self._stats.copy()
-        restore = self._install_signals()
+        kafka = self._context.kafka
+        self._context.start()
         try:
             await self._store.check()
-            gateway = await self._kafka(self._gateway)
+            gateway = await kafka(self._gateway)
             try:
                 await self._run_loop(gateway, max_messages, timeout)
             finally:
-                await self._kafka(gateway.close)
+                await kafka(gateway.close)
         finally:
             # Connections the store opened itself (conninfo) are closed; the next run reopens.
             try:
                 await self._store.close()
             finally:
-                self._finished()
-                restore()
+                self._context.finish()
                 self._running = False
         stats = self._stats.since(before)
         self._log_stopped(stats)
@@ -320,25 +181,26 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         self, gateway: KafkaGateway, max_messages: int | None, timeout: float | None
     ) -> None:
         config = self.config
-        stop = self._stop_event()
+        kafka = self._context.kafka
+        stop = self._context.event
         driver = AsyncDriver(self._store, self, stop)
         limits = RunLimits(batch_size=config.batch_size, poll_timeout=config.poll_timeout,
                            max_messages=max_messages, timeout=timeout, now=time.monotonic(),
-                           longest_poll=_LONGEST_POLL)
-        await self._kafka(gateway.subscribe)
+                           longest_poll=self._context.longest_poll)
+        await kafka(gateway.subscribe)
         self._log_started()
         while not stop.is_set():
             fetch = limits.next_fetch(time.monotonic())
             if fetch is None:
                 break
             await self._maybe_purge()
-            items = await self._kafka(gateway.fetch, fetch.limit, fetch.wait)
+            items = await kafka(gateway.fetch, fetch.limit, fetch.wait)
             if not items:
                 continue
             report = await driver.run(items)
             self._account(items, report, gateway)
             await self._send_dead_letters(report, gateway)
-            await self._kafka(gateway.commit)
+            await kafka(gateway.commit)
             limits.resolved(len(report.outcomes))
             exhausted = self._exhausted(report)
             if exhausted is not None:
@@ -350,7 +212,7 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         pending = report.dead_letters
         failures = 0
         while pending:
-            results = await self._kafka(gateway.dead_letter, pending)
+            results = await self._context.kafka(gateway.dead_letter, pending)
             pending = self._dead_lettered(pending, results, gateway)
             if not pending:
                 return

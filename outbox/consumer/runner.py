@@ -7,21 +7,12 @@ only carries them out. Generated from the asyncio consumer, `outbox.consumer.aio
 
 from __future__ import annotations
 
-import inspect
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, Unpack
+from typing import Any, Unpack
 
-from outbox.consumer.base import (
-    STOP_SIGNALS,
-    ConsumerBase,
-    ConsumerStats,
-    Handler,
-    on_main_thread,
-)
+from outbox.consumer.base import ConsumerBase, ConsumerStats, Handler
 from outbox.consumer.config import ConsumerOptions
 from outbox.consumer.engine import (
     BatchEngine,
@@ -38,28 +29,17 @@ from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Received
 from outbox.consumer.schedule import PurgeSchedule, RunLimits, dead_letter_delay
 from outbox.consumer.stores import InboxStore, InboxTransaction, sync_store
+from outbox.consumer.waiting import RunContext, StopEvent, wait
 from outbox.errors import ConfigurationError
 
-# stop() sets the event from any thread; a poll in librdkafka returns on its own time.
-_LONGEST_POLL = None
-
-
-def _wait(event: threading.Event, seconds: float) -> bool:
-    """Wait up to `seconds`; True if `event` is set (the consumer is stopping)."""
-    return event.wait(seconds)
-
-
 log = logging.getLogger("outbox.consumer")
-
-T = TypeVar("T")
 
 
 class SyncDriver:
     """Carries out the engine's steps against a store: the I/O of a batch, no decisions."""
 
     def __init__(
-        self, store: InboxStore, consumer: ConsumerBase[Handler],
-        stop: Any,  # the consumer's stop event: an asyncio.Event, a threading.Event
+        self, store: InboxStore, consumer: ConsumerBase[Handler], stop: StopEvent
     ) -> None:
         self._store = store
         self._consumer = consumer
@@ -115,7 +95,7 @@ class SyncDriver:
                         tx.rollback()
                         tx = None
                 elif isinstance(step, Sleep):
-                    reply = not _wait(self._stop, step.seconds)
+                    reply = not wait(self._stop, step.seconds)
         finally:
             if tx is not None:
                 tx.rollback()
@@ -145,51 +125,21 @@ class Consumer(ConsumerBase[Handler]):
         super().__init__(name=name, kafka=kafka, topics=topics, **options)
         self._store = sync_store(db, mongo, self.config)
         self._purges = PurgeSchedule(self.config.purge_older_than, self.config.purge_every)
-        self._stop = threading.Event()
+        self._context = RunContext()
 
     def _check_handler(self, function: Callable[..., Any]) -> None:
         super()._check_handler(function)
-        if inspect.iscoroutinefunction(function):
-            raise ConfigurationError(
-                f"handler {function.__name__} is a coroutine function: use AsyncConsumer"
-            )
+        RunContext.check_handler(function)
 
     def stop(self) -> None:
         """Ask `run()` to return once the current batch is done (a message waiting for its
-        retry is left for redelivery). Safe from any thread or signal handler; a stop()
-        before run() makes that run return at once."""
-        self._stop.set()
-
-    def _stop_event(self) -> threading.Event:
-        return self._stop
-
-    def _kafka(self, call: Callable[..., T], *args: Any) -> T:
-        return call(*args)
-
-    def _started(self) -> None:
-        """Nothing to set up: the stop event lives as long as the consumer."""
-
-    def _finished(self) -> None:
-        self._stop.clear()
-
-    def _install_signals(self) -> Callable[[], None]:
-        # Signal handlers can only be installed from the main thread; elsewhere stop() is
-        # the way out, and the application keeps its own handlers.
-        if not on_main_thread():
-            return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, lambda signum, frame: self.stop())
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
+        retry is left for redelivery). Safe from any thread or signal handler; a stop() before
+        run() makes that run return at once."""
+        self._context.stop()
 
     def wait_stop(self, seconds: float) -> bool:
         """Wait up to `seconds` while running; True if the consumer is stopping."""
-        return _wait(self._stop_event(), seconds)
+        return self._context.wait(seconds)
 
     def run(
         self, max_messages: int | None = None, timeout: float | None = None
@@ -203,23 +153,22 @@ class Consumer(ConsumerBase[Handler]):
         if max_messages is not None and max_messages < 1:
             raise ConfigurationError(f"max_messages={max_messages} must be >= 1")
         self._running = True
-        self._started()
         before = self._stats.copy()
-        restore = self._install_signals()
+        kafka = self._context.kafka
+        self._context.start()
         try:
             self._store.check()
-            gateway = self._kafka(self._gateway)
+            gateway = kafka(self._gateway)
             try:
                 self._run_loop(gateway, max_messages, timeout)
             finally:
-                self._kafka(gateway.close)
+                kafka(gateway.close)
         finally:
             # Connections the store opened itself (conninfo) are closed; the next run reopens.
             try:
                 self._store.close()
             finally:
-                self._finished()
-                restore()
+                self._context.finish()
                 self._running = False
         stats = self._stats.since(before)
         self._log_stopped(stats)
@@ -229,25 +178,26 @@ class Consumer(ConsumerBase[Handler]):
         self, gateway: KafkaGateway, max_messages: int | None, timeout: float | None
     ) -> None:
         config = self.config
-        stop = self._stop_event()
+        kafka = self._context.kafka
+        stop = self._context.event
         driver = SyncDriver(self._store, self, stop)
         limits = RunLimits(batch_size=config.batch_size, poll_timeout=config.poll_timeout,
                            max_messages=max_messages, timeout=timeout, now=time.monotonic(),
-                           longest_poll=_LONGEST_POLL)
-        self._kafka(gateway.subscribe)
+                           longest_poll=self._context.longest_poll)
+        kafka(gateway.subscribe)
         self._log_started()
         while not stop.is_set():
             fetch = limits.next_fetch(time.monotonic())
             if fetch is None:
                 break
             self._maybe_purge()
-            items = self._kafka(gateway.fetch, fetch.limit, fetch.wait)
+            items = kafka(gateway.fetch, fetch.limit, fetch.wait)
             if not items:
                 continue
             report = driver.run(items)
             self._account(items, report, gateway)
             self._send_dead_letters(report, gateway)
-            self._kafka(gateway.commit)
+            kafka(gateway.commit)
             limits.resolved(len(report.outcomes))
             exhausted = self._exhausted(report)
             if exhausted is not None:
@@ -259,7 +209,7 @@ class Consumer(ConsumerBase[Handler]):
         pending = report.dead_letters
         failures = 0
         while pending:
-            results = self._kafka(gateway.dead_letter, pending)
+            results = self._context.kafka(gateway.dead_letter, pending)
             pending = self._dead_lettered(pending, results, gateway)
             if not pending:
                 return

@@ -262,11 +262,11 @@ def replace_texts(text: str, texts: tuple[tuple[str, str], ...], source: str) ->
 
 
 def convert(pair: Pair) -> str:
-    source = replace_docstring((ROOT / pair.source).read_text(), pair.docstring, pair.source)
-    source = replace_texts(source, pair.texts, pair.source)
+    source = replace_texts((ROOT / pair.source).read_text(), pair.texts, pair.source)
     names = {**NAMES, **pair.names}
     text, written_sync = keep_sync_branches(source)
     text = rewrite_tokens(text, names, written_sync)
+    text = replace_docstring(text, pair.docstring, pair.source)
     text = header(pair) + ruff_fix(text, pair.target)
     verify(text, pair.target)
     return text

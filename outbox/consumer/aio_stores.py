@@ -48,8 +48,8 @@ from outbox.errors import ConfigurationError, UnsupportedTargetError
 from outbox.identifiers import check_identifier
 from outbox.names import SchemaNames
 
-# The synchronous twin imports Session too: the annotations' AsyncSession becomes Session.
 if True:  # ASYNC
+    # (The synchronous branch imports Session: it is what the annotations' AsyncSession becomes.)
     if TYPE_CHECKING:
         # Not imported at run time: it needs greenlet (the `asyncio` extra).
         from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker

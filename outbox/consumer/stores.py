@@ -6,7 +6,7 @@ handler's writes go, in one transaction.
 One interface (`InboxStore` / `InboxTransaction`), one class per driver: SQLAlchemy (Engine or
 sessionmaker), psycopg (ConnectionPool, conninfo string or Connection) and pymongo (Database);
 `sync_store` picks one for `db=` or `mongo=`. The decisions on their failures are in
-`outbox.consumer.store_rules`. Generated from the asyncio stores, `outbox.consumer.stores`.
+`outbox.consumer.store_rules`. Generated from the asyncio stores, `outbox.consumer.aio_stores`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from sqlalchemy import event, text
-
-# The synchronous twin imports Session too: the annotations' Session becomes Session.
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker

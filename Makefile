@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install lint test test-unit demo bench stack-up stack-down stack-status clean
+.PHONY: install lint test test-unit sync-code demo bench stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The synchronous consumer (outbox/consumer/runner.py, stores.py) is generated from the asyncio
+# one (aio.py, aio_stores.py); tests/unit/test_generated_sync.py fails while they differ.
+sync-code: $(STAMP)
+	$(PY) tools/async_to_sync.py
 
 demo: $(STAMP)
 	$(PY) -m deploy.local up

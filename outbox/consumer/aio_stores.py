@@ -1,4 +1,13 @@
-"""Inbox stores for the asyncio consumer: SQLAlchemy AsyncEngine, psycopg async, pymongo async."""
+"""Inbox stores: where the dedup row and the handler's writes go, in one transaction.
+
+One interface (`AsyncInboxStore` / `AsyncInboxTransaction`), one class per driver: SQLAlchemy
+(AsyncEngine or async_sessionmaker), psycopg (AsyncConnectionPool, conninfo string or
+AsyncConnection) and pymongo (AsyncDatabase); `async_store` picks one for `db=` or `mongo=`.
+The decisions on their failures are in `outbox.consumer.store_rules`.
+
+The asyncio stores are the ones written by hand; the synchronous ones (outbox.consumer.stores)
+are generated from this file by tools/async_to_sync.py (`make sync-code`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import psycopg
 import psycopg_pool
@@ -17,55 +26,138 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from outbox import extras
 from outbox.conninfo import libpq_url, redact
 from outbox.consumer import queries
-from outbox.consumer.errors import InboxStoreError
-from outbox.consumer.mongo import (
+from outbox.consumer.config import ConsumerConfig
+from outbox.consumer.errors import HandlerCommitError, InboxStoreError
+from outbox.consumer.store_rules import (
     DEFAULT_INBOX_COLLECTION,
+    MONGO_DUPLICATE_KEY,
+    PURGE_CHUNK,
     ConcurrentClaim,
     as_uuid,
     mongo_transient,
+    pg_transient,
+    translate,
 )
-from outbox.consumer.stores import PURGE_CHUNK, CommitGuard, _as_uuid, pg_transient, translate
-from outbox.errors import UnsupportedTargetError
+from outbox.errors import ConfigurationError, UnsupportedTargetError
 from outbox.identifiers import check_identifier
 from outbox.names import SchemaNames
 
-if TYPE_CHECKING:
-    # Not imported at run time: it needs greenlet (the `asyncio` extra).
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+if True:  # ASYNC
+    # (The synchronous branch imports Session: it is what the annotations' AsyncSession becomes.)
+    if TYPE_CHECKING:
+        # Not imported at run time: it needs greenlet (the `asyncio` extra).
+        from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+else:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session, sessionmaker  # noqa: F401
 
 log = logging.getLogger("outbox.consumer")
 
 
 class AsyncInboxTransaction(Protocol):
-    @property
-    def handle(self) -> Any: ...
+    """One open database transaction of the consumer."""
 
-    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]: ...
+    @property
+    def handle(self) -> Any:
+        """What handlers receive: the AsyncSession, AsyncConnection or AsyncClientSession."""
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Insert the dedup rows of `ids`; returns the ids that were not there yet."""
 
     async def commit(self) -> None: ...
 
-    async def rollback(self) -> None: ...
+    async def rollback(self) -> None:
+        """Roll back and release; never raises (a broken connection is discarded)."""
 
 
+@runtime_checkable
 class AsyncInboxStore(Protocol):
-    async def check(self) -> None: ...
+    """A database the consumer applies messages to, with its dedup table."""
+
+    async def check(self) -> None:
+        """Fail early (InboxMissingError) when the dedup table is not there."""
 
     async def begin(self) -> AsyncInboxTransaction: ...
 
-    def is_transient(self, error: BaseException) -> bool: ...
+    def is_transient(self, error: BaseException) -> bool:
+        """True for failures a retry of the whole transaction may cure."""
 
-    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int: ...
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        """Delete dedup rows older than `older_than`; returns how many."""
 
     async def close(self) -> None: ...
 
 
-# -- SQLAlchemy asyncio ------------------------------------------------------------------------
+# -- choosing the store ------------------------------------------------------------------------
+
+if True:  # ASYNC
+    _OTHER_CONSUMER = "use Consumer for synchronous engines and connections"
+
+
+    def _is_sqlalchemy(db: Any) -> bool:
+        return extras.is_sqlalchemy_asyncio(db)  # AsyncEngine or async_sessionmaker
+
+
+    def _is_own_store(db: Any) -> bool:
+        return isinstance(db, AsyncInboxStore) and inspect.iscoroutinefunction(db.begin)
+else:
+    _OTHER_CONSUMER = "use AsyncConsumer for asyncio engines and connections"
+
+
+    def _is_sqlalchemy(db: Any) -> bool:
+        return isinstance(db, Engine | sessionmaker)
+
+
+    def _is_own_store(db: Any) -> bool:
+        return isinstance(db, AsyncInboxStore) and not inspect.iscoroutinefunction(db.begin)
+
+
+def async_store(db: Any, mongo: Any, config: ConsumerConfig) -> AsyncInboxStore:
+    """The store for `db=` or `mongo=`, as given to `AsyncConsumer`: the same checks and the
+    same errors (UnsupportedTargetError for a wrong type) in the sync and the asyncio consumer."""
+    if (db is None) == (mongo is None):
+        raise ConfigurationError("pass exactly one of db= (PostgreSQL) and mongo= (MongoDB)")
+    store: AsyncInboxStore
+    if mongo is not None:
+        store = AsyncMongoStore(mongo, config.name, config.inbox_table)
+    elif _is_own_store(db):
+        # A store of one's own (or outbox.consumer.testing.MemoryInbox).
+        store = db
+    elif _is_sqlalchemy(db):
+        store = AsyncSqlAlchemyStore(db, config.name, config.names)
+    elif isinstance(db, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection | str):
+        return AsyncPsycopgStore(db, config.name, config.names, pipeline=config.pipeline)
+    else:
+        raise UnsupportedTargetError(
+            "db= must be a SQLAlchemy AsyncEngine or async_sessionmaker, a "
+            "psycopg_pool.AsyncConnectionPool, a psycopg AsyncConnection or a conninfo string, "
+            f"not {type(db).__name__} ({_OTHER_CONSUMER})"
+        )
+    if config.pipeline:
+        raise ConfigurationError("pipeline=True needs a psycopg database (pool or conninfo)")
+    return store
+
+
+# -- SQLAlchemy --------------------------------------------------------------------------------
+
+
+class CommitGuard:
+    """Refuses a handler's own `session.commit()`: it would commit part of a batch (with the
+    dedup rows of messages whose offsets are not committed, and of later ones not yet applied)."""
+
+    def __init__(self, session: Any) -> None:
+        self.armed = True
+        event.listen(session, "before_commit", self._before_commit)
+
+    def _before_commit(self, session: Any) -> None:
+        if self.armed:
+            raise HandlerCommitError()
 
 
 class _AsyncSqlAlchemyTransaction:
@@ -73,7 +165,11 @@ class _AsyncSqlAlchemyTransaction:
         self._session = session
         self._claim = claim_sql
         self._consumer = consumer
-        self._guard = CommitGuard(session.sync_session)
+        if True:  # ASYNC
+            # SQLAlchemy's events are the synchronous Session's, under the AsyncSession.
+            self._guard = CommitGuard(session.sync_session)
+        else:
+            self._guard = CommitGuard(session)
 
     @property
     def handle(self) -> AsyncSession:
@@ -83,7 +179,7 @@ class _AsyncSqlAlchemyTransaction:
         result = await self._session.execute(
             text(self._claim), {"consumer": self._consumer, "ids": list(ids)}
         )
-        return {_as_uuid(row[0]) for row in result.all()}
+        return {as_uuid(row[0]) for row in result.all()}
 
     async def commit(self) -> None:
         self._guard.armed = False
@@ -105,17 +201,20 @@ class _AsyncSqlAlchemyTransaction:
 
 
 class AsyncSqlAlchemyStore:
-    """Handlers get an `AsyncSession` whose transaction also holds the dedup rows."""
+    """Handlers get a SQLAlchemy `AsyncSession` whose transaction also holds the dedup rows."""
 
     def __init__(
         self, db: AsyncEngine | async_sessionmaker[AsyncSession], consumer: str,
         names: SchemaNames,
     ) -> None:
-        asyncio_layer = extras.sqlalchemy_asyncio()  # a clear error when greenlet is missing
-        self._sessions: async_sessionmaker[AsyncSession] = (
-            asyncio_layer.async_sessionmaker(db) if isinstance(db, asyncio_layer.AsyncEngine)
-            else cast("async_sessionmaker[AsyncSession]", db)
-        )
+        if True:  # ASYNC
+            layer = extras.sqlalchemy_asyncio()  # a clear error when greenlet is missing
+            self._sessions: async_sessionmaker[AsyncSession] = (
+                layer.async_sessionmaker(db) if isinstance(db, layer.AsyncEngine)
+                else cast("async_sessionmaker[AsyncSession]", db)
+            )
+        else:
+            self._sessions = sessionmaker(db) if isinstance(db, Engine) else db
         self._consumer = consumer
         self._names = names
         self._claim = queries.claim(names, sqlalchemy=True)
@@ -151,7 +250,7 @@ class AsyncSqlAlchemyStore:
         """The engine belongs to the application: nothing to close."""
 
 
-# -- psycopg asyncio ---------------------------------------------------------------------------
+# -- psycopg -----------------------------------------------------------------------------------
 
 
 class _AsyncPsycopgTransaction:
@@ -159,7 +258,8 @@ class _AsyncPsycopgTransaction:
         self._store = store
         self._conn = conn
         self._pipeline = conn.pipeline() if store.pipeline else None
-        # See _PsycopgTransaction: a block makes a handler's own commit() an error.
+        # A transaction block: a handler's own conn.commit() raises instead of committing
+        # half a batch; its `with conn.transaction():` becomes a savepoint.
         self._block = conn.transaction()
 
     async def open(self) -> None:
@@ -211,8 +311,12 @@ class _AsyncPsycopgTransaction:
 
 
 class AsyncPsycopgStore:
-    """Handlers get the `psycopg.AsyncConnection` whose transaction also holds the dedup rows;
-    `db` is an AsyncConnectionPool, an AsyncConnection or a conninfo string."""
+    """Handlers get the psycopg `AsyncConnection` whose transaction also holds the dedup rows.
+
+    `db` is a `psycopg_pool.AsyncConnectionPool` (a connection is borrowed per transaction), a
+    conninfo/URL string (the store keeps one connection and reconnects when it breaks) or a
+    `psycopg.AsyncConnection` owned by the caller.
+    """
 
     def __init__(
         self,
@@ -222,6 +326,11 @@ class AsyncPsycopgStore:
         *,
         pipeline: bool = False,
     ) -> None:
+        if not isinstance(db, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection | str):
+            raise UnsupportedTargetError(
+                "db must be a psycopg_pool.AsyncConnectionPool, a psycopg AsyncConnection or a "
+                f"conninfo string, not {type(db).__name__} ({_OTHER_CONSUMER})"
+            )
         self._pool = db if isinstance(db, psycopg_pool.AsyncConnectionPool) else None
         self._conninfo = libpq_url(db) if isinstance(db, str) else None
         self._conn: psycopg.AsyncConnection[Any] | None = (
@@ -264,6 +373,7 @@ class AsyncPsycopgStore:
     async def begin(self) -> AsyncInboxTransaction:
         conn = await self._connect()
         if conn.info.transaction_status != TransactionStatus.IDLE:
+            # A caller-owned connection left in a transaction: never commit someone else's work.
             await self.release(conn)
             raise InboxStoreError("the database connection is already inside a transaction")
         tx = _AsyncPsycopgTransaction(self, conn)
@@ -278,13 +388,14 @@ class AsyncPsycopgStore:
         return pg_transient(error)
 
     async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        statement = queries.purge(self._names)
         total = 0
         while True:
             conn = await self._connect()
             try:
                 async with conn.transaction():
                     cursor = await conn.execute(
-                        queries.purge(self._names),
+                        statement,
                         {"older_than": older_than, "consumer": consumer, "limit": PURGE_CHUNK},
                     )
                     deleted = cursor.rowcount
@@ -299,11 +410,13 @@ class AsyncPsycopgStore:
             await self._conn.close()
 
 
-# -- pymongo asyncio ---------------------------------------------------------------------------
+# -- pymongo -----------------------------------------------------------------------------------
 
+if True:  # ASYNC
 
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+    async def _maybe_await(value: Any) -> Any:
+        # AsyncMongoClient.start_session() is a coroutine in some pymongo releases, not in others.
+        return await value if inspect.isawaitable(value) else value
 
 
 class _AsyncMongoTransaction:
@@ -318,7 +431,9 @@ class _AsyncMongoTransaction:
         return self._session
 
     async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        # As in the synchronous store: look first, insert the new ones, a race aborts.
+        # A duplicate-key error aborts a MongoDB transaction, so the batch looks first and
+        # inserts only what is new; the unique index still decides a race with another
+        # consumer (DuplicateKeyError -> the whole transaction is retried, then skips it).
         keys = [Binary.from_uuid(event_id) for event_id in ids]
         cursor = self._inbox.find(
             {"consumer": self._consumer, "event_id": {"$in": keys}},
@@ -339,7 +454,7 @@ class _AsyncMongoTransaction:
             except DuplicateKeyError as exc:
                 raise ConcurrentClaim(str(exc)) from exc
             except OperationFailure as exc:
-                if exc.code == 11000:
+                if exc.code == MONGO_DUPLICATE_KEY:
                     raise ConcurrentClaim(str(exc)) from exc
                 raise
         return set(new)
@@ -361,14 +476,15 @@ class _AsyncMongoTransaction:
 
 
 class AsyncMongoStore:
-    """Handlers get the `AsyncClientSession` of a transaction that also inserts the dedup
-    document; pass `session=` to every write that must be atomic with it."""
+    """Handlers get the `AsyncClientSession` of a multi-document transaction that also inserts
+    the dedup document; pass `session=` to every write that must be atomic with it."""
 
     def __init__(self, db: AsyncDatabase[Any], consumer: str,
                  collection: str = DEFAULT_INBOX_COLLECTION) -> None:
         if not isinstance(db, AsyncDatabase):
             raise UnsupportedTargetError(
-                f"mongo= must be a pymongo AsyncDatabase, not {type(db).__name__}"
+                f"mongo= must be a pymongo AsyncDatabase, not {type(db).__name__} "
+                f"({_OTHER_CONSUMER})"
             )
         check_identifier(collection, "inbox_table")
         self._db = db
@@ -376,6 +492,7 @@ class AsyncMongoStore:
         self._consumer = consumer
 
     async def check(self) -> None:
+        # MongoDB has no migrations: the indexes are created here, idempotently.
         try:
             await self._inbox.create_index(
                 [("consumer", 1), ("event_id", 1)], unique=True, name="consumer_event_id"
@@ -385,7 +502,10 @@ class AsyncMongoStore:
             raise InboxStoreError(f"creating the inbox indexes failed: {exc}") from exc
 
     async def begin(self) -> AsyncInboxTransaction:
-        session: AsyncClientSession = await _maybe_await(self._db.client.start_session())
+        if True:  # ASYNC
+            session: AsyncClientSession = await _maybe_await(self._db.client.start_session())
+        else:
+            session = self._db.client.start_session()
         try:
             await session.start_transaction()
         except BaseException:

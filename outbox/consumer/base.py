@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar, Unpack
 
@@ -20,6 +20,9 @@ from outbox.errors import ConfigurationError
 log = logging.getLogger("outbox.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
+# What handlers are: `handler(session_or_connection, message)`, plain or a coroutine function.
+Handler = Callable[[Any, Message], None]
+AsyncHandler = Callable[[Any, Message], Awaitable[None]]
 
 
 @dataclass
@@ -150,11 +153,6 @@ class ConsumerBase(Generic[H]):
             dead_letter_template=config.dead_letter_topic,
             validate_json=config.validate_json,
         )
-
-    def _fetch_limit(self, max_messages: int | None, done: int) -> int:
-        if max_messages is None:
-            return self.config.batch_size
-        return max(0, min(self.config.batch_size, max_messages - done))
 
     def _account(self, items: Sequence[Received], report: BatchReport, gateway: KafkaGateway,
                  ) -> None:

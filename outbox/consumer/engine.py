@@ -7,11 +7,17 @@ cut at that message: the messages before it run again in their own transaction, 
 is retried alone with backoff (then dead-lettered), the rest go on. No savepoints are needed,
 so the common case costs no extra round trip per message, and no message is applied twice,
 because every commit carries the inbox rows of exactly the messages it applied.
+
+The engine also classifies what its driver reports: a store failure that a retry may cure
+(the store's `is_transient`) is retried without limit, a rejected commit splits the batch, any
+other store failure ends the run as the project's exception (`store_rules.translate`); and it
+logs each of these decisions, so that the sync and asyncio consumers log them alike.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import random as _random
 import uuid
 from collections.abc import Callable, Generator, Sequence
@@ -20,6 +26,10 @@ from typing import Any
 
 from outbox.consumer.message import Message, Received
 from outbox.consumer.policy import RetryPolicy, Verdict, describe
+from outbox.consumer.store_rules import translate
+from outbox.errors import OutboxError
+
+log = logging.getLogger("outbox.consumer")
 
 # Store failures (connection lost, serialization failure) are retried without limit: a database
 # outage is backpressure, not a reason to dead-letter. The wait grows like a handler retry's.
@@ -27,6 +37,10 @@ _STORE_BACKOFF_CAP = 16
 
 
 # -- steps: what the engine asks its driver to do -------------------------------------------------
+
+
+# Begin, Claim and Commit are store calls: when one raises, the driver throws that exception
+# into the engine (`steps.throw(exc)`), which decides what it means.
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +57,16 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Handle:
-    """Call the message's handler in the open transaction. Reply: None or a HandlerFailure."""
+    """Call the message's handler in the open transaction. Reply: None, or the exception the
+    handler raised."""
 
     message: Message
 
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Commit the open transaction, which applied `messages`. Reply: None."""
+    """Commit the open transaction, which applied `messages`; the driver then calls the
+    consumer's `on_commit`. Reply: None."""
 
     messages: tuple[Message, ...]
 
@@ -74,23 +90,14 @@ class Sleep:
 Step = Begin | Claim | Handle | Commit | Rollback | Sleep
 
 
-@dataclass(frozen=True, slots=True)
-class HandlerFailure:
-    """A handler raised `error`; `transient` if it came from the store (connection lost,
-    serialization failure), which is retried without counting a try."""
-
-    error: BaseException
-    transient: bool = False
-
-
 class StoreUnavailable(Exception):
-    """Thrown into the engine by a driver: Begin, Claim or Commit failed transiently and the
-    transaction is gone (a commit in doubt is safe to redo: the inbox rows tell)."""
+    """Begin, Claim, Commit or a handler failed transiently and the transaction is gone (a
+    commit in doubt is safe to redo: the inbox rows tell)."""
 
 
 class CommitRejected(Exception):
-    """Thrown into the engine by a driver: the commit failed for good (e.g. a deferred
-    constraint); the transaction is rolled back and the culprit is unknown."""
+    """The commit failed for good (e.g. a deferred constraint); the transaction is rolled back
+    and the culprit is unknown."""
 
 
 # -- the result ----------------------------------------------------------------------------------
@@ -139,11 +146,16 @@ class BatchEngine:
         policy: RetryPolicy,
         has_handler: Callable[[Message], bool],
         rand: Callable[[], float] = _random.random,
+        *,
+        is_transient: Callable[[BaseException], bool] = lambda error: False,
+        consumer: str = "",
     ) -> None:
         self.items = items
         self.policy = policy
         self.has_handler = has_handler
         self.rand = rand
+        self.is_transient = is_transient
+        self.consumer = consumer
         self.report = BatchReport()
 
     def run(self) -> Generator[Step, Any, BatchReport]:
@@ -173,6 +185,45 @@ class BatchEngine:
         self.report.dead_letters.append(request)
         self.report.outcomes[index] = Outcome.DEAD_LETTER
 
+    def _store(self, step: Begin | Claim | Commit, what: str) -> Generator[Step, Any, Any]:
+        """Yield a store call; what its failure means: retry (transient), a rejected commit,
+        or the end of the run as the project's exception."""
+        try:
+            return (yield step)
+        except Exception as exc:
+            if self.is_transient(exc):
+                raise StoreUnavailable(exc) from exc
+            if isinstance(step, Commit):
+                log.warning("commit rejected", extra={
+                    "event": "commit_rejected", "consumer": self.consumer,
+                    "error": f"{type(exc).__name__}: {exc}",
+                })
+                raise CommitRejected(exc) from exc
+            if isinstance(exc, OutboxError):
+                raise
+            raise translate(exc, what) from exc
+
+    def _handler_failed(self, message: Message, error: BaseException) -> bool:
+        """Logs the failure; True if it came from the store (connection lost, serialization
+        failure): retried without counting a try."""
+        transient = self.is_transient(error)
+        log.warning("handler failed", extra={
+            "event": "handler_failed", "consumer": self.consumer,
+            "event_id": str(message.id), "event_type": message.event_type,
+            "topic": message.topic, "partition": message.partition, "offset": message.offset,
+            "error": f"{type(error).__name__}: {error}", "transient": transient,
+        })
+        return transient
+
+    def _sleep(self, step: Sleep) -> Sleep:
+        message = step.message
+        log.warning("retrying after a failure", extra={
+            "event": step.why, "consumer": self.consumer, "delay": round(step.seconds, 3),
+            "failures": step.failures, "error": step.error,
+            "event_id": str(message.id) if message else None,
+        })
+        return step
+
     def _run(self, work: list[int]) -> Generator[Step, Any, None]:
         while work:
             failure = yield from self._transaction(work)
@@ -194,9 +245,10 @@ class BatchEngine:
         while True:
             outcomes: dict[int, Outcome] = {}
             try:
-                yield Begin()
+                yield from self._store(Begin(), "opening a transaction")
                 ids = tuple(dict.fromkeys(self._message(i).id for i in work))
-                claimed: set[uuid.UUID] = set((yield Claim(ids)))
+                claimed: set[uuid.UUID] = set(
+                    (yield from self._store(Claim(ids), "inserting into the inbox")))
                 applied: list[Message] = []
                 for position, index in enumerate(work):
                     message = self._message(index)
@@ -205,25 +257,28 @@ class BatchEngine:
                         continue
                     # The same id twice in one batch: the first one applies it.
                     claimed.discard(message.id)
-                    failure: HandlerFailure | None = yield Handle(message)
+                    failure: BaseException | None = yield Handle(message)
                     if failure is not None:
                         yield Rollback()
-                        if failure.transient:
-                            raise StoreUnavailable(failure.error)
-                        return position, failure.error
+                        if self._handler_failed(message, failure):
+                            raise StoreUnavailable(failure)
+                        return position, failure
                     outcomes[index] = Outcome.PROCESSED
                     applied.append(message)
                 if applied:
-                    yield Commit(tuple(applied))
+                    yield from self._store(Commit(tuple(applied)), "committing")
                 else:
                     # Only duplicates: there is nothing to commit.
                     yield Rollback()
             except StoreUnavailable as exc:
+                # Whatever of the transaction is left (after a failed claim) goes first.
+                yield Rollback()
                 store_failures += 1
                 self.report.store_retries += 1
                 delay = self.policy.delay(min(store_failures, _STORE_BACKOFF_CAP), self.rand())
                 cause = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
-                if not (yield Sleep(delay, "store_retry", None, store_failures, describe(cause))):
+                sleep = Sleep(delay, "store_retry", None, store_failures, describe(cause))
+                if not (yield self._sleep(sleep)):
                     raise _Stopping from None
                 continue
             except CommitRejected as exc:
@@ -253,7 +308,8 @@ class BatchEngine:
                 )
                 raise _Stopping
             self.report.retries += 1
-            go_on = yield Sleep(decision.delay, "handler_retry", message, failures, describe(error))
+            go_on = yield self._sleep(
+                Sleep(decision.delay, "handler_retry", message, failures, describe(error)))
             if not go_on:
                 raise _Stopping
             failures += 1

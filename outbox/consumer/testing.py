@@ -1,4 +1,5 @@
-"""An in-memory inbox store, for unit tests of handlers and of the consumer's decisions."""
+"""In-memory inbox stores (sync and asyncio), for unit tests of handlers and of the consumer's
+decisions."""
 
 from __future__ import annotations
 
@@ -102,4 +103,47 @@ class MemoryInbox:
         return len(old)
 
     def close(self) -> None:
+        """Nothing to release."""
+
+
+class AsyncMemoryTransaction:
+    """`MemoryTransaction` with the asyncio store's coroutines."""
+
+    def __init__(self, tx: MemoryTransaction) -> None:
+        self._tx = tx
+
+    @property
+    def handle(self) -> MemorySession:
+        return self._tx.handle
+
+    async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        return self._tx.claim(ids)
+
+    async def commit(self) -> None:
+        self._tx.commit()
+
+    async def rollback(self) -> None:
+        self._tx.rollback()
+
+
+class AsyncMemoryInbox:
+    """An `AsyncInboxStore` in memory for `AsyncConsumer(db=...)`: the same rows, effects,
+    counters and failure switches as `MemoryInbox`, which it keeps in `inbox`."""
+
+    def __init__(self, consumer: str = "test") -> None:
+        self.inbox = MemoryInbox(consumer)
+
+    async def check(self) -> None:
+        """Always there."""
+
+    async def begin(self) -> AsyncMemoryTransaction:
+        return AsyncMemoryTransaction(self.inbox.begin())
+
+    def is_transient(self, error: BaseException) -> bool:
+        return self.inbox.is_transient(error)
+
+    async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
+        return self.inbox.purge(older_than, consumer)
+
+    async def close(self) -> None:
         """Nothing to release."""

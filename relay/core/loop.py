@@ -101,7 +101,7 @@ class RelayCore(Generic[T]):
             try:
                 self._loop(sink, stop)
                 unacknowledged = sink.flush(source.cadence.shutdown_timeout)
-                self.settle(force=True)
+                self.settle(force=True, final=True)
                 source.finish(unacknowledged)
             except StoppedWhileBlocked:
                 # Nothing unanswered was applied or confirmed: the next run sends it again.
@@ -132,7 +132,8 @@ class RelayCore(Generic[T]):
             stats.in_flight = sink.in_flight
             if source.caught_up:
                 if sink.in_flight:
-                    sink.poll(0.005)
+                    if not source.read_waits:
+                        sink.poll(0.005)  # serve answers rather than read again at once
                 else:
                     self.settle(force=True)
                     stats.progressed()
@@ -142,9 +143,10 @@ class RelayCore(Generic[T]):
                         refresh_holds()
                         source.wait_for_more(stop)
 
-    def settle(self, *, force: bool) -> None:
-        """Apply the answers (refusals at once, deliveries at the cadence), confirm the source,
-        and end the run on a latched failure once what was done is applied."""
+    def settle(self, *, force: bool, final: bool = False) -> None:
+        """Apply the answers (refusals at once, deliveries at the cadence or when `force`d),
+        confirm the source (all that is done, when `final`: the run ends), and end the run on a
+        latched failure once what was done is applied."""
         source = self.source
         refused, delivered = self._refused, self._delivered
         due = (
@@ -162,7 +164,7 @@ class RelayCore(Generic[T]):
             for parking in refused:
                 self.stats.parked += 1
                 log_parked(parking.reason, **source.where(parking.token))
-        source.confirm(force=force)
+        source.confirm(final=final)
         self.failures.raise_if_failed(source.after_failure)
 
     def _abandon(self, sink: Sink[Any]) -> None:

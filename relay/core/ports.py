@@ -102,6 +102,9 @@ class Source(Protocol[T]):
     after_failure: str
     # The last `read` found everything there was: the core settles, then idles.
     caught_up: bool
+    # `read` itself waits for new changes (a stream): the core then does not wait for the
+    # sink's answers before reading again.
+    read_waits: bool
 
     def open(self, stop: threading.Event) -> AbstractContextManager[bool]:
         """Connect and wait as a standby until this relay leads: yields True then, False if
@@ -123,9 +126,10 @@ class Source(Protocol[T]):
         `delivered`. Each is done from then on."""
         ...
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         """Confirm the source's position up to what is done (relay/core/watermark.py), at the
-        source's own pace unless forced. Called at every settle, with or without answers."""
+        source's own pace; all of it when `final` (the run ends). Called at every settle, with
+        or without answers."""
         ...
 
     def where(self, token: T) -> Mapping[str, object]:

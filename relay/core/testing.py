@@ -129,6 +129,7 @@ class MemorySource:
 
     name = "memory"
     latency_per_event = True
+    read_waits = False
     after_failure = "unacknowledged events will be sent again"
 
     def __init__(self, records: list[OutboxRecord], *, batch: int = 10,
@@ -182,7 +183,7 @@ class MemorySource:
             self.applied.append(record)
             self.groups.done(group)
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         for group in self.groups.pop_done():
             assert group.position is not None
             self.confirmed = group.position

@@ -41,6 +41,7 @@ class MongoSource:
 
     name = ""
     latency_per_event = True
+    read_waits = False
     after_failure = "unacknowledged events will be sent again"
 
     def __init__(
@@ -140,7 +141,7 @@ class MongoSource:
     def applied(self, refs: list[EntryRef]) -> None:
         """These entries' removal from their documents is applied."""
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         """Nothing to confirm: an entry's removal is its acknowledgement."""
 
     def where(self, token: Pending) -> Mapping[str, object]:

@@ -35,6 +35,12 @@ class MongoStreamSource(MongoSource):
     """
 
     name = "mongo-stream"
+    _stream: ChangeSource | None = None  # while catching up: none yet
+
+    @property
+    def read_waits(self) -> bool:  # type: ignore[override]
+        """Streaming, `read` waits on the server (max_await); the catch-up scan does not."""
+        return self._stream is not None
 
     def started(self, stop: threading.Event) -> bool:
         # A short server-side wait keeps delivery reports and the lease served while idle.
@@ -44,7 +50,7 @@ class MongoStreamSource(MongoSource):
         self._candidate: Token | None = None
         self._last_save = time.monotonic()
         self._progressed = False
-        self._stream: ChangeSource | None = None
+        self._stream = None
         self._catching_up: Scanner | None = None
         self._scan_start: Token | None = None
         store = self.store
@@ -124,7 +130,7 @@ class MongoStreamSource(MongoSource):
     def applied(self, refs: list[EntryRef]) -> None:
         self._tokens.acknowledged(refs)
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         """Store the newest resume token that may be (TokenLog), at the cadence."""
         stream = self._stream
         if stream is None:
@@ -142,7 +148,7 @@ class MongoStreamSource(MongoSource):
             return
         since = time.monotonic() - self._last_save
         due = (
-            force
+            final
             or (self._progressed and since >= self.config.ack_interval)
             # Idle: refresh now and then, so the token stays inside the oplog's window.
             or since >= self.config.token_interval

@@ -113,6 +113,7 @@ class PollSource:
 
     name = "postgres-poll"
     latency_per_event = True
+    read_waits = False
     after_failure = "unacknowledged events will be sent again"
 
     def __init__(self, config: PollConfig, stats: RelayStats) -> None:
@@ -221,7 +222,7 @@ class PollSource:
             name = "mark_published" if self.config.keep_published else "delete_published"
             conn.execute(self._query(name), {"positions": delivered})
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         """Nothing to confirm: a row's removal is its acknowledgement."""
 
     def where(self, token: int) -> Mapping[str, object]:

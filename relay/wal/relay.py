@@ -62,6 +62,7 @@ class WalRelaySource:
     name = "postgres-wal"
     # Observed per transaction when it is done (see confirm): cheaper than per event.
     latency_per_event = False
+    read_waits = True  # on the replication stream
     after_failure = "the relay restarts from the slot's confirmed position"
 
     def __init__(self, config: WalRelayConfig, stats: RelayStats) -> None:
@@ -158,7 +159,7 @@ class WalRelaySource:
             transaction.outstanding -= 1
         transactions.outstanding -= len(delivered)
 
-    def confirm(self, *, force: bool) -> None:
+    def confirm(self, *, final: bool) -> None:
         """Hand done transactions to the cleaner, then confirm the slot up to what is safe:
         done, and in table mode its rows removed."""
         done = self.transactions.pop_done()
@@ -198,7 +199,7 @@ class WalRelaySource:
     def finish(self, unacknowledged: int) -> None:
         if self._cleaner is not None:
             self._cleaner.close(self.config.shutdown_timeout, finish=True)
-            self.confirm(force=True)
+            self.confirm(final=True)
         log.info("WAL relay stopped", extra={
             "event": "relay_stopped", "unacknowledged": unacknowledged,
             "confirmed": format_lsn(self.source.acknowledged_lsn)})

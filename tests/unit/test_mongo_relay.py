@@ -447,6 +447,27 @@ def test_the_stream_stores_a_token_only_after_kafka_acknowledged_everything_befo
     assert seqs(h.delivered, "a")[:3] == [0, 1, 2]
 
 
+def test_an_idle_stream_refreshes_its_token_only_at_the_token_interval() -> None:
+    # Changes the relay does not watch move the stream's position while it has nothing to
+    # send; storing it on every idle turn would write to MongoDB many times a second.
+    h = Harness(config(token_interval=3600.0))
+    h.run_until(h.stream_relay(), lambda: h.store.token is not None)
+    saved = len(h.store.saved_tokens)
+    others = iter(range(50))
+
+    def another_write_elsewhere() -> bool:
+        n = next(others, None)
+        if n is None:
+            return True
+        h.store.insert("customers", {"_id": n})
+        return False
+
+    h.run_until(h.stream_relay(), another_write_elsewhere)
+    # Resumed, then 50 changes elsewhere while idle: the token is stored once more at the
+    # stop (so the next run resumes past them), not once per idle turn.
+    assert len(h.store.saved_tokens) - saved <= 1
+
+
 def test_a_restarted_stream_resumes_from_its_token_without_sending_again() -> None:
     h = Harness(config())
     make = Entries()

@@ -26,6 +26,7 @@ from outbox.consumer import dead_letters as dlq
 from outbox.record import OutboxRecord
 from relay.sinks.kafka.sink import kafka_headers
 from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
+from tests.support.pg import sqlalchemy_url
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +96,6 @@ def inbox_ids(url: str, consumer: str) -> set[uuid.UUID]:
             "SELECT event_id FROM outbox_inbox WHERE consumer = %s", [consumer]).fetchall()}
 
 
-def sa_url(db_url: str, driver: str = "psycopg") -> str:
-    info = psycopg.conninfo.conninfo_to_dict(db_url)
-    return (f"postgresql+{driver}://{info['user']}:{info['password']}@{info['host']}:"
-            f"{info['port']}/{info['dbname']}")
-
-
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "outbox.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
@@ -155,7 +150,7 @@ def database(request: pytest.FixtureRequest, applied_table: str) -> Iterator[
         with ConnectionPool(url, min_size=1, max_size=2, open=True) as pool:
             yield pool, insert_applied_psycopg
     else:
-        engine = create_engine(sa_url(url))
+        engine = create_engine(sqlalchemy_url(url))
         db = engine if request.param == "sqlalchemy-engine" else sessionmaker(engine)
         yield db, insert_applied_sqlalchemy
         engine.dispose()
@@ -223,7 +218,7 @@ def test_handler_cannot_commit_the_consumers_transaction(
     applied_table: str, kafka_bootstrap: str, topic: str, driver: str
 ) -> None:
     produce(kafka_bootstrap, topic, [order_record(1)])
-    engine = create_engine(sa_url(applied_table)) if driver == "sqlalchemy" else None
+    engine = create_engine(sqlalchemy_url(applied_table)) if driver == "sqlalchemy" else None
     consumer = Consumer(name="billing", kafka=kafka_settings(kafka_bootstrap), topics=[topic],
                         db=engine or applied_table, retry=RetryPolicy(tries=1))
 

@@ -28,9 +28,9 @@ from tests.integration.test_consumer import (
     make_topic,
     order_record,
     produce,
-    sa_url,
 )
-from tests.integration.test_consumer_mongo import with_database
+from tests.support.mongo import with_database
+from tests.support.pg import sqlalchemy_url
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ async def insert_sqlalchemy(session: AsyncSession, message: Message) -> None:
 async def database(request: pytest.FixtureRequest, applied_table: str) -> AsyncIterator[
         tuple[Any, AsyncHandler]]:
     if request.param == "sqlalchemy":
-        engine = create_async_engine(sa_url(applied_table))
+        engine = create_async_engine(sqlalchemy_url(applied_table))
         yield engine, insert_sqlalchemy
         await engine.dispose()
     elif request.param == "psycopg-pool":

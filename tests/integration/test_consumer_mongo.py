@@ -4,7 +4,6 @@ multi-document transaction (real Kafka, the local MongoDB server)."""
 from __future__ import annotations
 
 import datetime as dt
-import urllib.parse
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from tests.integration.test_consumer import (
     run_cli,
 )
 from tests.support.kafka import TopicReader
+from tests.support.mongo import with_database
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +33,6 @@ Document = dict[str, Any]
 @pytest.fixture
 def topic(kafka_bootstrap: str) -> str:
     return make_topic(kafka_bootstrap)
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture

@@ -18,3 +18,10 @@ def drop_database(admin_url: str, name: str) -> None:
             admin.execute("SELECT pg_drop_replication_slot(%s)", [slot])
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
+
+
+def sqlalchemy_url(conninfo: str, driver: str = "psycopg") -> str:
+    """The SQLAlchemy URL (`postgresql+<driver>://`) of a libpq conninfo string."""
+    info = psycopg.conninfo.conninfo_to_dict(conninfo)
+    return (f"postgresql+{driver}://{info['user']}:{info['password']}@{info['host']}:"
+            f"{info['port']}/{info['dbname']}")

@@ -1,0 +1,550 @@
+"""The inbox-store contract: every store of the idempotent consumer, sync and asyncio, passes the
+same tests against its real database (as eventsourcing's recorders do).
+
+Stores: SQLAlchemy (Engine and sessionmaker; AsyncEngine and async_sessionmaker), psycopg
+(pool, conninfo string, caller's connection; sync and async), MongoDB (Database and
+AsyncDatabase) and the in-memory one of `outbox.consumer.testing`. The asyncio ones run through
+the same tests on a loop thread (tests/support/inbox_stores.py). Where a store breaks the
+contract, the test is a strict xfail that says how.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import psycopg.sql
+import pytest
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from pymongo import AsyncMongoClient, MongoClient
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from outbox import migrate
+from outbox.consumer import InboxMissingError, InboxStoreError
+from outbox.consumer.aio_stores import AsyncMongoStore, AsyncPsycopgStore, AsyncSqlAlchemyStore
+from outbox.consumer.mongo import MongoStore
+from outbox.consumer.stores import PsycopgStore, SqlAlchemyStore
+from outbox.errors import UnsupportedTargetError
+from outbox.names import SchemaNames
+from tests.support.inbox_stores import (
+    VARIANTS,
+    Harness,
+    Io,
+    Variant,
+    store_methods_are_those_of_the_protocol,
+    transaction_methods_are_those_of_the_protocol,
+)
+from tests.support.mongo import with_database as mongo_database_url
+from tests.support.pg import drop_database, sqlalchemy_url
+
+pytestmark = pytest.mark.integration
+
+DAY = dt.timedelta(days=1)
+
+
+def contract(where: Callable[[Variant], bool] = lambda v: True,
+             xfail: dict[str, str] | None = None) -> pytest.MarkDecorator:
+    """Run the test for every store variant `where` selects; `xfail` maps a variant id to the
+    defect that makes it fail (strict: the test fails once the defect is fixed)."""
+    broken = xfail or {}
+    return pytest.mark.parametrize("harness", [
+        pytest.param(v, id=v.id, marks=[pytest.mark.xfail(strict=True, reason=broken[v.id])]
+                     if v.id in broken else [])
+        for v in VARIANTS if where(v)
+    ], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def shared_db_url(pg_admin_url: str, pg_template: str) -> Iterator[str]:
+    """One migrated database for the module's PostgreSQL tests: a database per test would
+    spend most of the module's time creating and dropping them. Tests keep apart by consumer
+    name and effects table (Harness.consumer); the few that need the whole inbox to themselves
+    ask for `own_database`."""
+    name = f"contract_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            psycopg.sql.Identifier(name), psycopg.sql.Identifier(pg_template)))
+    yield psycopg.conninfo.make_conninfo(pg_admin_url, dbname=name)
+    drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def own_database() -> None:
+    """Marks a test whose PostgreSQL database is its own (a fresh copy of the template)."""
+
+
+@pytest.fixture
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    variant: Variant = request.param
+    if variant.family == "postgres":
+        own = "own_database" in request.fixturenames
+        url = request.getfixturevalue("db_url" if own else "shared_db_url")
+        built = Harness(variant, db_url=url)
+    elif variant.family == "mongo":
+        url = mongo_database_url(request.getfixturevalue("mongo_url"),
+                                 f"test_{uuid.uuid4().hex[:12]}")
+        built = Harness(variant, mongo_url=url)
+    else:
+        built = Harness(variant)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+def ids(count: int) -> list[uuid.UUID]:
+    return [uuid.uuid4() for _ in range(count)]
+
+
+# -- shape ------------------------------------------------------------------------------------
+
+
+@contract()
+def test_store_and_transaction_have_the_protocols_methods(harness: Harness) -> None:
+    store = harness.store()
+    asyncio = harness.variant.asyncio
+    assert store_methods_are_those_of_the_protocol(store.raw, asyncio) == []
+    tx = store.begin()
+    try:
+        assert transaction_methods_are_those_of_the_protocol(tx.raw, asyncio) == []
+        assert isinstance(tx.handle, harness.variant.handle_type)
+    finally:
+        tx.rollback()
+
+
+# -- check --------------------------------------------------------------------------------------
+
+
+@contract(where=lambda v: v.migrated)
+def test_check_fails_clearly_while_the_inbox_table_is_missing(
+    harness: Harness, empty_db_url: str
+) -> None:
+    store = harness.store(url=empty_db_url)
+    with pytest.raises(InboxMissingError, match="outbox migrate up"):
+        store.check()
+    with psycopg.connect(empty_db_url) as conn:
+        migrate.up(conn, SchemaNames())
+    store.check()
+    harness.assert_callers_resources_intact(store)
+
+
+@contract(where=lambda v: not v.migrated)
+def test_check_prepares_the_inbox_where_there_are_no_migrations(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    store.check()  # idempotent: every consumer start calls it
+    if harness.variant.family == "mongo":
+        indexes = harness.outside.inbox_indexes()
+        # The unique index is what decides a race between two consumers (see claim()).
+        assert indexes["consumer_event_id"]["unique"] is True
+        assert indexes["consumer_event_id"]["key"] == [("consumer", 1), ("event_id", 1)]
+        assert indexes["processed_at"]["key"] == [("processed_at", 1)]
+    tx = store.begin()
+    [event_id] = ids(1)
+    assert tx.claim([event_id]) == {event_id}
+    tx.commit()
+
+
+# -- claim: the dedup rule ----------------------------------------------------------------------
+
+
+@contract()
+def test_new_ids_are_claimed_and_never_again_after_the_commit(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    a, b, c = ids(3)
+    first = store.begin()
+    assert first.claim([a, b]) == {a, b}
+    first.commit()
+    assert harness.outside.inbox_ids() == {a, b}
+
+    second = store.begin()
+    assert second.claim([a, b, c]) == {c}
+    assert second.claim([]) == set()
+    second.commit()
+    assert harness.outside.inbox_ids() == {a, b, c}
+
+    # Another store of the same consumer (a second process of the group) sees them too.
+    other = harness.store()
+    third = other.begin()
+    assert third.claim([a, b, c]) == set()
+    third.commit()
+
+
+@contract()
+def test_each_consumer_name_has_dedup_rows_of_its_own(harness: Harness) -> None:
+    billing, shipping = harness.store("billing"), harness.store("shipping")
+    [event_id] = ids(1)
+    for store in (billing, shipping):
+        store.check()
+        tx = store.begin()
+        assert tx.claim([event_id]) == {event_id}
+        tx.commit()
+    assert harness.outside.inbox_ids("billing") == {event_id}
+    assert harness.outside.inbox_ids("shipping") == {event_id}
+
+
+MONGO_REPEATED_ID = (
+    "MongoDB stores insert a repeated id twice in one insert_many: BulkWriteError (code 65, a "
+    "duplicate key) that is_transient calls permanent, not ConcurrentClaim; the PostgreSQL and "
+    "in-memory stores return it once. The consumer is not affected: its engine removes repeated "
+    "ids before it claims."
+)
+
+
+@contract(xfail={"mongo": MONGO_REPEATED_ID, "async-mongo": MONGO_REPEATED_ID})
+def test_an_id_repeated_in_one_claim_is_claimed_once(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    a, b = ids(2)
+    tx = store.begin()
+    try:
+        assert tx.claim([a, b, a]) == {a, b}
+        tx.commit()
+    except BaseException:
+        tx.rollback()
+        raise
+    assert harness.outside.inbox_ids() == {a, b}
+
+
+@contract()
+def test_a_rolled_back_claim_leaves_the_ids_claimable(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    batch = ids(3)
+    tx = store.begin()
+    assert tx.claim(batch) == set(batch)
+    harness.apply(tx, 1)
+    tx.rollback()
+    assert harness.outside.inbox_ids() == set()
+    assert harness.outside.effects() == []
+
+    again = store.begin()
+    assert again.claim(batch) == set(batch)
+    harness.apply(again, 1)
+    again.commit()
+    assert harness.outside.inbox_ids() == set(batch)
+    assert harness.outside.effects() == [1]
+
+
+# -- the handle is the store's transaction ------------------------------------------------------
+
+
+@contract()
+def test_work_on_the_handle_commits_with_the_claim_and_not_before(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    batch = ids(2)
+    tx = store.begin()
+    assert tx.claim(batch) == set(batch)
+    harness.apply(tx, 1)
+    harness.apply(tx, 2)
+    # The handle is the claim's own transaction: it sees the uncommitted dedup rows ...
+    if harness.variant.family != "memory":  # MemorySession cannot read them
+        assert harness.inbox_seen_through_the_handle(tx) == set(batch)
+    # ... and nothing is visible outside it until it commits.
+    assert harness.outside.inbox_ids() == set()
+    assert harness.outside.effects() == []
+    tx.commit()
+    assert harness.outside.inbox_ids() == set(batch)
+    assert harness.outside.effects() == [1, 2]
+
+
+MONGO_OWN_COMMIT = (
+    "MongoDB stores do not guard the ClientSession they hand out: a handler's own "
+    "session.commit_transaction() commits the batch so far (dedup rows of messages not yet "
+    "applied included), where the SQLAlchemy stores raise HandlerCommitError and psycopg refuses "
+    "conn.commit() inside the store's transaction block"
+)
+
+
+@contract(where=lambda v: v.family != "memory",  # MemorySession has no commit to call
+          xfail={"mongo": MONGO_OWN_COMMIT, "async-mongo": MONGO_OWN_COMMIT})
+def test_a_handler_cannot_commit_the_stores_transaction(harness: Harness) -> None:
+    """Moved from test_consumer.py (test_handler_cannot_commit_the_consumers_transaction, for
+    psycopg and SQLAlchemy through Kafka): the refusal is the store's. It is not transient, so
+    the consumer treats it as the handler's failure (retries, then the dead letter that test
+    counted) instead of retrying the transaction for ever."""
+    store = harness.store()
+    store.check()
+    batch = ids(2)
+    tx = store.begin()
+    assert tx.claim(batch) == set(batch)
+    harness.apply(tx, 1)
+    try:
+        with pytest.raises(harness.variant.own_commit_error) as refused:
+            harness.commit_on_the_handle(tx)
+    finally:
+        tx.rollback()
+    assert not store.is_transient(refused.value)
+    assert harness.outside.effects() == []
+    assert harness.outside.inbox_ids() == set()
+
+
+# -- two transactions, one id -------------------------------------------------------------------
+
+
+MEMORY_RACE = (
+    "MemoryInbox.claim does not see ids claimed by another open transaction and its commit does "
+    "not check again: two overlapping transactions both claim the id and both apply it"
+)
+
+
+@pytest.mark.parametrize("first_ends", ["commit", "rollback"])
+@contract()
+def test_two_transactions_claiming_one_id_apply_it_exactly_once(
+    harness: Harness, first_ends: str, request: pytest.FixtureRequest
+) -> None:
+    """Two consumers of one group during a rebalance: both claim the same id. PostgreSQL makes
+    the second claim wait for the first transaction (then it gets the id only if the first rolled
+    back); MongoDB aborts the second with a transient WriteConflict at once, and the consumer's
+    retry of the whole transaction sees the outcome of the first."""
+    if harness.variant.family == "memory" and first_ends == "commit":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=MEMORY_RACE))
+    mine, theirs = harness.store(), harness.store()
+    mine.check()
+    [event_id] = ids(1)
+    first = mine.begin()
+    first_pid = harness.backend_pid(first) if harness.variant.claims_wait else None
+    assert first.claim([event_id]) == {event_id}
+    harness.apply(first, 1)
+
+    second = theirs.begin()
+    second_pid = harness.backend_pid(second) if harness.variant.claims_wait else None
+    claiming = harness.spawn(lambda: second.claim([event_id]))
+    if harness.variant.claims_wait:
+        assert first_pid is not None and second_pid is not None
+        harness.outside.wait_blocked(second_pid, by=first_pid)
+        assert not claiming.done()
+    else:
+        # No lock to wait on: the second claim ends while the first transaction is open.
+        claiming.exception(timeout=30)
+
+    if first_ends == "commit":
+        first.commit()
+    else:
+        first.rollback()
+    try:
+        got = claiming.result(timeout=30)
+    except Exception as exc:
+        assert theirs.is_transient(exc), repr(exc)
+        second.rollback()
+        second = theirs.begin()  # the consumer's retry of the whole transaction
+        got = second.claim([event_id])
+    if got:
+        harness.apply(second, 2)
+    second.commit()
+
+    assert got == (set() if first_ends == "commit" else {event_id})
+    assert harness.outside.inbox_ids() == {event_id}
+    assert harness.outside.effects() == ([1] if first_ends == "commit" else [2])
+
+
+@contract(where=lambda v: v.one_connection)
+def test_a_store_on_one_connection_refuses_a_second_open_transaction(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    [event_id] = ids(1)
+    tx = store.begin()
+    assert tx.claim([event_id]) == {event_id}
+    with pytest.raises(InboxStoreError, match="already inside a transaction"):
+        store.begin()
+    tx.commit()  # the open transaction is not disturbed
+    assert harness.outside.inbox_ids() == {event_id}
+
+
+@contract(where=lambda v: v.db == "connection")
+def test_a_callers_connection_inside_a_transaction_is_refused_and_left_alone(
+    harness: Harness
+) -> None:
+    store = harness.store()
+    conn, io = store.db, harness.io
+    # The caller's own work, not committed yet.
+    io(conn.execute(f"INSERT INTO {harness.effects_table} (n) VALUES (99)"))
+    with pytest.raises(InboxStoreError, match="already inside a transaction"):
+        store.begin()
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    io(conn.commit())
+    assert harness.outside.effects() == [99]
+
+
+# -- is_transient -------------------------------------------------------------------------------
+
+
+@contract()
+def test_a_lost_connection_is_transient_and_the_store_recovers(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    error = harness.lose_connection(store)
+    assert store.is_transient(error), repr(error)
+    [event_id] = ids(1)
+    if harness.variant.reconnects:
+        tx = store.begin()
+        assert tx.claim([event_id]) == {event_id}
+        tx.commit()
+        assert harness.outside.inbox_ids() == {event_id}
+    else:
+        # The caller's connection is not the store's to replace: it says so.
+        with pytest.raises(InboxStoreError, match="closed or broken"):
+            store.begin()
+
+
+@contract()
+def test_constraint_and_programming_errors_are_not_transient(harness: Harness) -> None:
+    store = harness.store()
+    store.check()
+    errors = dict(harness.permanent_errors(store))
+    expected = {"postgres": {"unique violation", "syntax error"},
+                "mongo": {"duplicate key", "unknown operator"},
+                "memory": {"rejected commit"}}[harness.variant.family]
+    assert set(errors) == expected
+    for name, error in errors.items():
+        assert not store.is_transient(error), f"{name}: {error!r}"
+    assert harness.outside.inbox_ids() == set()
+    assert harness.outside.effects() == []
+    # The store is still usable after each.
+    [event_id] = ids(1)
+    tx = store.begin()
+    assert tx.claim([event_id]) == {event_id}
+    tx.commit()
+
+
+# -- purge ------------------------------------------------------------------------------------
+
+
+@contract()
+def test_purge_removes_only_old_rows_of_the_consumer_and_counts_them(
+    harness: Harness, own_database: None
+) -> None:
+    """The rows of test_inbox_purge_cli_removes_only_old_rows, for every store (the CLI tests
+    keep what the command accepts and prints)."""
+    store = harness.store()
+    store.check()
+    harness.outside.age_inbox({"billing": [0, 3, 8, 30], "shipping": [1, 9]})
+    assert store.purge(7 * DAY, "billing") == 2
+    assert harness.outside.inbox_ages() == [("billing", 0), ("billing", 3), ("shipping", 1),
+                                            ("shipping", 9)]
+    assert store.purge(2 * DAY) == 2
+    assert harness.outside.inbox_ages() == [("billing", 0), ("shipping", 1)]
+    assert store.purge(2 * DAY) == 0
+
+
+@contract()
+def test_purge_keeps_rows_younger_than_the_age_given(
+    harness: Harness, own_database: None
+) -> None:
+    store = harness.store()
+    store.check()
+    [event_id] = ids(1)
+    tx = store.begin()
+    assert tx.claim([event_id]) == {event_id}
+    tx.commit()
+    assert store.purge(DAY, "billing") == 0
+    assert store.purge(DAY) == 0
+    assert harness.outside.inbox_ids() == {event_id}
+
+
+# -- close ------------------------------------------------------------------------------------
+
+
+@contract()
+def test_close_releases_the_stores_connections_and_leaves_the_callers_open(
+    harness: Harness
+) -> None:
+    app = f"contract-{uuid.uuid4().hex[:8]}"
+    store = harness.store(application_name=app)
+    store.check()
+    committed, rolled_back = ids(2)
+    tx = store.begin()
+    tx.claim([committed])
+    tx.commit()
+    tx = store.begin()
+    tx.claim([rolled_back])
+    tx.rollback()
+    store.purge(DAY)
+    harness.assert_callers_resources_intact(store)
+    store.close()
+    harness.assert_callers_resources_intact(store)
+    if harness.variant.db == "conninfo":
+        # The one connection the store opened itself is gone (once the server has seen the
+        # client hang up: its backend exits after the close returns).
+        harness.outside.wait_gone(app)
+    # A closed store opens again when used (Consumer.run closes it; the next run reopens).
+    [later] = ids(1)
+    tx = store.begin()
+    assert tx.claim([committed, later]) == {later}
+    tx.commit()
+    store.close()
+    harness.assert_callers_resources_intact(store)
+
+
+# -- construction -----------------------------------------------------------------------------
+
+
+WRONG_TYPE_XFAIL = {
+    "SqlAlchemyStore": "SqlAlchemyStore takes anything that is not an Engine for a sessionmaker: "
+                       "an AsyncEngine is accepted, and check()/begin() then raise a bare "
+                       "TypeError ('AsyncEngine' object is not callable)",
+    "MongoStore": "MongoStore refuses an AsyncDatabase with InboxStoreError, where "
+                  "AsyncMongoStore (given a Database) and PsycopgStore raise "
+                  "UnsupportedTargetError",
+    "AsyncSqlAlchemyStore": "AsyncSqlAlchemyStore casts anything that is not an AsyncEngine to an "
+                            "async_sessionmaker: a sync Engine is accepted, and check() then "
+                            "raises a bare TypeError ('Engine' object is not callable)",
+    "AsyncPsycopgStore": "AsyncPsycopgStore does not check db: a sync ConnectionPool is accepted, "
+                         "and check()/begin() then raise a misleading InboxStoreError ('the "
+                         "psycopg connection given as db= is closed or broken'), where "
+                         "PsycopgStore refuses an AsyncConnectionPool with UnsupportedTargetError",
+}
+
+
+@pytest.mark.parametrize("store_class", [
+    pytest.param(cls, id=cls.__name__, marks=[pytest.mark.xfail(
+        strict=True, reason=WRONG_TYPE_XFAIL[cls.__name__])]
+        if cls.__name__ in WRONG_TYPE_XFAIL else [])
+    for cls in (SqlAlchemyStore, PsycopgStore, MongoStore, AsyncSqlAlchemyStore,
+                AsyncPsycopgStore, AsyncMongoStore)
+])
+def test_a_database_of_the_wrong_kind_is_refused_at_construction(
+    store_class: type, pg_admin_url: str, mongo_url: str
+) -> None:
+    """Each store given its twin's database (the sync one for the asyncio store and back): the
+    mistake a user makes, refused at once with UnsupportedTargetError, alike in sync and async."""
+    io = Io()
+    made: list[Callable[[], Any]] = []
+    try:
+        if store_class is SqlAlchemyStore:
+            wrong: Any = io(_make_async(lambda: create_async_engine(
+                sqlalchemy_url(pg_admin_url))))
+            made.append(lambda: io(wrong.dispose()))
+        elif store_class is AsyncSqlAlchemyStore:
+            wrong = create_engine(sqlalchemy_url(pg_admin_url))
+            made.append(wrong.dispose)
+        elif store_class is PsycopgStore:
+            wrong = io(_make_async(lambda: AsyncConnectionPool(pg_admin_url, open=False)))
+        elif store_class is AsyncPsycopgStore:
+            wrong = ConnectionPool(pg_admin_url, open=False)
+        elif store_class is MongoStore:
+            client: Any = io(_make_async(lambda: AsyncMongoClient(mongo_url)))
+            made.append(lambda: io(client.close()))
+            wrong = client.get_default_database()
+        else:
+            sync_client: MongoClient[dict[str, Any]] = MongoClient(mongo_url)
+            made.append(sync_client.close)
+            wrong = sync_client.get_default_database()
+        args = (wrong, "billing") if store_class in (MongoStore, AsyncMongoStore) else (
+            wrong, "billing", SchemaNames())
+        with pytest.raises(UnsupportedTargetError):
+            store_class(*args)
+    finally:
+        for cleanup in reversed(made):
+            cleanup()
+        io.close()
+
+
+async def _make_async(make: Callable[[], Any]) -> Any:
+    return make()

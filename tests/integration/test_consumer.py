@@ -213,30 +213,6 @@ def test_handler_writes_and_dedup_row_commit_together(
     assert not inbox_ids(applied_table, "billing") & failed_ids
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "sqlalchemy"])
-def test_handler_cannot_commit_the_consumers_transaction(
-    applied_table: str, kafka_bootstrap: str, topic: str, driver: str
-) -> None:
-    produce(kafka_bootstrap, topic, [order_record(1)])
-    engine = create_engine(sqlalchemy_url(applied_table)) if driver == "sqlalchemy" else None
-    consumer = Consumer(name="billing", kafka=kafka_settings(kafka_bootstrap), topics=[topic],
-                        db=engine or applied_table, retry=RetryPolicy(tries=1))
-
-    @consumer.handler("OrderCreated")
-    def commits(handle: Any, message: Message) -> None:
-        if isinstance(handle, Session):
-            insert_applied_sqlalchemy(handle, message)
-        else:
-            insert_applied_psycopg(handle, message)
-        handle.commit()
-
-    stats = consumer.run(max_messages=1, timeout=60)
-    if engine is not None:
-        engine.dispose()
-    assert stats.dead_lettered == 1
-    assert applied_rows(applied_table) == []
-
-
 def test_pipeline_mode_still_pins_a_failing_statement_on_its_message(
     applied_table: str, kafka_bootstrap: str, topic: str
 ) -> None:

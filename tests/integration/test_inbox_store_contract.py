@@ -149,6 +149,18 @@ def test_check_prepares_the_inbox_where_there_are_no_migrations(harness: Harness
     tx.commit()
 
 
+@contract(where=lambda v: v.family != "memory" and v.db != "connection")
+def test_check_fails_with_the_librarys_error_when_the_server_is_unreachable(
+    harness: Harness
+) -> None:
+    """A consumer started while its database is down says so in the project's own error, not
+    in a driver exception (the driver's stays the cause)."""
+    store = harness.store(unreachable=True)
+    with pytest.raises(InboxStoreError) as failed:
+        store.check()
+    assert failed.value.__cause__ is not None
+
+
 # -- claim: the dedup rule ----------------------------------------------------------------------
 
 
@@ -342,6 +354,37 @@ def test_two_transactions_claiming_one_id_apply_it_exactly_once(
     assert got == (set() if first_ends == "commit" else {event_id})
     assert harness.outside.inbox_ids() == {event_id}
     assert harness.outside.effects() == ([1] if first_ends == "commit" else [2])
+
+
+@contract()
+def test_a_transaction_begun_before_the_others_commit_does_not_claim_the_id_again(
+    harness: Harness
+) -> None:
+    """The second transaction has already read (a handler's read, or the lookup MongoDB's claim
+    makes first) when the first one commits the id; its claim comes after that commit.
+    PostgreSQL's claim sees the committed row (READ COMMITTED, ON CONFLICT); MongoDB's snapshot
+    predates it, so its insert conflicts (a transient WriteConflict) and the retry sees it."""
+    mine, theirs = harness.store(), harness.store()
+    mine.check()
+    [event_id] = ids(1)
+    second = theirs.begin()
+    if harness.variant.family != "memory":  # MemorySession cannot read
+        assert harness.inbox_seen_through_the_handle(second) == set()
+    first = mine.begin()
+    assert first.claim([event_id]) == {event_id}
+    harness.apply(first, 1)
+    first.commit()
+    try:
+        got = second.claim([event_id])
+    except Exception as exc:
+        assert theirs.is_transient(exc), repr(exc)
+        second.rollback()
+        second = theirs.begin()  # the consumer's retry of the whole transaction
+        got = second.claim([event_id])
+    assert got == set()
+    second.commit()
+    assert harness.outside.inbox_ids() == {event_id}
+    assert harness.outside.effects() == [1]
 
 
 @contract(where=lambda v: v.one_connection)

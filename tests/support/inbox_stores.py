@@ -39,13 +39,13 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
+from outbox.consumer import HandlerCommitError
 from outbox.consumer.aio_stores import (
     AsyncMongoStore,
     AsyncPsycopgStore,
     AsyncSqlAlchemyStore,
 )
-from outbox.consumer.errors import HandlerCommitError
-from outbox.consumer.mongo import MongoStore, as_uuid
+from outbox.consumer.mongo import MongoStore
 from outbox.consumer.stores import InboxStore, PsycopgStore, SqlAlchemyStore
 from outbox.consumer.testing import MemoryInbox, MemorySession, RejectedCommitError
 from outbox.names import SchemaNames
@@ -244,7 +244,7 @@ def free_port() -> int:
 
 
 class Harness:
-    """Stores of one variant over one fresh database, and what a test does around them."""
+    """Stores of one variant over one database, and what a test does around them."""
 
     def __init__(self, variant: Variant, *, db_url: str | None = None,
                  mongo_url: str | None = None) -> None:
@@ -293,11 +293,19 @@ class Harness:
         return consumer.removesuffix(suffix) if consumer.endswith(suffix) else None
 
     def close(self) -> None:
+        """Close what the harness made, last made first; every cleanup runs even when one
+        fails (the first failure is raised at the end)."""
         self._threads.shutdown(wait=True)
+        failures: list[BaseException] = []
         for cleanup in reversed(self._cleanups):
-            cleanup()
+            try:
+                cleanup()
+            except Exception as exc:
+                failures.append(exc)
         self._cleanups.clear()
         self.io.close()
+        if failures:
+            raise failures[0]
 
     # -- building stores -------------------------------------------------------------------
 
@@ -457,7 +465,7 @@ class Harness:
         if family == "mongo":
             cursor = tx.store.db.outbox_inbox.find({"consumer": consumer}, session=tx.handle)
             docs = self.io(cursor.to_list()) if self.variant.asyncio else list(cursor)
-            return {as_uuid(doc["event_id"]) for doc in docs}
+            return {doc["event_id"].as_uuid() for doc in docs}
         raise NotImplementedError(self.variant.id)
 
     def backend_pid(self, tx: Transaction) -> int:
@@ -530,17 +538,21 @@ class Harness:
             finally:
                 memory.reject_commit = None
             return
-        if family == "postgres":
-            failures: dict[str, Callable[[Transaction], None]] = {
-                "unique violation": lambda tx: (self.apply(tx, 7), self.apply(tx, 7))[0],
-                "syntax error": lambda tx: self.execute(tx.handle, "SELEC 1") and None,
-            }
-        else:
-            failures = {
-                "duplicate key": lambda tx: (self.apply(tx, 7), self.apply(tx, 7))[0],
-                "unknown operator": lambda tx: self.io(tx.store.db[self.effects_table].find_one(
-                    {"$bogus": 1}, session=tx.handle)),
-            }
+        def apply_twice(tx: Transaction) -> None:
+            self.apply(tx, 7)
+            self.apply(tx, 7)
+
+        def syntax_error(tx: Transaction) -> None:
+            self.execute(tx.handle, "SELEC 1")
+
+        def unknown_operator(tx: Transaction) -> None:
+            self.io(tx.store.db[self.effects_table].find_one({"$bogus": 1}, session=tx.handle))
+
+        failures: dict[str, Callable[[Transaction], None]] = (
+            {"unique violation": apply_twice, "syntax error": syntax_error}
+            if family == "postgres" else
+            {"duplicate key": apply_twice, "unknown operator": unknown_operator}
+        )
         for name, fail in failures.items():
             tx = store.begin()
             tx.claim([uuid.uuid4()])
@@ -592,13 +604,11 @@ async def _execute_async(handle: Any, statement: str) -> list[tuple[Any, ...]]:
 
 
 def store_methods_are_those_of_the_protocol(store: Any, asyncio: bool) -> list[str]:
-    """The Protocol's methods the store lacks or has with the wrong kind (sync/async)."""
-    if not asyncio:
-        return [] if isinstance(store, InboxStore) else ["not an InboxStore"]
-    wrong = []
+    """The Protocol's methods the store lacks or has of the wrong kind (sync/async)."""
+    wrong = [] if asyncio or isinstance(store, InboxStore) else ["not an InboxStore"]
     for name, awaited in STORE_METHODS.items():
         method = getattr(store, name, None)
-        if method is None or inspect.iscoroutinefunction(method) != awaited:
+        if method is None or inspect.iscoroutinefunction(method) != (awaited and asyncio):
             wrong.append(name)
     return wrong
 
@@ -626,7 +636,7 @@ class PostgresOutside:
         self.conn.close()
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        cursor = self.conn.execute(statement, params)  # type: ignore[arg-type]
+        cursor = self.conn.execute(statement, params)
         return list(cursor.fetchall()) if cursor.description else []
 
     def inbox_ids(self, consumer: str = "billing") -> set[uuid.UUID]:
@@ -684,7 +694,7 @@ class MongoOutside:
 
     def inbox_ids(self, consumer: str = "billing") -> set[uuid.UUID]:
         named = self.harness.consumer(consumer)
-        return {as_uuid(doc["event_id"])
+        return {doc["event_id"].as_uuid()
                 for doc in self.db.outbox_inbox.find({"consumer": named})}
 
     def effects(self) -> list[int]:

@@ -20,6 +20,7 @@ import psycopg.sql
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.errors import OperationFailure
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -44,6 +45,7 @@ from tests.support.pg import drop_database, sqlalchemy_url
 pytestmark = pytest.mark.integration
 
 DAY = dt.timedelta(days=1)
+WRITE_CONFLICT = 112  # MongoDB's error code, labelled TransientTransactionError
 
 
 def contract(where: Callable[[Variant], bool] = lambda v: True,
@@ -154,11 +156,14 @@ def test_check_fails_with_the_librarys_error_when_the_server_is_unreachable(
     harness: Harness
 ) -> None:
     """A consumer started while its database is down says so in the project's own error, not
-    in a driver exception (the driver's stays the cause)."""
+    in a driver exception (the driver's stays the cause), and the message shows no password."""
     store = harness.store(unreachable=True)
     with pytest.raises(InboxStoreError) as failed:
         store.check()
     assert failed.value.__cause__ is not None
+    if harness.db_url is not None:
+        password = psycopg.conninfo.conninfo_to_dict(harness.db_url).get("password")
+        assert password and str(password) not in str(failed.value)
 
 
 # -- claim: the dedup rule ----------------------------------------------------------------------
@@ -201,10 +206,10 @@ def test_each_consumer_name_has_dedup_rows_of_its_own(harness: Harness) -> None:
 
 
 MONGO_REPEATED_ID = (
-    "MongoDB stores insert a repeated id twice in one insert_many: BulkWriteError (code 65, a "
-    "duplicate key) that is_transient calls permanent, not ConcurrentClaim; the PostgreSQL and "
-    "in-memory stores return it once. The consumer is not affected: its engine removes repeated "
-    "ids before it claims."
+    "MongoDB stores pass a repeated new id twice to insert_many, which fails with BulkWriteError "
+    "(code 65, a duplicate key): not caught as ConcurrentClaim (that catches DuplicateKeyError "
+    "and code 11000) and not transient; the PostgreSQL and in-memory stores claim it once. The "
+    "consumer is not affected: its engine removes repeated ids before it claims."
 )
 
 
@@ -320,15 +325,16 @@ def test_two_transactions_claiming_one_id_apply_it_exactly_once(
     mine, theirs = harness.store(), harness.store()
     mine.check()
     [event_id] = ids(1)
+    waits = harness.variant.concurrent_claim == "waits"
     first = mine.begin()
-    first_pid = harness.backend_pid(first) if harness.variant.claims_wait else None
+    first_pid = harness.backend_pid(first) if waits else None
     assert first.claim([event_id]) == {event_id}
     harness.apply(first, 1)
 
     second = theirs.begin()
-    second_pid = harness.backend_pid(second) if harness.variant.claims_wait else None
+    second_pid = harness.backend_pid(second) if waits else None
     claiming = harness.spawn(lambda: second.claim([event_id]))
-    if harness.variant.claims_wait:
+    if waits:
         assert first_pid is not None and second_pid is not None
         harness.outside.wait_blocked(second_pid, by=first_pid)
         assert not claiming.done()
@@ -340,13 +346,15 @@ def test_two_transactions_claiming_one_id_apply_it_exactly_once(
         first.commit()
     else:
         first.rollback()
-    try:
-        got = claiming.result(timeout=30)
-    except Exception as exc:
-        assert theirs.is_transient(exc), repr(exc)
+    if harness.variant.concurrent_claim == "conflicts":
+        conflict = claiming.exception(timeout=30)
+        assert isinstance(conflict, OperationFailure) and conflict.code == WRITE_CONFLICT
+        assert theirs.is_transient(conflict)
         second.rollback()
         second = theirs.begin()  # the consumer's retry of the whole transaction
         got = second.claim([event_id])
+    else:
+        got = claiming.result(timeout=30)
     if got:
         harness.apply(second, 2)
     second.commit()
@@ -374,13 +382,14 @@ def test_a_transaction_begun_before_the_others_commit_does_not_claim_the_id_agai
     assert first.claim([event_id]) == {event_id}
     harness.apply(first, 1)
     first.commit()
-    try:
-        got = second.claim([event_id])
-    except Exception as exc:
-        assert theirs.is_transient(exc), repr(exc)
+    if harness.variant.concurrent_claim == "conflicts":
+        with pytest.raises(OperationFailure) as conflict:
+            second.claim([event_id])
+        assert conflict.value.code == WRITE_CONFLICT
+        assert theirs.is_transient(conflict.value)
         second.rollback()
         second = theirs.begin()  # the consumer's retry of the whole transaction
-        got = second.claim([event_id])
+    got = second.claim([event_id])
     assert got == set()
     second.commit()
     assert harness.outside.inbox_ids() == {event_id}

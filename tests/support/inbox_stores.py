@@ -84,10 +84,11 @@ class Variant:
         return self.db != "connection"
 
     @property
-    def claims_wait(self) -> bool:
-        """A claim of an id another open transaction claimed waits for that transaction
-        (PostgreSQL's unique index); MongoDB aborts the later writer instead (WriteConflict)."""
-        return self.family == "postgres"
+    def concurrent_claim(self) -> str:
+        """What a claim of an id that another open transaction claimed does: "waits" for that
+        transaction (PostgreSQL's unique index), "conflicts" at once (MongoDB aborts the later
+        writer with a transient WriteConflict), or "none" (the in-memory store cannot tell)."""
+        return {"postgres": "waits", "mongo": "conflicts"}.get(self.family, "none")
 
     @property
     def handle_type(self) -> type:

@@ -485,6 +485,21 @@ def test_purge_removes_only_old_rows_of_the_consumer_and_counts_them(
     assert store.purge(2 * DAY) == 0
 
 
+# MongoDB purges with one delete_many, no chunks; 12,000 documents cost SecantusDB ~10 s.
+@contract(where=lambda v: v.family != "mongo")
+def test_purge_counts_every_row_it_deletes_however_many(
+    harness: Harness, own_database: None
+) -> None:
+    """More old rows than one chunk (the PostgreSQL stores delete 10,000 at a time, so that a
+    large purge never holds one long transaction)."""
+    store = harness.store()
+    store.check()
+    harness.outside.age_many("billing", 12_345, days=10)
+    harness.outside.age_inbox({"billing": [0]})
+    assert store.purge(7 * DAY, "billing") == 12_345
+    assert harness.outside.inbox_ages() == [("billing", 0)]
+
+
 @contract()
 def test_purge_keeps_rows_younger_than_the_age_given(
     harness: Harness, own_database: None

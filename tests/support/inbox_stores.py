@@ -658,6 +658,11 @@ class PostgresOutside:
                              [self.harness.consumer(consumer), uuid.uuid4(),
                               dt.timedelta(days=days)])
 
+    def age_many(self, consumer: str, count: int, days: int) -> None:
+        self.execute("INSERT INTO outbox_inbox (consumer, event_id, processed_at)"
+                     " SELECT %s, gen_random_uuid(), now() - %s FROM generate_series(1, %s)",
+                     [self.harness.consumer(consumer), dt.timedelta(days=days), count])
+
     def inbox_ages(self) -> list[tuple[str, int]]:
         """(consumer, age in days) of this test's consumers' rows."""
         rows = self.execute(
@@ -710,6 +715,9 @@ class MongoOutside:
             for consumer, ages in rows.items() for days in ages
         ])
 
+    def age_many(self, consumer: str, count: int, days: int) -> None:
+        self.age_inbox({consumer: [days] * count})
+
     def inbox_ages(self) -> list[tuple[str, int]]:
         now = dt.datetime.now(dt.UTC)
         return sorted(
@@ -743,6 +751,9 @@ class MemoryOutside:
             for days in ages:
                 self.rows[(self.harness.consumer(consumer), uuid.uuid4())] = (
                     now - dt.timedelta(days=days))
+
+    def age_many(self, consumer: str, count: int, days: int) -> None:
+        self.age_inbox({consumer: [days] * count})
 
     def inbox_ages(self) -> list[tuple[str, int]]:
         now = dt.datetime.now(dt.UTC)

@@ -3,7 +3,8 @@ same tests against its real database (as eventsourcing's recorders do).
 
 Stores: SQLAlchemy (Engine and sessionmaker; AsyncEngine and async_sessionmaker), psycopg
 (pool, conninfo string, caller's connection; sync and async), MongoDB (Database and
-AsyncDatabase) and the in-memory one of `outbox.consumer.testing`. The asyncio ones run through
+AsyncDatabase) and the in-memory ones of `outbox.consumer.testing` (MemoryInbox,
+AsyncMemoryInbox). The asyncio ones run through
 the same tests on a loop thread (tests/support/inbox_stores.py). Where a store breaks the
 contract, the test is a strict xfail that says how.
 """
@@ -554,21 +555,30 @@ def test_close_releases_the_stores_connections_and_leaves_the_callers_open(
 
 WRONG_TYPE_XFAIL = {
     "SqlAlchemyStore": "SqlAlchemyStore takes anything that is not an Engine for a sessionmaker: "
-                       "an AsyncEngine is accepted, and check()/begin() then raise a bare "
-                       "TypeError ('AsyncEngine' object is not callable)",
-    "MongoStore": "MongoStore refuses an AsyncDatabase with InboxStoreError, where "
-                  "AsyncMongoStore (given a Database) and PsycopgStore raise "
-                  "UnsupportedTargetError",
+                       "an AsyncEngine (or any object) is accepted, and check()/begin() then "
+                       "raise a bare TypeError ('AsyncEngine' object is not callable), where the "
+                       "psycopg and MongoDB stores (sync and asyncio) raise "
+                       "UnsupportedTargetError",
     "AsyncSqlAlchemyStore": "AsyncSqlAlchemyStore casts anything that is not an AsyncEngine to an "
-                            "async_sessionmaker: a sync Engine is accepted, and check() then "
-                            "raises a bare TypeError ('Engine' object is not callable)",
-    "AsyncPsycopgStore": "AsyncPsycopgStore does not check db: a sync ConnectionPool is accepted, "
-                         "and check()/begin() then raise a misleading InboxStoreError ('the "
-                         "psycopg connection given as db= is closed or broken'), where "
-                         "PsycopgStore refuses an AsyncConnectionPool with UnsupportedTargetError",
+                            "async_sessionmaker: a sync Engine (or any object) is accepted, and "
+                            "check() then raises a bare TypeError ('Engine' object is not "
+                            "callable), where the psycopg and MongoDB stores raise "
+                            "UnsupportedTargetError",
 }
 
 
+# Never connected to: constructing a store must not need its server.
+NOWHERE_PG = "postgresql://nobody@127.0.0.1:9/none"
+NOWHERE_MONGO = "mongodb://127.0.0.1:9/none?directConnection=true"
+# What the refusal says (the SQLAlchemy stores refuse nothing yet: see WRONG_TYPE_XFAIL).
+REFUSAL = {
+    "SqlAlchemyStore": None, "AsyncSqlAlchemyStore": None,
+    "PsycopgStore": "db must be a psycopg_pool", "AsyncPsycopgStore": "db must be a psycopg_pool",
+    "MongoStore": "mongo= must be a pymongo", "AsyncMongoStore": "mongo= must be a pymongo",
+}
+
+
+@pytest.mark.parametrize("given", ["twin", "object"])
 @pytest.mark.parametrize("store_class", [
     pytest.param(cls, id=cls.__name__, marks=[pytest.mark.xfail(
         strict=True, reason=WRONG_TYPE_XFAIL[cls.__name__])]
@@ -577,35 +587,39 @@ WRONG_TYPE_XFAIL = {
                 AsyncPsycopgStore, AsyncMongoStore)
 ])
 def test_a_database_of_the_wrong_kind_is_refused_at_construction(
-    store_class: type, pg_admin_url: str, mongo_url: str
+    store_class: type, given: str
 ) -> None:
-    """Each store given its twin's database (the sync one for the asyncio store and back): the
-    mistake a user makes, refused at once with UnsupportedTargetError, alike in sync and async."""
+    """Each store given its twin's database ("twin": the sync one for the asyncio store and back,
+    the mistake a user makes) or an unrelated object is refused at once with UnsupportedTargetError,
+    alike in sync and async. Needs no server. Moved from tests/unit/test_consumer_sync_async.py
+    (test_the_stores_refuse_a_wrong_handle_type_with_the_same_error: the psycopg and MongoDB
+    stores, an unrelated object, the messages)."""
     io = Io()
     made: list[Callable[[], Any]] = []
     try:
-        if store_class is SqlAlchemyStore:
-            wrong: Any = io(_make_async(lambda: create_async_engine(
-                sqlalchemy_url(pg_admin_url))))
+        if given == "object":
+            wrong: Any = object()
+        elif store_class is SqlAlchemyStore:
+            wrong = io(_make_async(lambda: create_async_engine(sqlalchemy_url(NOWHERE_PG))))
             made.append(lambda: io(wrong.dispose()))
         elif store_class is AsyncSqlAlchemyStore:
-            wrong = create_engine(sqlalchemy_url(pg_admin_url))
+            wrong = create_engine(sqlalchemy_url(NOWHERE_PG))
             made.append(wrong.dispose)
         elif store_class is PsycopgStore:
-            wrong = io(_make_async(lambda: AsyncConnectionPool(pg_admin_url, open=False)))
+            wrong = io(_make_async(lambda: AsyncConnectionPool(NOWHERE_PG, open=False)))
         elif store_class is AsyncPsycopgStore:
-            wrong = ConnectionPool(pg_admin_url, open=False)
+            wrong = ConnectionPool(NOWHERE_PG, open=False)
         elif store_class is MongoStore:
-            client: Any = io(_make_async(lambda: AsyncMongoClient(mongo_url)))
+            client: Any = io(_make_async(lambda: AsyncMongoClient(NOWHERE_MONGO, connect=False)))
             made.append(lambda: io(client.close()))
             wrong = client.get_default_database()
         else:
-            sync_client: MongoClient[dict[str, Any]] = MongoClient(mongo_url)
+            sync_client: MongoClient[dict[str, Any]] = MongoClient(NOWHERE_MONGO, connect=False)
             made.append(sync_client.close)
             wrong = sync_client.get_default_database()
         args = (wrong, "billing") if store_class in (MongoStore, AsyncMongoStore) else (
             wrong, "billing", SchemaNames())
-        with pytest.raises(UnsupportedTargetError):
+        with pytest.raises(UnsupportedTargetError, match=REFUSAL[store_class.__name__]):
             store_class(*args)
     finally:
         for cleanup in reversed(made):

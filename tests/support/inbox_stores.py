@@ -47,7 +47,12 @@ from outbox.consumer.aio_stores import (
 )
 from outbox.consumer.mongo import MongoStore
 from outbox.consumer.stores import InboxStore, PsycopgStore, SqlAlchemyStore
-from outbox.consumer.testing import MemoryInbox, MemorySession, RejectedCommitError
+from outbox.consumer.testing import (
+    AsyncMemoryInbox,
+    MemoryInbox,
+    MemorySession,
+    RejectedCommitError,
+)
 from outbox.names import SchemaNames
 from tests.support.pg import sqlalchemy_url
 from tests.support.relays import wait_for
@@ -96,7 +101,7 @@ class Variant:
             ("sqlalchemy", False): Session, ("sqlalchemy", True): AsyncSession,
             ("psycopg", False): psycopg.Connection, ("psycopg", True): psycopg.AsyncConnection,
             ("pymongo", False): ClientSession, ("pymongo", True): AsyncClientSession,
-            ("memory", False): MemorySession,
+            ("memory", False): MemorySession, ("memory", True): MemorySession,
         }[self.driver, self.asyncio]
 
     @property
@@ -121,6 +126,7 @@ VARIANTS = [
     Variant("mongo", "mongo", "pymongo", "database"),
     Variant("async-mongo", "mongo", "pymongo", "database", asyncio=True),
     Variant("memory", "memory", "memory", "memory"),
+    Variant("async-memory", "memory", "memory", "memory", asyncio=True),
 ]
 
 
@@ -346,12 +352,13 @@ class Harness:
             raw = (AsyncMongoStore if variant.asyncio else MongoStore)(db, consumer)
         else:
             assert not unreachable, "the in-memory store has no server"
-            memory = MemoryInbox(consumer)
+            raw = AsyncMemoryInbox(consumer) if variant.asyncio else MemoryInbox(consumer)
+            memory = memory_inbox(raw)
             # MemoryInbox instances share nothing; two stores of one "database" share rows and
             # committed effects, as two processes share a PostgreSQL database.
             memory.rows = self._memory_rows
             memory.effects = self._memory_effects
-            raw = db = memory
+            db = raw
         store = Store(raw, db, self.io, self.consumer)
         self._cleanups.append(store.close)
         return store
@@ -510,8 +517,7 @@ class Harness:
             except Exception as exc:
                 return exc
             raise AssertionError("a claim on an unreachable server succeeded")
-        memory = store.raw
-        assert isinstance(memory, MemoryInbox)
+        memory = memory_inbox(store.raw)
         memory.fail_next["claim"] = True  # its stand-in for a lost connection
         tx = store.begin()
         try:
@@ -526,8 +532,7 @@ class Harness:
         (with a claim in it) that is then rolled back."""
         family = self.variant.family
         if family == "memory":
-            memory = store.raw
-            assert isinstance(memory, MemoryInbox)
+            memory = memory_inbox(store.raw)
             memory.reject_commit = lambda effects: True  # its stand-in for a constraint
             tx = store.begin()
             tx.claim([uuid.uuid4()])
@@ -584,6 +589,11 @@ class Harness:
             assert db.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         elif kind == "database":
             assert io(db.command("ping"))["ok"] == 1
+
+
+def memory_inbox(store: MemoryInbox | AsyncMemoryInbox) -> MemoryInbox:
+    """Where an in-memory store keeps its rows, effects and failure switches."""
+    return store.inbox if isinstance(store, AsyncMemoryInbox) else store
 
 
 def _collect_sockets_pymongo_leaked() -> None:

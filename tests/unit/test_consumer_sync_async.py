@@ -1,5 +1,6 @@
 """The sync and the asyncio consumer behave alike where they used to drift: a rejected commit
-is logged the same way, and a wrong database or handle type is refused with the same error."""
+is logged the same way, and a wrong database or handle type is refused with the same error.
+(The stores' own refusal of a wrong type is in tests/integration/test_inbox_store_contract.py.)"""
 
 from __future__ import annotations
 
@@ -14,14 +15,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from outbox.consumer import AsyncConsumer, Consumer, Message, RetryPolicy
 from outbox.consumer.aio import AsyncDriver
-from outbox.consumer.aio_stores import AsyncMongoStore, AsyncPsycopgStore
 from outbox.consumer.engine import Outcome
 from outbox.consumer.message import Received, parse
 from outbox.consumer.runner import SyncDriver
-from outbox.consumer.stores import MongoStore, PsycopgStore
 from outbox.consumer.testing import AsyncMemoryInbox, MemoryInbox, MemorySession
 from outbox.errors import UnsupportedTargetError
-from outbox.names import SchemaNames
 
 KAFKA = {"bootstrap.servers": "127.0.0.1:9"}
 FAST = RetryPolicy(tries=1, base_delay=0.0, max_delay=0.0, jitter=0.0)
@@ -128,12 +126,3 @@ def test_the_other_kind_of_engine_or_store_is_refused_with_a_pointer_to_the_righ
         engine.dispose()
         asyncio.run(async_engine.dispose())
 
-
-def test_the_stores_refuse_a_wrong_handle_type_with_the_same_error() -> None:
-    names = SchemaNames()
-    for store in (MongoStore, AsyncMongoStore):
-        with pytest.raises(UnsupportedTargetError, match="mongo= must be a pymongo"):
-            store(object(), "b")  # type: ignore[arg-type]
-    for psycopg_store in (PsycopgStore, AsyncPsycopgStore):
-        with pytest.raises(UnsupportedTargetError, match="db must be a psycopg_pool"):
-            psycopg_store(object(), "b", names)  # type: ignore[arg-type]

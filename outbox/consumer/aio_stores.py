@@ -207,6 +207,11 @@ class AsyncSqlAlchemyStore:
         self, db: AsyncEngine | async_sessionmaker[AsyncSession], consumer: str,
         names: SchemaNames,
     ) -> None:
+        if not _is_sqlalchemy(db):
+            raise UnsupportedTargetError(
+                "db must be a SQLAlchemy AsyncEngine or async_sessionmaker, not "
+                f"{type(db).__name__} ({_OTHER_CONSUMER})"
+            )
         if True:  # ASYNC
             layer = extras.sqlalchemy_asyncio()  # a clear error when greenlet is missing
             self._sessions: async_sessionmaker[AsyncSession] = (

@@ -184,6 +184,11 @@ class SqlAlchemyStore:
         self, db: Engine | sessionmaker[Session], consumer: str,
         names: SchemaNames,
     ) -> None:
+        if not _is_sqlalchemy(db):
+            raise UnsupportedTargetError(
+                "db must be a SQLAlchemy Engine or sessionmaker, not "
+                f"{type(db).__name__} ({_OTHER_CONSUMER})"
+            )
         self._sessions = sessionmaker(db) if isinstance(db, Engine) else db
         self._consumer = consumer
         self._names = names

@@ -553,26 +553,15 @@ def test_close_releases_the_stores_connections_and_leaves_the_callers_open(
 # -- construction -----------------------------------------------------------------------------
 
 
-WRONG_TYPE_XFAIL = {
-    "SqlAlchemyStore": "SqlAlchemyStore takes anything that is not an Engine for a sessionmaker: "
-                       "an AsyncEngine (or any object) is accepted, and check()/begin() then "
-                       "raise a bare TypeError ('AsyncEngine' object is not callable), where the "
-                       "psycopg and MongoDB stores (sync and asyncio) raise "
-                       "UnsupportedTargetError",
-    "AsyncSqlAlchemyStore": "AsyncSqlAlchemyStore casts anything that is not an AsyncEngine to an "
-                            "async_sessionmaker: a sync Engine (or any object) is accepted, and "
-                            "check() then raises a bare TypeError ('Engine' object is not "
-                            "callable), where the psycopg and MongoDB stores raise "
-                            "UnsupportedTargetError",
-}
 
 
 # Never connected to: constructing a store must not need its server.
-NOWHERE_PG = "postgresql://nobody@127.0.0.1:9/none"
+NOWHERE_PG = "postgresql://nobody:nothing@127.0.0.1:9/none"
 NOWHERE_MONGO = "mongodb://127.0.0.1:9/none?directConnection=true"
-# What the refusal says (the SQLAlchemy stores refuse nothing yet: see WRONG_TYPE_XFAIL).
+# What the refusal says.
 REFUSAL = {
-    "SqlAlchemyStore": None, "AsyncSqlAlchemyStore": None,
+    "SqlAlchemyStore": "db must be a SQLAlchemy Engine or sessionmaker",
+    "AsyncSqlAlchemyStore": "db must be a SQLAlchemy AsyncEngine or async_sessionmaker",
     "PsycopgStore": "db must be a psycopg_pool", "AsyncPsycopgStore": "db must be a psycopg_pool",
     "MongoStore": "mongo= must be a pymongo", "AsyncMongoStore": "mongo= must be a pymongo",
 }
@@ -580,9 +569,7 @@ REFUSAL = {
 
 @pytest.mark.parametrize("given", ["twin", "object"])
 @pytest.mark.parametrize("store_class", [
-    pytest.param(cls, id=cls.__name__, marks=[pytest.mark.xfail(
-        strict=True, reason=WRONG_TYPE_XFAIL[cls.__name__])]
-        if cls.__name__ in WRONG_TYPE_XFAIL else [])
+    pytest.param(cls, id=cls.__name__)
     for cls in (SqlAlchemyStore, PsycopgStore, MongoStore, AsyncSqlAlchemyStore,
                 AsyncPsycopgStore, AsyncMongoStore)
 ])

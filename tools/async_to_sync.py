@@ -1,9 +1,11 @@
 """Generates the consumer's synchronous modules from their asyncio originals, as psycopg 3 does
-(its tools/async_to_sync.py): the asyncio module is the one that is written and reviewed, the
-synchronous twin is derived from it and checked in, and `--check` (run by the unit tests, hence
-by `make test`) fails while a checked-in twin differs from what this script makes.
+(its tools/async_to_sync.py): the asyncio module is the one that is written, reviewed and kept in
+git; the synchronous twin is a build output, not in git. The package's build runs this script
+(setup.py's `build_sync` step, for wheels, sdists and editable installs alike), so it needs
+nothing but the standard library: no ruff, nor the project's dependencies.
 
-    python tools/async_to_sync.py           # rewrite the synchronous modules (`make sync-code`)
+    python tools/async_to_sync.py           # write the synchronous modules in the source tree
+                                            # (`make sync-code`; `make install` does it too)
     python tools/async_to_sync.py --check   # exit 1 and show the difference if one is stale
 
 The conversion, on the source text so that comments and layout survive:
@@ -19,8 +21,10 @@ The conversion, on the source text so that comments and layout survive:
           <synchronous code>    (never runs in the asyncio module; dedented into the sync one)
 
   An `if True:  # ASYNC` block without `else` is asyncio-only.
-Then `ruff` sorts the imports and drops the ones only the asyncio code used. The result must parse
-and may not hold any `async`/`await` or unmapped `Async...` name: the script fails otherwise.
+Then the import block is sorted as ruff's isort sorts it, and the imports only the asyncio code
+used are dropped (`tidy_imports`): the output is final and lint-clean as it is written. The result
+must parse and may not hold any `async`/`await` or unmapped `Async...` name: the script fails
+otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import ast
 import difflib
 import io
 import re
-import subprocess
 import sys
 import tokenize
 from dataclasses import dataclass, field
@@ -126,7 +129,7 @@ class ConversionError(Exception):
 def header(pair: Pair) -> str:
     return (
         f"# Generated from {pair.source} by tools/async_to_sync.py (`{COMMAND}`).\n"
-        f"# Do not edit: edit the original and regenerate; `make test` fails while they differ.\n"
+        f"# Not in git, written by the build and `make install`; do not edit: edit the original.\n"
     )
 
 
@@ -210,18 +213,151 @@ def rewrite_tokens(text: str, names: dict[str, str], written_sync: set[int]) -> 
     return result
 
 
-def ruff_fix(text: str, target: str) -> str:
-    """Imports sorted, those only the asyncio code needed dropped, and the `noqa` only the
-    asyncio module needed (ruff's I, F401 and RUF100)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--quiet", "--fix-only", "--exit-zero",
-         "--select", "I,F401,RUF100", "--stdin-filename", str(ROOT / target), "-"],
-        input=text, capture_output=True, text=True, cwd=ROOT, check=False,
-    )
-    if done.returncode != 0:
-        raise ConversionError(f"ruff failed on {target}: {done.stderr.strip()}")
-    fixed: str = done.stdout
-    return fixed
+# The import block is put right by this script itself, as ruff's isort and F401 would (ruff is
+# not run: the package's build runs this script with nothing but setuptools installed).
+# tests/unit/test_generated_sync.py lints the output with ruff, so a difference shows there.
+FIRST_PARTY = ("outbox", "relay")
+LINE_LENGTH = 100  # [tool.ruff] line-length
+_NOQA = re.compile(r"#\s*noqa\b", re.I)
+
+
+def _natural(text: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", text) if part)
+
+
+def _name_key(name: str) -> tuple[object, ...]:
+    return (_natural(name.lower()), _natural(name))
+
+
+def _member_key(alias: ast.alias) -> tuple[object, ...]:
+    # ruff's order-by-type: CONSTANTS, then Classes, then the rest.
+    name = alias.name
+    kind = (0 if len(name) > 1 and name.upper() == name and name.lower() != name
+            else 1 if name[:1].isupper() else 2)
+    return (kind, *_name_key(name), _natural(alias.asname or ""))
+
+
+def _section(module: str, level: int) -> int:
+    top = module.split(".")[0]
+    if level:
+        return 4  # local folder
+    if top == "__future__":
+        return 0
+    if top in sys.stdlib_module_names:
+        return 1
+    return 3 if top in FIRST_PARTY else 2
+
+
+def _used_names(tree: ast.Module, skip: set[int]) -> set[str]:
+    """Every name the module refers to, outside the statements at the indices of `skip`."""
+    used: set[str] = set()
+    for index, statement in enumerate(tree.body):
+        if index in skip:
+            continue
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name):
+                used.add(node.id)
+            annotations: list[ast.expr | None] = []
+            if isinstance(node, ast.arg | ast.AnnAssign):
+                annotations = [node.annotation]
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                annotations = [node.returns]
+            for annotation in annotations:  # "quoted" annotations count, as for ruff
+                if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+                    used |= {n.id for n in ast.walk(ast.parse(annotation.value, mode="eval"))
+                             if isinstance(n, ast.Name)}
+            if (isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                    and isinstance(node.value, ast.List | ast.Tuple)):
+                used |= {e.value for e in node.value.elts
+                         if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return used
+
+
+def _format_from(module: str, aliases: list[ast.alias], wrap: bool) -> str:
+    names = [a.name if a.asname is None else f"{a.name} as {a.asname}" for a in aliases]
+    line = f"from {module} import {', '.join(names)}"
+    if not wrap and len(line) <= LINE_LENGTH:
+        return line + "\n"
+    return f"from {module} import (\n" + "".join(f"    {n},\n" for n in names) + ")\n"
+
+
+def tidy_imports(text: str, target: str) -> str:
+    """The module's first block of imports sorted into ruff's (isort's) sections and order,
+    imports the module no longer uses dropped (those only the asyncio code needed), and a
+    `# noqa` dropped where its import is used after all (ruff's I001, F401, RUF100)."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    indices = [i for i, s in enumerate(tree.body) if isinstance(s, ast.Import | ast.ImportFrom)]
+    if not indices:
+        return text
+    first = indices[0]
+    block: list[ast.Import | ast.ImportFrom] = []
+    for statement in tree.body[first:]:
+        if not isinstance(statement, ast.Import | ast.ImportFrom):
+            break
+        block.append(statement)
+    assert block[-1].end_lineno is not None
+    start, end = block[0].lineno, block[-1].end_lineno
+    # Comments in the block would have no place to go, but for a statement's own noqa.
+    noqa: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO("".join(lines[start - 1 : end])).readline):
+        if token.type != tokenize.COMMENT:
+            continue
+        row = token.start[0] + start - 1
+        owner = [s for s in block if s.lineno == row == s.end_lineno]
+        if not (owner and _NOQA.match(token.string)):
+            raise ConversionError(f"{target}:{row}: a comment in the import block: "
+                                  "only a single-line import's `# noqa` is supported")
+        noqa[row] = token.string
+    used = _used_names(tree, set(range(first, first + len(block))))
+
+    # (section, kind: 0 `import`, 1 `from`, module) -> aliases, magic trailing comma, noqa
+    groups: dict[tuple[int, int, str, str], tuple[list[ast.alias], bool, str]] = {}
+    for statement in block:
+        comment = noqa.get(statement.lineno, "")
+        if isinstance(statement, ast.Import):
+            for alias in statement.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                if bound in used or comment:
+                    key = (_section(alias.name, 0), 0, alias.name, alias.asname or "")
+                    groups.setdefault(key, ([alias], False, comment if bound not in used else ""))
+            continue
+        module = "." * statement.level + (statement.module or "")
+        segment = "".join(lines[statement.lineno - 1 : statement.end_lineno])
+        trailing_comma = re.search(r",\s*\)\s*(#.*)?$", segment.strip()) is not None
+        for alias in statement.names:
+            bound = alias.asname or alias.name
+            if not (bound in used or comment or module == "__future__"):
+                continue
+            # Aliased names get their own statement (ruff's combine-as-imports = false).
+            key = (_section(module, statement.level), 1, module, alias.asname or "")
+            aliases, wrap, note = groups.setdefault(key, ([], False, ""))
+            if all((a.name, a.asname) != (alias.name, alias.asname) for a in aliases):
+                aliases.append(alias)
+            if comment and bound not in used:
+                note = comment
+            groups[key] = (aliases, wrap or trailing_comma, note)
+
+    sections: dict[int, list[tuple[tuple[object, ...], str]]] = {}
+    for (section, kind, module, asname), (aliases, wrap, note) in groups.items():
+        aliases = sorted(aliases, key=_member_key)
+        if kind == 0:
+            rendered = f"import {module}" + (f" as {asname}" if asname else "") + "\n"
+        else:
+            rendered = _format_from(module, aliases, wrap)
+        if note:
+            if rendered.count("\n") > 1:
+                raise ConversionError(f"{target}: a `# noqa` on a wrapped import")
+            rendered = rendered[:-1] + f"  {note}\n"
+        level = len(module) - len(module.lstrip("."))  # relative: the furthest first, as ruff
+        sort_key = (kind, *_name_key(module.lstrip(".")), -level,
+                    _member_key(aliases[0]) if kind else (), _natural(asname))
+        sections.setdefault(section, []).append((sort_key, rendered))
+    tidy = "\n".join("".join(r for _, r in sorted(sections[s], key=lambda e: e[0]))
+                     for s in sorted(sections))
+    return "".join(lines[: start - 1]) + tidy + "".join(lines[end:])
 
 
 def verify(text: str, target: str) -> None:
@@ -267,31 +403,42 @@ def convert(pair: Pair) -> str:
     text, written_sync = keep_sync_branches(source)
     text = rewrite_tokens(text, names, written_sync)
     text = replace_docstring(text, pair.docstring, pair.source)
-    text = header(pair) + ruff_fix(text, pair.target)
+    text = header(pair) + tidy_imports(text, pair.target)
     verify(text, pair.target)
     return text
+
+
+def write(pair: Pair, directory: Path = ROOT) -> bool:
+    """Write `pair`'s synchronous module under `directory` (the source tree, or a build's lib
+    directory for setup.py); returns whether the file changed. An unchanged file is not touched."""
+    wanted = convert(pair)
+    path = directory / pair.target
+    if path.exists() and path.read_text() == wanted:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(wanted)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="do not write: exit 1 if a generated module is out of date")
+                        help="do not write: exit 1 if a generated module is missing or out of date")
     args = parser.parse_args(argv)
     stale = 0
     for pair in PAIRS:
+        if not args.check:
+            if write(pair):
+                print(f"wrote {pair.target} from {pair.source}")
+            continue
         wanted = convert(pair)
         path = ROOT / pair.target
         current = path.read_text() if path.exists() else ""
-        if current == wanted:
-            continue
-        if args.check:
+        if current != wanted:
             stale += 1
             sys.stdout.writelines(difflib.unified_diff(
                 current.splitlines(keepends=True), wanted.splitlines(keepends=True),
-                f"{pair.target} (checked in)", f"{pair.target} (from {pair.source})"))
-        else:
-            path.write_text(wanted)
-            print(f"wrote {pair.target} from {pair.source}")
+                f"{pair.target} (on disk)", f"{pair.target} (from {pair.source})"))
     if stale:
         print(f"\n{stale} generated module(s) out of date: run `{COMMAND}`", file=sys.stderr)
         return 1

@@ -6,16 +6,20 @@ install could not publish (SQLAlchemy's asyncio layer needs greenlet, which only
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# Not in git: the wheel's build makes them from aio.py and aio_stores.py (setup.py's build_sync).
+GENERATED = {"outbox/consumer/runner.py", "outbox/consumer/stores.py"}
 
 # The README's sync publish (the demo's OrderService, reduced to its outbox part) and the
 # consumer import, run by the clean venv's interpreter against the test's database.
@@ -136,13 +140,35 @@ def sqlalchemy_url(conninfo: str) -> str:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Built from a copy of the tree: setuptools' build/ directory in a working copy could carry
     # files that git no longer has.
+    # The generated modules are left out too, as in a clean clone: the build must make them.
     source = tmp_path_factory.mktemp("source") / "outbox-relay"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", ".local", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+    patterns = shutil.ignore_patterns(
+        ".git", ".venv", ".local", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        here = Path(directory).relative_to(REPO)
+        return set(patterns(directory, names)) | {
+            name for name in names if (here / name).as_posix() in GENERATED}
+
+    shutil.copytree(REPO, source, ignore=ignore)
+    assert not any((source / target).exists() for target in GENERATED)
     out = tmp_path_factory.mktemp("wheel")
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, source)
     (found,) = out.glob("outbox_relay-*.whl")
     return found
+
+
+def test_the_wheel_carries_the_generated_sync_modules(wheel: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "async_to_sync", REPO / "tools" / "async_to_sync.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    assert {pair.target for pair in script.PAIRS} == GENERATED
+    with zipfile.ZipFile(wheel) as archive:
+        for pair in script.PAIRS:
+            assert archive.read(pair.target).decode() == script.convert(pair), pair.target
 
 
 @pytest.fixture(scope="module")

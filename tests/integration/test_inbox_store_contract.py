@@ -229,13 +229,19 @@ def test_an_id_repeated_in_one_claim_is_claimed_once(harness: Harness) -> None:
     assert harness.outside.inbox_ids() == {a, b}
 
 
-@contract()
-def test_a_rolled_back_claim_leaves_the_ids_claimable(harness: Harness) -> None:
+def claiming(harness: Harness, count: int) -> tuple[Any, list[uuid.UUID], Any]:
+    """A checked store and an open transaction that has claimed `count` new ids."""
     store = harness.store()
     store.check()
-    batch = ids(3)
+    batch = ids(count)
     tx = store.begin()
     assert tx.claim(batch) == set(batch)
+    return store, batch, tx
+
+
+@contract()
+def test_a_rolled_back_claim_leaves_the_ids_claimable(harness: Harness) -> None:
+    store, batch, tx = claiming(harness, 3)
     harness.apply(tx, 1)
     tx.rollback()
     assert harness.outside.inbox_ids() == set()
@@ -254,11 +260,7 @@ def test_a_rolled_back_claim_leaves_the_ids_claimable(harness: Harness) -> None:
 
 @contract()
 def test_work_on_the_handle_commits_with_the_claim_and_not_before(harness: Harness) -> None:
-    store = harness.store()
-    store.check()
-    batch = ids(2)
-    tx = store.begin()
-    assert tx.claim(batch) == set(batch)
+    _, batch, tx = claiming(harness, 2)
     harness.apply(tx, 1)
     harness.apply(tx, 2)
     # The handle is the claim's own transaction: it sees the uncommitted dedup rows ...
@@ -287,11 +289,7 @@ def test_a_handler_cannot_commit_the_stores_transaction(harness: Harness) -> Non
     psycopg and SQLAlchemy through Kafka): the refusal is the store's. It is not transient, so
     the consumer treats it as the handler's failure (retries, then the dead letter that test
     counted) instead of retrying the transaction for ever."""
-    store = harness.store()
-    store.check()
-    batch = ids(2)
-    tx = store.begin()
-    assert tx.claim(batch) == set(batch)
+    store, _, tx = claiming(harness, 2)
     harness.apply(tx, 1)
     try:
         with pytest.raises(harness.variant.own_commit_error) as refused:
@@ -399,11 +397,7 @@ def test_a_transaction_begun_before_the_others_commit_does_not_claim_the_id_agai
 
 @contract(where=lambda v: v.one_connection)
 def test_a_store_on_one_connection_refuses_a_second_open_transaction(harness: Harness) -> None:
-    store = harness.store()
-    store.check()
-    [event_id] = ids(1)
-    tx = store.begin()
-    assert tx.claim([event_id]) == {event_id}
+    store, [event_id], tx = claiming(harness, 1)
     with pytest.raises(InboxStoreError, match="already inside a transaction"):
         store.begin()
     tx.commit()  # the open transaction is not disturbed
@@ -505,11 +499,7 @@ def test_purge_counts_every_row_it_deletes_however_many(
 def test_purge_keeps_rows_younger_than_the_age_given(
     harness: Harness, own_database: None
 ) -> None:
-    store = harness.store()
-    store.check()
-    [event_id] = ids(1)
-    tx = store.begin()
-    assert tx.claim([event_id]) == {event_id}
+    store, [event_id], tx = claiming(harness, 1)
     tx.commit()
     assert store.purge(DAY, "billing") == 0
     assert store.purge(DAY) == 0

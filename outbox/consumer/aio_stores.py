@@ -430,10 +430,18 @@ class _AsyncMongoTransaction:
         self._session = session
         self._inbox = inbox
         self._consumer = consumer
+        # The handler gets the session: its own commit_transaction() would commit part of a
+        # batch (with the dedup rows of messages not yet applied). Refused, as CommitGuard
+        # refuses SQLAlchemy's; the store commits through the method it kept.
+        self._commit_transaction = session.commit_transaction
+        session.commit_transaction = self._refuse_commit  # type: ignore[method-assign]
 
     @property
     def handle(self) -> AsyncClientSession:
         return self._session
+
+    async def _refuse_commit(self) -> None:
+        raise HandlerCommitError()
 
     async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         # A duplicate-key error aborts a MongoDB transaction, so the batch looks first and
@@ -466,7 +474,7 @@ class _AsyncMongoTransaction:
 
     async def commit(self) -> None:
         try:
-            await self._session.commit_transaction()
+            await self._commit_transaction()
         finally:
             await self._session.end_session()
 

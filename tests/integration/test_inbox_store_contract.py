@@ -274,16 +274,7 @@ def test_work_on_the_handle_commits_with_the_claim_and_not_before(harness: Harne
     assert harness.outside.effects() == [1, 2]
 
 
-MONGO_OWN_COMMIT = (
-    "MongoDB stores do not guard the ClientSession they hand out: a handler's own "
-    "session.commit_transaction() commits the batch so far (dedup rows of messages not yet "
-    "applied included), where the SQLAlchemy stores raise HandlerCommitError and psycopg refuses "
-    "conn.commit() inside the store's transaction block"
-)
-
-
-@contract(where=lambda v: v.family != "memory",  # MemorySession has no commit to call
-          xfail={"mongo": MONGO_OWN_COMMIT, "async-mongo": MONGO_OWN_COMMIT})
+@contract(where=lambda v: v.family != "memory")  # MemorySession has no commit to call
 def test_a_handler_cannot_commit_the_stores_transaction(harness: Harness) -> None:
     """Moved from test_consumer.py (test_handler_cannot_commit_the_consumers_transaction, for
     psycopg and SQLAlchemy through Kafka): the refusal is the store's. It is not transient, so

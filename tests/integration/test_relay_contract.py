@@ -254,7 +254,7 @@ def test_concurrent_writers_of_the_same_aggregates_keep_each_key_in_commit_order
         rng = random.Random(seed)
         committed = 0
         try:
-            with source.appender(keys) as appender:
+            with source.appender() as appender:
                 while committed < per_thread:
                     commit = rng.random() > 0.1
                     written = appender.append(rng.choice(keys), make, commit=commit, rng=rng)

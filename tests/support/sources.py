@@ -138,8 +138,8 @@ class RelaySource(ABC):
         """What an operator does who gives up on the parked events."""
 
     @abstractmethod
-    def appender(self, keys: list[str]) -> AbstractContextManager[Appender]:
-        """A writer of one thread for `keys` (each thread takes its own)."""
+    def appender(self) -> AbstractContextManager[Appender]:
+        """A writer of one thread (each thread takes its own) for the prepared aggregates."""
 
     @abstractmethod
     def prepare_aggregates(self, keys: list[str]) -> None:
@@ -258,7 +258,7 @@ class PostgresSource(RelaySource):
                                       [(k,) for k in keys])
 
     @contextmanager
-    def appender(self, keys: list[str]) -> Iterator[Appender]:
+    def appender(self) -> Iterator[Appender]:
         with psycopg.connect(self.db_url) as conn:
             yield PostgresAppender(self, conn)
 
@@ -398,7 +398,7 @@ class MongoSource(RelaySource):
         self.db.orders.insert_many([{"_id": key, "version": 0} for key in keys])
 
     @contextmanager
-    def appender(self, keys: list[str]) -> Iterator[Appender]:
+    def appender(self) -> Iterator[Appender]:
         yield MongoAppender(self)
 
     def sequence_total(self) -> int:
@@ -442,6 +442,7 @@ class MongoAppender(Appender):
 
 
 def make_source(request: pytest.FixtureRequest, name: str) -> RelaySource:
+    """The source `name` on a database of this test alone (from the conftest fixtures)."""
     if name.startswith("postgres"):
         return PostgresSource(name, request.getfixturevalue("db_url"))
     return MongoSource(name, request.getfixturevalue("mongo_url"))

@@ -1,7 +1,7 @@
 """The MongoDB relays under faults: kill -9 of the relay, the broker stopped, MongoDB restarted.
 
 Both sources, each run checked with the ledger. A real `mongod` can be used as described in
-test_mongo_relay.py (`OUTBOX_TEST_MONGO_URL`); the broker of the outage test and the server of
+tests/support/mongo.py (`OUTBOX_TEST_MONGO_URL`); the broker of the outage test and the server of
 the restart test are private ones started from the local stack's binaries.
 """
 
@@ -20,7 +20,9 @@ from pymongo.database import Database
 
 from outbox import mongo as outbox_mongo
 from relay.settings import RelaySettings
-from tests.integration.test_mongo_relay import (
+from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
+from tests.support.ledger import Ledger
+from tests.support.mongo import (
     SOURCES,
     DocumentWriter,
     check,
@@ -31,8 +33,6 @@ from tests.integration.test_mongo_relay import (
     start,
     token_stored,
 )
-from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
-from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 from tests.support.services import Services
 

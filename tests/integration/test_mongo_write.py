@@ -2,7 +2,7 @@
 
 Runs against the local stack's MongoDB server, or against a real `mongod` replica set with
 `OUTBOX_TEST_MONGO_URL=mongodb://127.0.0.1:27017/outbox?replicaSet=rs0` (see
-test_mongo_relay.py for how to start one); each test uses a database of its own.
+tests/support/mongo.py for how to start one); each test uses a database of its own.
 """
 
 from __future__ import annotations

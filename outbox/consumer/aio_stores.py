@@ -25,7 +25,7 @@ from psycopg.pq import TransactionStatus
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, PyMongoError
 from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -454,7 +454,8 @@ class _AsyncMongoTransaction:
             session=self._session,
         )
         seen = {as_uuid(doc["event_id"]) async for doc in cursor}
-        new = [event_id for event_id in ids if event_id not in seen]
+        # Each new id once (a repeated one would hit the unique index within this insert).
+        new = list(dict.fromkeys(event_id for event_id in ids if event_id not in seen))
         if new:
             now = dt.datetime.now(dt.UTC)
             try:
@@ -466,6 +467,13 @@ class _AsyncMongoTransaction:
                 )
             except DuplicateKeyError as exc:
                 raise ConcurrentClaim(str(exc)) from exc
+            except BulkWriteError as exc:
+                # insert_many reports a duplicate key (another consumer claimed an id first)
+                # as a bulk write error, not as DuplicateKeyError.
+                codes = {error.get("code") for error in exc.details.get("writeErrors", [])}
+                if codes == {MONGO_DUPLICATE_KEY}:
+                    raise ConcurrentClaim(str(exc)) from exc
+                raise
             except OperationFailure as exc:
                 if exc.code == MONGO_DUPLICATE_KEY:
                     raise ConcurrentClaim(str(exc)) from exc

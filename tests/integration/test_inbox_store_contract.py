@@ -206,15 +206,9 @@ def test_each_consumer_name_has_dedup_rows_of_its_own(harness: Harness) -> None:
     assert harness.outside.inbox_ids("shipping") == {event_id}
 
 
-MONGO_REPEATED_ID = (
-    "MongoDB stores pass a repeated new id twice to insert_many, which fails with BulkWriteError "
-    "(code 65, a duplicate key): not caught as ConcurrentClaim (that catches DuplicateKeyError "
-    "and code 11000) and not transient; the PostgreSQL and in-memory stores claim it once. The "
-    "consumer is not affected: its engine removes repeated ids before it claims."
-)
 
 
-@contract(xfail={"mongo": MONGO_REPEATED_ID, "async-mongo": MONGO_REPEATED_ID})
+@contract()
 def test_an_id_repeated_in_one_claim_is_claimed_once(harness: Harness) -> None:
     store = harness.store()
     store.check()

@@ -34,6 +34,11 @@ class SchemaNames:
         return f"{self.table}_parked"
 
     @property
+    def position_table(self) -> str:
+        """The WAL relay's acknowledged position per slot, and its recoveries."""
+        return f"{self.table}_relay_position"
+
+    @property
     def channel(self) -> str:
         """LISTEN/NOTIFY channel that wakes the polling relay."""
         return f"{self.table}_{self.schema}"[:63]
@@ -48,6 +53,7 @@ class SchemaNames:
             "schema": sql.Identifier(self.schema),
             "table": sql.Identifier(self.table),
             "parked_table": sql.Identifier(self.parked_table),
+            "position_table": sql.Identifier(self.position_table),
             "migrations_table": sql.Identifier(self.migrations_table),
             "inbox_table": sql.Identifier(self.inbox_table),
             "pending_index": sql.Identifier(f"{self.table}_pending_idx"),

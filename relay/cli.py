@@ -112,6 +112,14 @@ def relay_command(
         envvar="OUTBOX_TABLE_LESS", show_envvar=True,
         help="postgres-wal: read only mode='message' events (slot created with --table-less).",
     )] = False,
+    on_slot_loss: Annotated[str, typer.Option(
+        envvar="OUTBOX_ON_SLOT_LOSS", show_envvar=True,
+        help="postgres-wal: stop | recover. A lost slot stops the relay, or is recovered from "
+             "the outbox table (as `outbox slot recover`) and the relay goes on.")] = "stop",
+    max_slot_wal: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_MAX_SLOT_WAL", show_envvar=True,
+        help="postgres-wal: WAL the slot may retain (e.g. 8GB) before the relay reports it; "
+             "with --on-slot-loss recover it then drops its slot and recovers.")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         envvar="OUTBOX_METRICS_PORT", show_envvar=True,
         help="Serve /metrics, /healthz and /readyz on this port.")] = None,
@@ -132,7 +140,7 @@ def relay_command(
     from outbox.kafka_safety import parse_kafka_settings
     from relay import logs
     from relay import main as relay_main
-    from relay.settings import RelaySettings, parse_duration
+    from relay.settings import RelaySettings, parse_duration, parse_size
 
     def build() -> RelaySettings:
         return RelaySettings(
@@ -155,6 +163,8 @@ def relay_command(
             publication=publication,
             message_prefix=message_prefix,
             table_less=table_less,
+            on_slot_loss=on_slot_loss,
+            max_slot_wal=parse_size(max_slot_wal, "max_slot_wal") if max_slot_wal else None,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
@@ -488,6 +498,64 @@ def slot_drop(
 
 
 
+@slot_app.command("recover")
+def slot_recover(
+    db: DbOption,
+    kafka: Annotated[str, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers.")],
+    kafka_setting: KafkaSettingOption = None,
+    topic_template: Annotated[str, typer.Option(
+        envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
+        help="The relay's --topic-template.")] = "{aggregate_type}",
+    slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
+    keep_published: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_KEEP_PUBLISHED", show_envvar=True,
+        help="The relay's --keep-published: republished rows are marked, not deleted.")] = None,
+    table_less: Annotated[bool, typer.Option(
+        envvar="OUTBOX_TABLE_LESS", show_envvar=True,
+        help="The relay's --table-less (refused: there is no table to recover from).")] = False,
+) -> None:
+    """Recover a lost (dropped or invalidated) slot: create it anew, publish every event that
+    may not have reached Kafka from the outbox table, and leave the relay ready to stream."""
+    import threading
+
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay import logs
+    from relay.daemon import stop_on_signals
+    from relay.settings import RelaySettings, parse_duration
+    from relay.sinks.kafka.sink import topic_limits_for
+    from relay.sources import WAL_KAFKA_DEFAULTS
+    from relay.stats import RelayStats
+    from relay.wal import factory
+    from relay.wal.recovery import recover
+
+    settings = guarded(lambda: RelaySettings(
+        source="postgres-wal", db_url=db, kafka_bootstrap=kafka,
+        kafka_settings=parse_kafka_settings(kafka_setting or []),
+        topic_template=topic_template, schema=schema, table=table, columns=columns,
+        keep_published=parse_duration(keep_published, "keep_published")
+        if keep_published else None,
+        slot=slot, publication=publication, table_less=table_less))
+    logs.setup("INFO", "auto")
+    publisher = settings.publisher(WAL_KAFKA_DEFAULTS)
+    stats = RelayStats(source="postgres-wal")
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        report = guarded(lambda: recover(factory.config(settings), publisher, stats, stop,
+                                         topic_limits=topic_limits_for(publisher)))
+    if report is None:
+        if stop.is_set():
+            fail("stopped before the recovery began")
+        typer.echo(f"slot {slot} is healthy and no recovery is pending: nothing to recover")
+        return
+    typer.echo(report.summary())
+
+
 def main() -> None:
     """The `outbox` console script: the library's main, on the app that now has every command."""
     outbox_main()
@@ -495,3 +563,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

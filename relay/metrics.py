@@ -41,6 +41,12 @@ class RelayCollector(Collector):
                                   value=s.parked)
         yield CounterMetricFamily("outbox_relay_restarts", "Restarts after transient failures.",
                                   value=s.restarts)
+        yield CounterMetricFamily("outbox_slot_recoveries", "Lost replication slots recovered.",
+                                  value=s.slot_recoveries)
+        if s.slot_over_budget is not None:
+            yield GaugeMetricFamily("outbox_slot_over_wal_budget",
+                                    "1 while the slot retains more WAL than --max-slot-wal.",
+                                    value=1 if s.slot_over_budget else 0)
         yield CounterMetricFamily("outbox_batches", "Batches read from the source.",
                                   value=s.batches)
         yield CounterMetricFamily("outbox_batch_events", "Events in those batches.",
@@ -77,13 +83,17 @@ def readiness(stats: RelayStats, stall_seconds: float) -> tuple[bool, dict[str, 
     (so an orchestrator can roll out a second replica). Progress is acknowledgements moving, not
     being caught up: a long backlog drain is healthy."""
     stalled = stats.in_flight > 0 and time.monotonic() - stats.last_progress_at > stall_seconds
-    detail = {
+    detail: dict[str, Any] = {
         "source_connected": stats.source_connected,
         "broker_connected": stats.broker_connected,
         "leader": stats.leader,
         "in_flight": stats.in_flight,
         "stalled": stalled,
     }
+    if stats.slot_over_budget is not None:
+        # Reported, not failed on: the relay is still correct; the database's disk is at risk.
+        detail["slot_over_wal_budget"] = stats.slot_over_budget
+        detail["slot_retained_wal_bytes"] = stats.slot_retained_bytes
     if not stats.leader:
         return stats.source_connected, detail
     return stats.source_connected and stats.broker_connected and not stalled, detail

@@ -21,6 +21,20 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|kB|KB|MB|GB|TB)?\s*$")
+# As PostgreSQL counts its memory and WAL settings: 1 kB = 1024 bytes.
+_SIZE_UNITS = {None: 1, "B": 1, "kB": 1 << 10, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30,
+               "TB": 1 << 40}
+
+
+def parse_size(text: str, setting: str) -> int:
+    """`512MB`, `2GB`, `64kB` (1024-based, as PostgreSQL's settings; a bare number is bytes)."""
+    match = _SIZE.match(str(text))
+    if not match or int(match[1]) <= 0:
+        raise ConfigurationError(f"{setting}={text!r} is not a size like 64kB, 512MB, 2GB")
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
 def parse_duration(text: str, setting: str) -> dt.timedelta:
     """`500ms`, `30s`, `5m`, `2h`, `7d` (a bare number is seconds)."""
     match = _DURATION.match(str(text))
@@ -53,6 +67,11 @@ class RelaySettings:
     publication: str = "outbox_relay"
     message_prefix: str = "outbox"
     table_less: bool = False  # postgres-wal: events only as messages, no outbox table
+    # postgres-wal: what a lost slot does: "stop" the relay, or "recover" it from the table.
+    on_slot_loss: str = "stop"
+    # postgres-wal: WAL the slot may retain (bytes) before the relay reports it; with
+    # on_slot_loss="recover" it then drops its slot and recovers (relay/wal/budget.py).
+    max_slot_wal: int | None = None
     shutdown_timeout: float = 30.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"

@@ -45,7 +45,7 @@ _NEEDS = {
 # which tune the sources that have them (`--relay-env OUTBOX_BATCH_SIZE=...` of the benchmark
 # applies to every source it runs; the WAL source streams and has neither).
 OWN_SETTINGS = ("columns", "schema", "keep_published", "slot", "publication", "message_prefix",
-                "table_less", "collections")
+                "table_less", "on_slot_loss", "max_slot_wal", "collections")
 _POSTGRES = frozenset({"columns", "schema", "keep_published"})
 # A table layout on a source that reads no table: refused, as it always was.
 REFUSED_ELSEWHERE = frozenset({"columns"})
@@ -145,13 +145,25 @@ def _table_less_rules(settings: RelaySettings) -> None:
             f"columns={settings.columns!r} with table_less: a table-less relay reads no table")
 
 
+def _wal_rules(settings: RelaySettings) -> None:
+    _table_less_rules(settings)
+    if settings.on_slot_loss not in ("stop", "recover"):
+        raise ConfigurationError(
+            f"on_slot_loss={settings.on_slot_loss!r}: choose stop or recover")
+    if settings.on_slot_loss == "recover" and settings.table_less:
+        raise ConfigurationError(
+            "on_slot_loss='recover' with table_less: table-less events exist only in the WAL, "
+            "so a lost slot's events cannot be recovered from a table; use on_slot_loss='stop'")
+
+
 SOURCES: dict[str, Source] = {source.name: source for source in (
     Source("postgres-poll", ("db_url",), _POSTGRES, "relay.poll.factory", doctor=True,
            rules=_table_less_rules),
     Source("postgres-wal", ("db_url",),
-           _POSTGRES | {"slot", "publication", "message_prefix", "table_less"},
+           _POSTGRES | {"slot", "publication", "message_prefix", "table_less", "on_slot_loss",
+                        "max_slot_wal"},
            "relay.wal.factory", kafka_defaults=WAL_KAFKA_DEFAULTS, doctor=True,
-           rules=_table_less_rules),
+           rules=_wal_rules),
     # --table names the outbox collection of outbox.mongo.publish for these sources.
     Source("mongo-poll", ("mongo_url", "collections"), frozenset({"collections"}),
            "relay.mongo.factory"),

@@ -53,6 +53,11 @@ class RelayStats:
     latency: Histogram = field(default_factory=Histogram)
     # Source-specific gauges (backlog, slot lag...), evaluated at scrape time.
     gauges: dict[str, Callable[[], float | None]] = field(default_factory=dict)
+    # postgres-wal: lost slots recovered (relay/wal/recovery.py); the slot's WAL against its
+    # budget (relay/wal/budget.py): None without a budget or before the first check.
+    slot_recoveries: int = 0
+    slot_retained_bytes: int | None = None
+    slot_over_budget: bool | None = None
 
     def delivered(self, topic: str, created_at: float | None) -> None:
         """One successful delivery report; `created_at` is the event's Unix time, if known."""

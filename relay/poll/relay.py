@@ -88,7 +88,8 @@ def connect(url: str) -> psycopg.Connection[Any]:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
 
 
-def _record(row: tuple[Any, ...]) -> OutboxRecord:
+def row_record(row: tuple[Any, ...]) -> OutboxRecord:
+    """The event of a row as the page queries of relay/sql/poll.sql select it."""
     headers = row[8]
     return OutboxRecord(
         created_at=row[9],
@@ -186,7 +187,7 @@ class PollSource:
             if row[6] is None:  # a Debezium payload may be null; the WAL relay parks it too
                 park(Refused(row[0], "the payload column is null"))
             else:
-                send(_record(row), row[0])
+                send(row_record(row), row[0])
         self.caught_up = len(rows) < limit
         return len(rows)
 
@@ -344,7 +345,7 @@ def poll_query(config: PollConfig, name: str) -> sql.Composed:
 
 
 def _mapped_columns(columns: ColumnMapping) -> dict[str, sql.Composable]:
-    """The event columns of a mapped table as select lists in `_record`'s order (after
+    """The event columns of a mapped table as select lists in `row_record`'s order (after
     position): what the table lacks gets the default the WAL relay gives it; the payload is
     read as its bytes (JSON and text: their UTF-8 encoding, as the WAL relay sends them)."""
 

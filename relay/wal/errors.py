@@ -52,6 +52,11 @@ class SlotInvalidatedError(SlotError):
     """The replication slot was invalidated: the WAL it needed has been removed."""
 
 
+class SlotRecoveryPendingError(SlotError):
+    """A recovery of the slot began and did not finish (relay/wal/recovery.py): streaming from
+    the slot now would skip the rows that recovery has still to publish."""
+
+
 class SlotInUseError(SlotError):
     """Another process is streaming from the replication slot; wait as a standby and retry."""
 

@@ -30,6 +30,8 @@ def config(settings: RelaySettings) -> WalRelayConfig:
         names=settings.names,
         shutdown_timeout=settings.shutdown_timeout,
         keep_published=settings.keep_published,
+        on_slot_loss=settings.on_slot_loss,
+        max_slot_wal=settings.max_slot_wal,
     )
 
 
@@ -45,4 +47,8 @@ def gauges(config: WalRelayConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     wal, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    if wal.on_slot_loss == "recover":
+        from relay.wal.recovery import HealingRelay
+
+        return lambda: HealingRelay(wal, publisher, stats, limits)
     return lambda: wal_relay(wal, publisher, stats, limits)

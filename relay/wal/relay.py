@@ -26,10 +26,16 @@ from relay.published import backlog_gauges
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.wal import slots
+from relay.wal import recovery_state, slots
+from relay.wal.budget import SlotBudget
 from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
-from relay.wal.errors import SlotInUseError
+from relay.wal.errors import (
+    SlotInUseError,
+    SlotInvalidatedError,
+    SlotMissingError,
+    SlotRecoveryPendingError,
+)
 from relay.wal.lsn import format_lsn
 from relay.wal.pgoutput import PG_EPOCH_UNIX
 from relay.wal.source import WalSource, WalSourceConfig, open_as_standby
@@ -51,6 +57,10 @@ class WalRelayConfig:
     shutdown_timeout: float = 30.0
     # Published rows are deleted; with this, marked (published_at) and deleted once this old.
     keep_published: dt.timedelta | None = None
+    # A lost slot: "stop" the relay, or "recover" it (relay/wal/recovery.py).
+    on_slot_loss: str = "stop"
+    # Bytes of WAL the slot may retain before the relay reports it (relay/wal/budget.py).
+    max_slot_wal: int | None = None
 
 
 class WalRelaySource:
@@ -75,6 +85,9 @@ class WalRelaySource:
         self._source: WalSource | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._cleaner: TableCleaner | None = None
+        self._budget = SlotBudget(
+            config.source.slot, config.max_slot_wal, stats,
+            give_up=config.on_slot_loss == "recover") if config.max_slot_wal else None
 
     @property
     def source(self) -> WalSource:
@@ -88,6 +101,7 @@ class WalRelaySource:
     def open(self, stop: threading.Event) -> Iterator[bool]:
         # Its errors declare what follows (relay/wal/errors.py): a lost connection restarts,
         # a missing slot or publication stops the daemon.
+        self._refuse_unfinished_recovery()
         source = open_as_standby(self.config.db_url, self.config.source, stop,
                                  retry_interval=self.config.standby_retry)
         if source is None:
@@ -106,6 +120,20 @@ class WalRelaySource:
             raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
         finally:
             self.stats.source_connected = self.stats.leader = False
+
+    def _refuse_unfinished_recovery(self) -> None:
+        slot = self.config.source.slot
+        try:
+            with psycopg.connect(libpq_url(self.config.db_url), autocommit=True,
+                                 connect_timeout=10) as conn:
+                started = recovery_state.pending(conn, self.config.names, slot)
+        except psycopg.OperationalError as exc:
+            raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc
+        if started is not None:
+            raise SlotRecoveryPendingError(
+                f"a recovery of replication slot {slot} began at {started.isoformat()} and did "
+                "not finish: streaming from the slot now would skip events. Run `outbox slot "
+                "recover` (or the relay with --on-slot-loss recover)")
 
     def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
         """The remover of published rows, unless there is no table (table-less mode) or its
@@ -180,6 +208,8 @@ class WalRelaySource:
         if cleaner is not None:
             cleaner.check()
             confirm = cleaner.cleaned_lsn
+        if self._budget is not None:
+            self._budget.check(self.conn)
         source = self.source
         if confirm > source.acknowledged_lsn:
             source.acknowledge(confirm)
@@ -189,6 +219,8 @@ class WalRelaySource:
 
     def keep_alive(self) -> None:
         self.source.heartbeat()  # keep the replication session alive while Kafka is slow
+        if self._budget is not None:
+            self._budget.check(self.conn)  # the broker away is when the slot grows
 
     def on_caught_up(self) -> None:
         """Nothing to do: the cleaner purges kept rows on its own thread."""
@@ -230,7 +262,11 @@ def check_setup(config: WalRelayConfig) -> None:
         with psycopg.connect(libpq_url(config.db_url), autocommit=True,
                              connect_timeout=10) as conn:
             # In use by another relay: this one starts as its standby (open_as_standby waits).
-            with contextlib.suppress(SlotInUseError):
+            # Lost, with recovery on: the relay recovers it first (relay/wal/recovery.py).
+            tolerated: tuple[type[Exception], ...] = (SlotInUseError,)
+            if config.on_slot_loss == "recover":
+                tolerated += (SlotMissingError, SlotInvalidatedError)
+            with contextlib.suppress(*tolerated):
                 slots.check_slot(slots.slot_status(conn, config.source.slot),
                                  config.source.slot, slots.current_database(conn))
             parked_table = catalog.qualified(conn, config.names, config.names.parked_table)

@@ -420,6 +420,11 @@ class ReplicationStream:
         self.close()
 
 
+def replication_connection(url: str) -> psycopg.Connection[Any]:
+    """A replication connection (autocommit) with the stream's defaults, for slot commands."""
+    return _connect(url, {})
+
+
 def _connect(url: str, overrides: Mapping[str, str]) -> psycopg.Connection[Any]:
     try:
         params: dict[str, Any] = conninfo_to_dict(libpq_url(url))

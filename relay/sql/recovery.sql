@@ -1,0 +1,32 @@
+-- A slot recovery in progress (relay/wal/recovery_state.py), in the WAL relay's row of its slot
+-- in {position_table} (migrations/0005, 0006).
+
+-- name: pending
+SELECT recovery_started_at FROM {schema}.{position_table} WHERE slot = %(slot)s
+
+-- name: begin
+-- Recorded before the lost slot is dropped: from here until `end`, no relay streams from the
+-- slot (a new one made by an unfinished recovery starts after unpublished rows).
+INSERT INTO {schema}.{position_table} AS p (slot, recovery_started_at)
+VALUES (%(slot)s, now())
+ON CONFLICT (slot) DO UPDATE SET recovery_started_at = coalesce(p.recovery_started_at, now())
+
+-- name: end
+-- Everything committed before the new slot's consistent point is in Kafka now.
+UPDATE {schema}.{position_table}
+SET recovery_started_at = NULL,
+    acknowledged_lsn = greatest(acknowledged_lsn, %(lsn)s::pg_lsn), updated_at = now()
+WHERE slot = %(slot)s
+
+-- name: try_lock
+-- One recovery per slot at a time (a relay's, or `outbox slot recover`); a session lock, so a
+-- process that dies releases it.
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- name: unlock
+SELECT pg_advisory_unlock(%(key)s)
+
+-- name: acknowledged
+-- How far the slot's relay had acknowledged, as it recorded (relay/wal/relay.py).
+SELECT acknowledged_lsn::text, acknowledged_commit_at FROM {schema}.{position_table}
+WHERE slot = %(slot)s

@@ -329,6 +329,10 @@ def status_command(
     kafka_timeout: KafkaTimeoutOption = 10.0,
     allow_unsafe_kafka_settings: AllowUnsafeOption = False,
     as_json: JsonOption = False,
+    max_slot_wal: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_MAX_SLOT_WAL", show_envvar=True,
+        help="The WAL relay's --max-slot-wal: the slot's retained WAL is shown against it.",
+    )] = None,
 ) -> None:
     """Show the backlog, oldest pending event, parked events, leader, slot state and lag."""
     import dataclasses
@@ -337,13 +341,16 @@ def status_command(
     from outbox.kafka_safety import parse_kafka_settings
     from relay import doctor, status
     from relay.poll.relay import PollConfig
+    from relay.settings import parse_size
 
     names = guarded(lambda: SchemaNames(schema, table))
+    budget = guarded(lambda: parse_size(max_slot_wal, "--max-slot-wal")) if max_slot_wal else None
     leader_key = PollConfig(db_url=db, names=names).leader_key
     with connect(db) as conn:
         conn.autocommit = True  # read-only report: no transaction to hold open
         report = guarded(lambda: status.gather(
-            conn, names, leader_key=leader_key, slot=slot, publication=publication))
+            conn, names, leader_key=leader_key, slot=slot, publication=publication,
+            wal_budget=budget))
     if kafka:
         facts = guarded(lambda: doctor.inspect_kafka(
             kafka, parse_kafka_settings(kafka_setting or []), timeout=kafka_timeout,

@@ -55,6 +55,15 @@ class SlotReport:
     name: str
     status: slots.SlotStatus | None  # None: there is no such slot
     current_lsn: int | None
+    wal_budget: int | None = None  # the relay's --max-slot-wal, when given
+
+    @property
+    def over_budget(self) -> bool | None:
+        """Whether the slot retains more WAL than the budget (None: no budget, or unknown)."""
+        retained = self.status.retained_bytes if self.status is not None else None
+        if self.wal_budget is None or retained is None:
+            return None
+        return retained > self.wal_budget
 
     @property
     def lag_bytes(self) -> int | None:
@@ -154,6 +163,7 @@ def gather(
     leader_key: int,
     slot: str,
     publication: str,
+    wal_budget: int | None = None,
 ) -> OutboxStatus:
     """Read the outbox's state with `conn` (autocommit); sections the role cannot read are
     listed in `unavailable` instead of failing the whole report."""
@@ -179,7 +189,8 @@ def gather(
         unavailable["parked"] = reason
 
     leader = read_leader(conn, names, leader_key)
-    slot_report = SlotReport(slot, slots.slot_status(conn, slot), current_wal_lsn(conn, names))
+    slot_report = SlotReport(slot, slots.slot_status(conn, slot), current_wal_lsn(conn, names),
+                             wal_budget)
     publication_report = PublicationReport(
         publication, slots.publication_info(conn, publication), (names.schema, names.table)
     )
@@ -310,6 +321,12 @@ def _slot_rows(report: SlotReport) -> list[tuple[str, str]]:
     out.append(("confirmed flush LSN", format_lsn(confirmed) if confirmed is not None else "-"))
     lag = report.lag_bytes
     out.append(("slot lag", human_bytes(lag) if lag is not None else "-"))
+    if status.retained_bytes is not None:
+        retained = human_bytes(status.retained_bytes)
+        if report.wal_budget is not None:
+            verdict = "OVER BUDGET" if report.over_budget else "within budget"
+            retained += f" of {human_bytes(report.wal_budget)} (--max-slot-wal): {verdict}"
+        out.append(("retained WAL", retained))
     if status.safe_wal_size is not None:
         out.append(("WAL before invalidation", human_bytes(status.safe_wal_size)))
     return out
@@ -337,6 +354,8 @@ def as_json(status: OutboxStatus) -> dict[str, Any]:
             "lag_bytes": status.slot.lag_bytes,
             "retained_bytes": found.retained_bytes if found else None,
             "safe_wal_size": found.safe_wal_size if found else None,
+            "wal_budget_bytes": status.slot.wal_budget,
+            "over_wal_budget": status.slot.over_budget,
         }
     publication: dict[str, Any] | None = None
     if status.publication is not None:

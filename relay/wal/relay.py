@@ -112,6 +112,8 @@ class WalRelaySource:
                 self._source, self._conn = source, conn
                 self.stats.source_connected = self.stats.leader = True
                 self._cleaner = self._start_cleaner(conn)
+                if self._budget is not None:
+                    self._budget.check(conn)  # a slot over budget already is reported at once
                 log.info("WAL relay streaming", extra={
                     "event": "relay_active", "source": self.name,
                     "slot": self.config.source.slot, "from": format_lsn(source.acknowledged_lsn)})

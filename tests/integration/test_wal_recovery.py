@@ -4,6 +4,7 @@ Kafka, each run checked with the ledger."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -209,3 +210,69 @@ def test_a_slot_invalidated_under_a_running_relay_heals_with_on_slot_loss_recove
     verdict.assert_holds()
     # Sent again at most what the relay had sent and not yet removed when it stalled.
     assert verdict.dup <= 100, verdict
+
+
+# -- the WAL budget --------------------------------------------------------------------------------
+
+BUDGET = 1 << 20  # 1 MiB
+
+
+def retain_wal(db_url: str, megabytes: int) -> None:
+    """Write WAL of another table while no relay streams: the slot keeps all of it."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS filler (x text)")
+        conn.execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, %s)",
+                     [megabytes * 1000])
+
+
+def budget_states(caplog: pytest.LogCaptureFixture) -> list[bool]:
+    return [r.over for r in caplog.records if getattr(r, "event", None) == "slot_wal_budget"]
+
+
+def test_a_slot_over_its_wal_budget_is_reported_once_per_state_change(
+    wal: WalSlot, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.wal.budget")  # "within" is an INFO line
+    retain_wal(wal.db_url, 3)
+    shown = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "status", "--db", wal.db_url, "--slot", wal.slot,
+         "--publication", wal.publication, "--max-slot-wal", "1MB", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert '"over_wal_budget": true' in shown.stdout
+    with RelayThread(wal.settings(kafka_bootstrap, max_slot_wal=BUDGET)):
+        wait_for(lambda: budget_states(caplog) == [True], 30, "the budget to be reported over")
+
+        def within() -> bool:
+            with psycopg.connect(wal.db_url, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")  # logs running transactions: restart_lsn moves on
+            return budget_states(caplog) == [True, False]
+
+        wait_for(within, 60, "the budget to be reported within once the relay caught up")
+    assert budget_states(caplog) == [True, False]  # once per change, not once per check
+    status = wal.status()
+    assert status is not None and not status.lost  # reported only: the slot stays
+
+
+def test_over_budget_with_recover_the_relay_gives_up_its_slot_and_recovers(
+    wal: WalSlot, kafka_bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    writer.write_many(wal.db_url, keys=4, per_key=10)
+    retain_wal(wal.db_url, 3)  # the relay was away: its slot holds 3 MiB
+    reader = TopicReader(kafka_bootstrap, topic)
+    settings = wal.settings(kafka_bootstrap, max_slot_wal=BUDGET, on_slot_loss="recover")
+    with RelayThread(settings):
+        wait_for(lambda: any(getattr(r, "event", None) == "slot_recovered"
+                             for r in caplog.records), 60, "the relay to recover its slot")
+        writer.write_many(wal.db_url, keys=4, per_key=5)
+        reader.read_ids(ledger.committed_ids, timeout=60)
+        status = wal.status()
+        assert status is not None and status.retained_bytes is not None
+        assert status.retained_bytes < BUDGET  # the new slot started after the old WAL
+    verdict = ledger.check(reader.drain(quiet=1.0))
+    reader.close()
+    verdict.assert_holds()
+    assert verdict.dup == 0
+    assert budget_states(caplog)[0] is True

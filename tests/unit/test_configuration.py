@@ -143,3 +143,45 @@ def test_columns_setting_is_refused_where_it_means_nothing() -> None:
         RelaySettings(source="postgres-wal", columns="debezium", table_less=True, **base)
     assert RelaySettings(source="postgres-wal", columns="debezium", **base).column_mapping == (
         outbox.ColumnMapping.debezium())
+
+
+@pytest.mark.parametrize(("text", "size"), [("64kB", 64 << 10), ("512MB", 512 << 20),
+                                            ("8GB", 8 << 30), ("4096", 4096)])
+def test_wal_budgets_read_like_postgresql_sizes(text: str, size: int) -> None:
+    from relay.settings import parse_size
+
+    assert parse_size(text, "max_slot_wal") == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "8 gigs", "-1MB", "1.5GB"])
+def test_a_wal_budget_that_is_not_a_size_is_refused_by_name(text: str) -> None:
+    from relay.settings import parse_size
+
+    with pytest.raises(outbox.ConfigurationError, match="max_slot_wal="):
+        parse_size(text, "max_slot_wal")
+
+
+def test_slot_loss_policy_is_checked_at_start_up() -> None:
+    from relay.settings import RelaySettings
+
+    wal = {"source": "postgres-wal", "db_url": "postgresql://x@h/db", "kafka_bootstrap": "k:9092"}
+    with pytest.raises(outbox.ConfigurationError, match="choose stop or recover"):
+        RelaySettings(**wal, on_slot_loss="ignore")
+    with pytest.raises(outbox.ConfigurationError, match="exist only in the WAL"):
+        RelaySettings(**wal, on_slot_loss="recover", table_less=True)
+    assert RelaySettings(**wal, on_slot_loss="recover").on_slot_loss == "recover"
+
+
+def test_readyz_details_the_slot_budget_without_failing_on_it() -> None:
+    from relay.metrics import readiness
+    from relay.stats import RelayStats
+
+    stats = RelayStats(source="postgres-wal", leader=True, source_connected=True,
+                       broker_connected=True)
+    ready, detail = readiness(stats, stall_seconds=60)
+    assert ready and "slot_over_wal_budget" not in detail  # no budget: nothing to say
+    stats.slot_over_budget, stats.slot_retained_bytes = True, 5 << 20
+    ready, detail = readiness(stats, stall_seconds=60)
+    assert ready  # still correct; the disk is what is at risk
+    assert detail["slot_over_wal_budget"] is True
+    assert detail["slot_retained_wal_bytes"] == 5 << 20

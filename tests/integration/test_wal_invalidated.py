@@ -21,6 +21,7 @@ from relay.wal import (
     setup,
     slots,
 )
+from tests.support.wal import outgrow_the_slot
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -60,22 +61,6 @@ def publish_one(url: str) -> uuid.UUID:
         (event_id,) = outbox.publish(conn, outbox.Event("Order", "1", "OrderCreated", {}))
         conn.commit()
     return event_id
-
-
-def outgrow_the_slot(url: str, slot: str) -> None:
-    """Write WAL past max_slot_wal_keep_size and checkpoint until the slot is lost."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS filler (x text)")
-        for _ in range(10):
-            conn.execute(
-                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)"
-            )
-            conn.execute("SELECT pg_switch_wal()")
-            conn.execute("CHECKPOINT")
-            status = slots.slot_status(conn, slot)
-            if status is not None and status.lost:
-                return
-    raise AssertionError("the slot was not invalidated")
 
 
 def drain(source: WalSource) -> list[Any]:

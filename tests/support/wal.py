@@ -167,3 +167,19 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def outgrow_the_slot(url: str, slot: str) -> None:
+    """On a server with a small max_slot_wal_keep_size: write WAL past it and checkpoint until
+    the slot is lost."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS filler (x text)")
+        for _ in range(20):
+            conn.execute(
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)")
+            conn.execute("SELECT pg_switch_wal()")
+            conn.execute("CHECKPOINT")
+            status = slots.slot_status(conn, slot)
+            if status is not None and status.lost:
+                return
+    raise AssertionError("the slot was not invalidated")

@@ -117,6 +117,10 @@ def check_recoverable(conn: psycopg.Connection[Any], config: WalRelayConfig) -> 
     columns = slots.table_columns(conn, (source.schema, source.table))
     if not columns:
         raise RecoveryRefusedError(f"table {source.schema}.{source.table} does not exist")
+    # The new slot streams through the same publication: it must serve the relay first.
+    needed = [column for column in source.published_columns if column in columns]
+    slots.check_publication(slots.publication_info(conn, source.publication),
+                            source.publication, (source.schema, source.table), needed)
     if not {"txid", "published_at", "position"} <= set(columns):
         known = acknowledged(conn, config)
         since = (f"since {known.committed_at.isoformat()} (the last acknowledged commit)"
@@ -214,6 +218,10 @@ def recover(
     source = config.source
     with _connect(config.db_url) as conn:
         check_recoverable(conn, config)
+        if not wait and not _broker_reachable(publisher, stop, once=True):
+            raise RecoveryRefusedError(
+                f"Kafka at {publisher.bootstrap_servers} does not answer: the recovery needs it "
+                "to publish the missed events; nothing was changed")
         with recovery_state.lock(conn, config.names, source.slot, wait=wait, stop=stop) as held:
             if not held:
                 return None  # stopped while waiting
@@ -258,9 +266,10 @@ def _released(conn: psycopg.Connection[Any], slot: str, *, wait: bool) -> slots.
         time.sleep(0.1)
 
 
-def _broker_reachable(publisher: PublisherConfig, stop: threading.Event) -> bool:
-    """Wait until Kafka answers (False if `stop` comes first): a recovery holds a snapshot
-    open while it publishes, so it starts only once it can publish."""
+def _broker_reachable(publisher: PublisherConfig, stop: threading.Event, *,
+                      once: bool = False) -> bool:
+    """Wait until Kafka answers (False if `stop` comes first, or after one try with `once`): a
+    recovery holds a snapshot open while it publishes, so it starts only once it can publish."""
     from confluent_kafka import KafkaException, Producer
 
     producer = Producer(publisher.producer_settings())
@@ -270,6 +279,8 @@ def _broker_reachable(publisher: PublisherConfig, stop: threading.Event) -> bool
             producer.list_topics(timeout=5.0)
             return True
         except KafkaException:
+            if once:
+                return False
             if not announced:
                 log.warning("waiting for Kafka to recover the slot", extra={
                     "event": "slot_recovery_waiting"})

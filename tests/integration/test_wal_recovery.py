@@ -112,6 +112,17 @@ def test_recover_refuses_table_less_mode_before_touching_anything(
     assert wal.status() is None  # no slot was made
 
 
+def test_recover_without_kafka_refuses_before_changing_anything(wal: WalSlot) -> None:
+    with psycopg.connect(wal.db_url, autocommit=True) as conn:
+        slots.drop_slot(conn, wal.slot)
+    done = slot_cli(*recover_args(wal, "127.0.0.1:1"))  # nothing listens there
+    assert done.returncode == 1
+    assert "does not answer" in done.stderr and "nothing was changed" in done.stderr
+    assert wal.status() is None
+    with psycopg.connect(wal.db_url) as conn:
+        assert recovery_state.pending(conn, SchemaNames(), wal.slot) is None
+
+
 def test_the_relay_refuses_recover_in_table_less_mode_at_start_up(
     db_url: str, kafka_bootstrap: str
 ) -> None:

@@ -6,7 +6,8 @@
 --   psql "$ADMIN_URL" -v ON_ERROR_STOP=1 -v schema=public -v table=outbox -f deploy/roles.sql
 --
 -- Variables, all optional:
---   schema, table        the outbox (default public, outbox); the parked table is <table>_parked
+--   schema, table        the outbox (default public, outbox); the parked table is <table>_parked,
+--                        the WAL relay's position table <table>_relay_position
 --   inbox_table          the consumer's dedup table (default outbox_inbox)
 --   prefix               role names <prefix>_app, <prefix>_relay_poll, <prefix>_relay_wal,
 --                        <prefix>_consumer (default outbox)
@@ -47,6 +48,7 @@
 \endif
 
 \set parked_table :table '_parked'
+\set position_table :table '_relay_position'
 \set app_role :prefix '_app'
 \set poll_role :prefix '_relay_poll'
 \set wal_role :prefix '_relay_wal'
@@ -121,6 +123,9 @@ GRANT UPDATE (published_at) ON :"schema".:"table" TO :"wal_role";
 -- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
 -- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";
+-- Its row per slot in the position table: how far it acknowledged, and a slot recovery under
+-- way (--on-slot-loss recover and `outbox slot recover` insert and update it).
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"position_table" TO :"wal_role";
 
 -- Both relays may read the migration bookkeeping, so `outbox doctor` run with the relay's own
 -- URL can tell whether the schema is up to date.

@@ -56,3 +56,13 @@ CREATE TABLE public.outbox_inbox (
     PRIMARY KEY (consumer, event_id)
 );
 CREATE INDEX outbox_inbox_processed_at_idx ON public.outbox_inbox (processed_at);
+
+-- 0004: the WAL relay's acknowledged position per slot (written before the slot is confirmed),
+-- and a slot recovery under way.
+CREATE TABLE public.outbox_relay_position (
+    slot                   text        PRIMARY KEY,
+    acknowledged_lsn       pg_lsn,
+    acknowledged_commit_at timestamptz,
+    recovery_started_at    timestamptz,
+    updated_at             timestamptz NOT NULL DEFAULT now()
+);

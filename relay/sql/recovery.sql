@@ -1,5 +1,5 @@
 -- A slot recovery in progress (relay/wal/recovery_state.py), in the WAL relay's row of its slot
--- in {position_table} (migrations/0005, 0006).
+-- in {position_table} (migrations/0004).
 
 -- name: pending
 SELECT recovery_started_at FROM {schema}.{position_table} WHERE slot = %(slot)s

@@ -7,8 +7,10 @@
 --
 -- Variables, all optional:
 --   schema, table        the outbox (default public, outbox); the parked table is <table>_parked,
---                        the WAL relay's position table <table>_relay_position
---   inbox_table          the consumer's dedup table (default outbox_inbox)
+--                        the WAL relay's position table <table>_relay_position, the
+--                        writer's sequence counter <table>_sequence
+--   inbox_table          the consumer's dedup table (default outbox_inbox); its sequence
+--                        numbers are in <inbox_table>_sequence
 --   prefix               role names <prefix>_app, <prefix>_relay_poll, <prefix>_relay_wal,
 --                        <prefix>_consumer (default outbox)
 --   app_password, poll_password, wal_password, consumer_password
@@ -49,6 +51,8 @@
 
 \set parked_table :table '_parked'
 \set position_table :table '_relay_position'
+\set sequence_table :table '_sequence'
+\set inbox_sequence_table :inbox_table '_sequence'
 \set app_role :prefix '_app'
 \set poll_role :prefix '_relay_poll'
 \set wal_role :prefix '_relay_wal'
@@ -93,6 +97,9 @@ GRANT USAGE ON SCHEMA :"schema" TO :"app_role", :"poll_role", :"wal_role", :"con
 -- notify trigger's function is executable by PUBLIC. Table-less mode (mode="message") calls
 -- pg_logical_emit_message, which PostgreSQL lets every role call (no REPLICATION needed).
 GRANT INSERT ON :"schema".:"table" TO :"app_role";
+-- Outbox(sequence=True) numbers events per aggregate with INSERT ... ON CONFLICT DO UPDATE ...
+-- RETURNING on the counter table: INSERT, UPDATE and SELECT.
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"sequence_table" TO :"app_role";
 
 -- Polling relay: reads committed rows, deletes them (UPDATE marks them with keep_published).
 -- Parking is INSERT ... ON CONFLICT DO UPDATE on the parked table, which needs SELECT and
@@ -134,6 +141,9 @@ GRANT SELECT ON :"schema".outbox_migrations TO :"poll_role", :"wal_role";
 -- Idempotent consumer: claims event ids (INSERT ... ON CONFLICT DO NOTHING RETURNING), and
 -- `outbox inbox purge` deletes old rows.
 GRANT SELECT, INSERT, DELETE ON :"schema".:"inbox_table" TO :"consumer_role";
+-- ordering="sequence": the last applied number per aggregate, read (FOR UPDATE) and upserted in
+-- the transaction of the inbox rows.
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"inbox_sequence_table" TO :"consumer_role";
 
 -- pg_logical_emit_message is executable by PUBLIC, so any role that may connect to this
 -- database could write a message with the outbox's prefix, which a WAL relay reading messages

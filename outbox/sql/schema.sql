@@ -66,3 +66,19 @@ CREATE TABLE public.outbox_relay_position (
     recovery_started_at    timestamptz,
     updated_at             timestamptz NOT NULL DEFAULT now()
 );
+
+-- 0007: per-aggregate sequence numbers: the writer's counter (Outbox(sequence=True)) and the
+-- consumer's last applied number (Consumer(ordering="sequence")).
+CREATE TABLE public.outbox_sequence (
+    aggregate_type text   NOT NULL,
+    aggregate_id   text   NOT NULL,
+    last_sequence  bigint NOT NULL CHECK (last_sequence > 0),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+CREATE TABLE public.outbox_inbox_sequence (
+    consumer       text   NOT NULL CHECK (consumer <> ''),
+    aggregate_type text   NOT NULL,
+    aggregate_id   text   NOT NULL,
+    last_sequence  bigint NOT NULL CHECK (last_sequence > 0),
+    PRIMARY KEY (consumer, aggregate_type, aggregate_id)
+);

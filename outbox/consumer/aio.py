@@ -25,13 +25,16 @@ from outbox.consumer.engine import (
     Claim,
     Commit,
     Handle,
+    ReadSequences,
     Rollback,
+    SaveSequences,
     Sleep,
 )
 from outbox.consumer.errors import ConsumerError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Received
 from outbox.consumer.schedule import PurgeSchedule, RunLimits, dead_letter_delay
+from outbox.consumer.sequencing import GapHolds
 from outbox.consumer.waiting import AsyncRunContext, AsyncStopEvent, wait_async
 from outbox.errors import ConfigurationError
 
@@ -48,11 +51,13 @@ class AsyncDriver:
         self._consumer = consumer
         self._stop = stop
 
-    async def run(self, items: Sequence[Received]) -> BatchReport:
+    async def run(self, items: Sequence[Received], expired: frozenset[int] = frozenset(),
+                  ) -> BatchReport:
         config = self._consumer.config
         handlers = self._consumer.handlers
         steps = BatchEngine(items, config.retry, handlers.has,
-                            is_transient=self._store.is_transient, consumer=config.name).run()
+                            is_transient=self._store.is_transient, consumer=config.name,
+                            sequence=config.ordering == "sequence", expired=expired).run()
         tx: AsyncInboxTransaction | None = None
         reply: Any = None
         throw: BaseException | None = None
@@ -81,6 +86,18 @@ class AsyncDriver:
                     assert tx is not None
                     try:
                         reply = await tx.claim(step.ids)
+                    except Exception as exc:
+                        throw = exc
+                elif isinstance(step, ReadSequences):
+                    assert tx is not None
+                    try:
+                        reply = await tx.read_sequences(step.keys)
+                    except Exception as exc:
+                        throw = exc
+                elif isinstance(step, SaveSequences):
+                    assert tx is not None
+                    try:
+                        await tx.save_sequences(dict(step.numbers))
                     except Exception as exc:
                         throw = exc
                 elif isinstance(step, Commit):
@@ -187,6 +204,8 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         limits = RunLimits(batch_size=config.batch_size, poll_timeout=config.poll_timeout,
                            max_messages=max_messages, timeout=timeout, now=time.monotonic(),
                            longest_poll=self._context.longest_poll)
+        # ordering="sequence": messages waiting for a missing number (sequencing.py).
+        holds = GapHolds(config.gap_timeout)
         await kafka(gateway.subscribe)
         self._log_started()
         while not stop.is_set():
@@ -194,10 +213,15 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
             if fetch is None:
                 break
             await self._maybe_purge()
-            items = await kafka(gateway.fetch, fetch.limit, fetch.wait)
+            fetched = await kafka(gateway.fetch, fetch.limit,
+                                  holds.wait(fetch.wait, time.monotonic()))
+            holds.forget(gateway.assignment)
+            batch = holds.next_batch(fetched, time.monotonic())
+            items = batch.items
             if not items:
                 continue
-            report = await driver.run(items)
+            report = await driver.run(items, batch.expired)
+            holds.settle(items, report.held, time.monotonic())
             self._account(items, report, gateway)
             await self._send_dead_letters(report, gateway)
             await kafka(gateway.commit)

@@ -36,6 +36,8 @@ class ConsumerStats:
     ignored: int = 0
     store_retries: int = 0
     batches: int = 0
+    # ordering="sequence": messages dead-lettered because the number before theirs never came.
+    sequence_gaps: int = 0
 
     @property
     def resolved(self) -> int:
@@ -164,6 +166,7 @@ class ConsumerBase(Generic[H]):
         stats.ignored += report.count(Outcome.IGNORED)
         stats.retries += report.retries
         stats.store_retries += report.store_retries
+        stats.sequence_gaps += report.sequence_gaps
         for index, outcome in report.outcomes.items():
             if outcome is not Outcome.DEAD_LETTER:
                 gateway.tracker.resolved(items[index].position)

@@ -26,6 +26,15 @@ from typing import Any
 
 from outbox.consumer.message import Message, Received
 from outbox.consumer.policy import RetryPolicy, Verdict, describe
+from outbox.consumer.sequencing import (
+    AggregateKey,
+    SequenceCheck,
+    aggregate_key,
+    gap_reason,
+    in_sequence_order,
+    sequence_of,
+)
+from outbox.consumer.sequencing import Verdict as SequenceVerdict
 from outbox.consumer.store_rules import translate
 from outbox.errors import OutboxError
 
@@ -53,6 +62,22 @@ class Claim:
     """Insert `(consumer, id)` for each id, skipping existing rows. Reply: the ids inserted."""
 
     ids: tuple[uuid.UUID, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSequences:
+    """ordering="sequence": read (and lock until the transaction ends) the last applied number
+    of each aggregate. Reply: {(aggregate_type, aggregate_id): number} for those that have one."""
+
+    keys: tuple[AggregateKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSequences:
+    """ordering="sequence": store these last applied numbers in the open transaction. Reply:
+    None."""
+
+    numbers: tuple[tuple[AggregateKey, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +112,7 @@ class Sleep:
     error: str = ""
 
 
-Step = Begin | Claim | Handle | Commit | Rollback | Sleep
+Step = Begin | Claim | ReadSequences | SaveSequences | Handle | Commit | Rollback | Sleep
 
 
 class StoreUnavailable(Exception):
@@ -128,6 +153,10 @@ class BatchReport:
     store_retries: int = 0
     stopped: bool = False
     exhausted: DeadLetterRequest | None = None
+    # ordering="sequence": messages held behind a gap (index -> why), left unresolved, and how
+    # many were dead-lettered because their wait was over.
+    held: dict[int, str] = field(default_factory=dict)
+    sequence_gaps: int = 0
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for value in self.outcomes.values() if value is outcome)
@@ -149,6 +178,8 @@ class BatchEngine:
         *,
         is_transient: Callable[[BaseException], bool] = lambda error: False,
         consumer: str = "",
+        sequence: bool = False,
+        expired: frozenset[int] = frozenset(),
     ) -> None:
         self.items = items
         self.policy = policy
@@ -157,6 +188,11 @@ class BatchEngine:
         self.is_transient = is_transient
         self.consumer = consumer
         self.report = BatchReport()
+        # ordering="sequence": index -> (aggregate, number) of the numbered messages; the
+        # indices of held messages whose wait is over.
+        self.sequence = sequence
+        self.expired = expired
+        self._numbers: dict[int, tuple[AggregateKey, int]] = {}
 
     def run(self) -> Generator[Step, Any, BatchReport]:
         work: list[int] = []
@@ -165,8 +201,12 @@ class BatchEngine:
                 self._dead_letter(index, item.problem or "unreadable message", attempts=0)
             elif not self.has_handler(item.message):
                 self.report.outcomes[index] = Outcome.IGNORED
+            elif self.sequence and not self._numbered(index, item.message):
+                continue
             else:
                 work.append(index)
+        if self._numbers:
+            work = in_sequence_order(work, self._numbers)
         try:
             yield from self._run(work)
         except _Stopping:
@@ -180,12 +220,59 @@ class BatchEngine:
         assert message is not None  # only readable messages are ever in `work`
         return message
 
+    def _numbered(self, index: int, message: Message) -> bool:
+        """Notes the message's number; False when its header is unreadable (dead-lettered)."""
+        try:
+            number = sequence_of(message)
+        except ValueError as exc:
+            self._dead_letter(index, str(exc), attempts=0)
+            return False
+        if number is not None:
+            self._numbers[index] = (aggregate_key(message), number)
+        return True
+
+    def _judge(self, work: list[int]) -> Generator[Step, Any, tuple[
+            list[int], dict[int, Outcome], dict[int, str], SequenceCheck | None]]:
+        """ordering="sequence", in the open transaction: which of `work` to apply (the rest are
+        duplicates by number, or gaps: index -> reason)."""
+        numbered = [index for index in work if index in self._numbers]
+        if not numbered:
+            return work, {}, {}, None
+        keys = tuple(dict.fromkeys(self._numbers[index][0] for index in numbered))
+        last = yield from self._store(ReadSequences(keys), "reading the sequence numbers")
+        check = SequenceCheck(last)
+        apply: list[int] = []
+        skipped: dict[int, Outcome] = {}
+        gaps: dict[int, str] = {}
+        for index in work:
+            if index not in self._numbers:
+                apply.append(index)
+                continue
+            key, number = self._numbers[index]
+            verdict, expected = check.judge(key, number)
+            if verdict is SequenceVerdict.NEXT:
+                apply.append(index)
+            elif verdict is SequenceVerdict.DUPLICATE:
+                skipped[index] = Outcome.DUPLICATE
+            else:
+                gaps[index] = gap_reason(key, expected, number)
+        return apply, skipped, gaps, check
+
+    def _settle_gaps(self, gaps: dict[int, str]) -> None:
+        for index, reason in gaps.items():
+            if index in self.expired:
+                self._dead_letter(index, reason, attempts=0)
+                self.report.sequence_gaps += 1
+            else:
+                self.report.held[index] = reason
+
     def _dead_letter(self, index: int, reason: str, attempts: int) -> None:
         request = DeadLetterRequest(index, self.items[index], reason, attempts)
         self.report.dead_letters.append(request)
         self.report.outcomes[index] = Outcome.DEAD_LETTER
 
-    def _store(self, step: Begin | Claim | Commit, what: str) -> Generator[Step, Any, Any]:
+    def _store(self, step: Begin | Claim | ReadSequences | SaveSequences | Commit, what: str,
+               ) -> Generator[Step, Any, Any]:
         """Yield a store call; what its failure means: retry (transient), a rejected commit,
         or the end of the run as the project's exception."""
         try:
@@ -244,13 +331,19 @@ class BatchEngine:
         store_failures = 0
         while True:
             outcomes: dict[int, Outcome] = {}
+            gaps: dict[int, str] = {}
             try:
                 yield from self._store(Begin(), "opening a transaction")
-                ids = tuple(dict.fromkeys(self._message(i).id for i in work))
+                apply, outcomes, gaps, check = (
+                    (yield from self._judge(work)) if self.sequence
+                    else (work, {}, {}, None))
+                ids = tuple(dict.fromkeys(self._message(i).id for i in apply))
                 claimed: set[uuid.UUID] = set(
                     (yield from self._store(Claim(ids), "inserting into the inbox")))
                 applied: list[Message] = []
                 for position, index in enumerate(work):
+                    if index in outcomes or index in gaps:
+                        continue
                     message = self._message(index)
                     if message.id not in claimed:
                         outcomes[index] = Outcome.DUPLICATE
@@ -265,7 +358,11 @@ class BatchEngine:
                         return position, failure
                     outcomes[index] = Outcome.PROCESSED
                     applied.append(message)
-                if applied:
+                if check is not None and check.changed:
+                    # In the transaction of the dedup rows: both or neither.
+                    yield from self._store(
+                        SaveSequences(tuple(check.changed.items())), "saving sequence numbers")
+                if applied or (check is not None and check.changed):
                     yield from self._store(Commit(tuple(applied)), "committing")
                 else:
                     # Only duplicates: there is nothing to commit.
@@ -292,6 +389,7 @@ class BatchEngine:
                 yield from self._run(work[middle:])
                 return None
             self.report.outcomes.update(outcomes)
+            self._settle_gaps(gaps)
             return None
 
     def _retry_alone(self, index: int, error: BaseException) -> Generator[Step, Any, None]:

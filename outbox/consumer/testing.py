@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ class MemoryTransaction:
         self._store = store
         self._session = MemorySession()
         self._claimed: set[uuid.UUID] = set()
+        self._numbers: dict[tuple[str, str], int] = {}
         self._open = True
 
     @property
@@ -47,6 +48,13 @@ class MemoryTransaction:
         self._claimed |= new
         return set(new)
 
+    def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        found = self._store.sequences
+        return {key: found[key] for key in keys if key in found}
+
+    def save_sequences(self, numbers: Mapping[tuple[str, str], int]) -> None:
+        self._numbers.update(numbers)
+
     def commit(self) -> None:
         assert self._open, "transaction already finished"
         self._open = False
@@ -60,6 +68,7 @@ class MemoryTransaction:
         for event_id in self._claimed:
             self._store.rows[(self._store.consumer, event_id)] = now
         self._store.effects.extend(self._session.effects)
+        self._store.sequences.update(self._numbers)
         self._store.commits += 1
 
     def rollback(self) -> None:
@@ -78,6 +87,8 @@ class MemoryInbox:
     def __init__(self, consumer: str = "test") -> None:
         self.consumer = consumer
         self.rows: dict[tuple[str, uuid.UUID], dt.datetime] = {}
+        # ordering="sequence": the last applied number per (aggregate_type, aggregate_id).
+        self.sequences: dict[tuple[str, str], int] = {}
         self.effects: list[Any] = []
         self.commits = 0
         self.rollbacks = 0
@@ -118,6 +129,12 @@ class AsyncMemoryTransaction:
 
     async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         return self._tx.claim(ids)
+
+    async def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        return self._tx.read_sequences(keys)
+
+    async def save_sequences(self, numbers: Mapping[tuple[str, str], int]) -> None:
+        self._tx.save_sequences(numbers)
 
     async def commit(self) -> None:
         self._tx.commit()

@@ -49,11 +49,17 @@ class MemoryTransaction:
         return set(new)
 
     def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        found = self._store.sequences
+        # The committed numbers of this consumer, and this transaction's own.
+        consumer = self._store.consumer
+        found = {(t, i): n for (c, t, i), n in self._store.sequences.items() if c == consumer}
+        found.update(self._numbers)
         return {key: found[key] for key in keys if key in found}
 
     def save_sequences(self, numbers: Mapping[tuple[str, str], int]) -> None:
-        self._numbers.update(numbers)
+        # As the stores do: a number never goes back.
+        committed = self.read_sequences(list(numbers))
+        for key, number in numbers.items():
+            self._numbers[key] = max(number, committed.get(key, 0))
 
     def commit(self) -> None:
         assert self._open, "transaction already finished"
@@ -68,7 +74,9 @@ class MemoryTransaction:
         for event_id in self._claimed:
             self._store.rows[(self._store.consumer, event_id)] = now
         self._store.effects.extend(self._session.effects)
-        self._store.sequences.update(self._numbers)
+        for (aggregate_type, aggregate_id), number in self._numbers.items():
+            key = (self._store.consumer, aggregate_type, aggregate_id)
+            self._store.sequences[key] = max(number, self._store.sequences.get(key, 0))
         self._store.commits += 1
 
     def rollback(self) -> None:
@@ -87,8 +95,9 @@ class MemoryInbox:
     def __init__(self, consumer: str = "test") -> None:
         self.consumer = consumer
         self.rows: dict[tuple[str, uuid.UUID], dt.datetime] = {}
-        # ordering="sequence": the last applied number per (aggregate_type, aggregate_id).
-        self.sequences: dict[tuple[str, str], int] = {}
+        # ordering="sequence": the last applied number per (consumer, aggregate_type,
+        # aggregate_id).
+        self.sequences: dict[tuple[str, str, str], int] = {}
         self.effects: list[Any] = []
         self.commits = 0
         self.rollbacks = 0

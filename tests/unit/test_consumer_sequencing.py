@@ -59,7 +59,7 @@ def test_the_next_number_is_applied_and_one_at_or_below_the_last_is_a_duplicate(
     assert applied(h) == ["a1", "a2", "b1", "a3"]
     assert [report.outcomes[i] for i in range(3)] == [
         Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.PROCESSED]
-    assert h.store.sequences == {("Order", "a"): 3, ("Order", "b"): 1}
+    assert h.store.sequences == {("billing", "Order", "a"): 3, ("billing", "Order", "b"): 1}
     assert len(h.store.rows) == 4  # no dedup row for what was skipped by number
 
 
@@ -77,7 +77,7 @@ def test_a_gap_holds_its_aggregate_while_the_others_go_on() -> None:
     assert set(report.held) == {1, 3}
     assert "expected sequence 2, got 3" in report.held[1]
     assert set(report.outcomes) == {0, 2}  # the held ones stay unresolved
-    assert h.store.sequences[("Order", "a")] == 1
+    assert h.store.sequences["billing", "Order", "a"] == 1
 
 
 def test_held_messages_apply_once_the_missing_one_arrives() -> None:
@@ -97,7 +97,7 @@ def test_a_gap_whose_wait_is_over_is_dead_lettered_with_reason_gap() -> None:
     assert report.outcomes[0] is Outcome.DEAD_LETTER
     assert report.dead_letters[0].reason.startswith("gap: Order a expected sequence 1, got 2")
     assert report.sequence_gaps == 1
-    assert ("Order", "a") not in h.store.sequences
+    assert ("billing", "Order", "a") not in h.store.sequences
 
 
 def test_unnumbered_messages_apply_as_without_ordering_and_bad_numbers_dead_letter() -> None:
@@ -115,7 +115,7 @@ def test_a_failing_handler_is_retried_and_the_numbers_after_it_still_apply() -> 
     report = h.run([numbered("a", 1), numbered("a", 2), numbered("a", 3)])
     assert applied(h) == ["a1", "a2", "a3"]
     assert report.retries == 1 and report.held == {}
-    assert h.store.sequences[("Order", "a")] == 3
+    assert h.store.sequences["billing", "Order", "a"] == 3
 
 
 def test_without_ordering_the_sequence_header_is_not_checked() -> None:

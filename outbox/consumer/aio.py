@@ -221,7 +221,7 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
             if not items:
                 continue
             report = await driver.run(items, batch.expired)
-            holds.settle(items, report.held, time.monotonic())
+            self._log_held(items, report, holds.settle(items, report.held, time.monotonic()))
             self._account(items, report, gateway)
             await self._send_dead_letters(report, gateway)
             await kafka(gateway.commit)

@@ -180,6 +180,19 @@ class ConsumerBase(Generic[H]):
                     "offset": items[index].position.offset,
                 })
 
+    def _log_held(self, items: Sequence[Received], report: BatchReport,
+                  new: Sequence[int]) -> None:
+        """ordering="sequence": a message held behind a gap, once (it is offered again with
+        every batch until the missing number arrives or its wait ends)."""
+        for index in new:
+            position = items[index].position
+            log.info("held behind a sequence gap", extra={
+                "event": "sequence_gap_held", "consumer": self.config.name,
+                "topic": position.topic, "partition": position.partition,
+                "offset": position.offset, "reason": report.held[index],
+                "gap_timeout": self.config.gap_timeout,
+            })
+
     def _dead_lettered(self, requests: Sequence[DeadLetterRequest],
                        results: Sequence[str | None], gateway: KafkaGateway) -> list[
                            DeadLetterRequest]:

@@ -125,13 +125,17 @@ class GapHolds:
         earliest = min(until for _, until in self._held.values())
         return max(0.0, min(longest, earliest - now))
 
-    def settle(self, items: Sequence[Received], held: Iterable[int], now: float) -> None:
+    def settle(self, items: Sequence[Received], held: Iterable[int], now: float) -> list[int]:
         """After a batch: `held` (indices into `items`) wait on; a message held before keeps
-        the end of its wait."""
+        the end of its wait. Returns the indices of those held for the first time."""
         before = self._held
         self._held = {}
+        new = []
         for index in sorted(held):
             item = items[index]
             previous = before.get(item.position)
+            if previous is None:
+                new.append(index)
             until = previous[1] if previous is not None else now + self.timeout
             self._held[item.position] = (item, until)
+        return new

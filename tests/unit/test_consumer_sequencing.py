@@ -142,13 +142,14 @@ def _item(offset: int, partition: int = 0) -> Received:
 def test_gap_holds_offer_held_messages_first_until_their_wait_ends() -> None:
     holds = GapHolds(timeout=10.0)
     first = [_item(0), _item(1)]
-    holds.settle(first, [1], now=100.0)
+    assert holds.settle(first, [1], now=100.0) == [1]
     assert len(holds) == 1
     assert holds.next_batch([], now=105.0).items == []  # nothing new, nothing expired
     assert holds.wait(30.0, now=105.0) == 5.0
     later = holds.next_batch([_item(2)], now=105.0)
     assert [i.position.offset for i in later.items] == [1, 2] and later.expired == frozenset()
-    holds.settle(later.items, [0, 1], now=105.0)  # held again: keeps its deadline
+    # Held again: keeps its deadline; only offset 2 is new.
+    assert holds.settle(later.items, [0, 1], now=105.0) == [1]
     due = holds.next_batch([], now=110.0)
     assert [i.position.offset for i in due.items] == [1, 2] and due.expired == {0}
     holds.forget([("t", 1)])  # partition 0 was revoked

@@ -82,22 +82,10 @@ class AsyncDriver:
                         tx = await self._store.begin()
                     except Exception as exc:
                         throw = exc
-                elif isinstance(step, Claim):
+                elif isinstance(step, Claim | ReadSequences | SaveSequences):
                     assert tx is not None
                     try:
-                        reply = await tx.claim(step.ids)
-                    except Exception as exc:
-                        throw = exc
-                elif isinstance(step, ReadSequences):
-                    assert tx is not None
-                    try:
-                        reply = await tx.read_sequences(step.keys)
-                    except Exception as exc:
-                        throw = exc
-                elif isinstance(step, SaveSequences):
-                    assert tx is not None
-                    try:
-                        await tx.save_sequences(dict(step.numbers))
+                        reply = await _in_transaction(tx, step)
                     except Exception as exc:
                         throw = exc
                 elif isinstance(step, Commit):
@@ -120,6 +108,18 @@ class AsyncDriver:
             if tx is not None:
                 await tx.rollback()
             steps.close()
+
+
+async def _in_transaction(
+    tx: AsyncInboxTransaction, step: Claim | ReadSequences | SaveSequences
+) -> Any:
+    """The store call of a step made inside the open transaction; its reply."""
+    if isinstance(step, Claim):
+        return await tx.claim(step.ids)
+    if isinstance(step, ReadSequences):
+        return await tx.read_sequences(step.keys)
+    await tx.save_sequences(dict(step.numbers))
+    return None
 
 
 class AsyncConsumer(ConsumerBase[AsyncHandler]):

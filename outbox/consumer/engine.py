@@ -8,6 +8,11 @@ is retried alone with backoff (then dead-lettered), the rest go on. No savepoint
 so the common case costs no extra round trip per message, and no message is applied twice,
 because every commit carries the inbox rows of exactly the messages it applied.
 
+With ordering="sequence" the transaction first reads each aggregate's last applied number
+(`ReadSequences`) and judges the numbered messages (outbox/consumer/sequencing.py): duplicates
+are skipped unclaimed, gaps are left out of the transaction (held, or dead-lettered once their
+wait is over), and the new numbers are saved (`SaveSequences`) before the commit.
+
 The engine also classifies what its driver reports: a store failure that a retry may cure
 (the store's `is_transient`) is retried without limit, a rejected commit splits the batch, any
 other store failure ends the run as the project's exception (`store_rules.translate`); and it

@@ -8,7 +8,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -52,6 +52,9 @@ class Backend:
     kind: str
     url: str
     last_numbers: Callable[[str], dict[str, int]]
+    # A group of the test's own: a member of another test joining a shared group would
+    # rebalance this one mid-run (the shared Kafka serves every test run on the machine).
+    name: str = field(default_factory=lambda: f"billing-{uuid.uuid4().hex[:8]}")
 
     @property
     def asyncio(self) -> bool:
@@ -65,7 +68,7 @@ class Backend:
             if on_commit is not None:
                 on_commit(batch)
 
-        settings = {"name": "billing", "kafka": kafka_settings(bootstrap), "topics": [topic],
+        settings = {"name": self.name, "kafka": kafka_settings(bootstrap), "topics": [topic],
                     "ordering": "sequence", "on_commit": committed, **options}
         if self.asyncio:
             return asyncio.run(self._consume_async(settings, messages))
@@ -175,8 +178,8 @@ def test_a_gap_holds_its_aggregate_until_the_missing_event_arrives(
     assert applied.index("b2") < applied.index("a4"), "a4 waited; b went on"
     assert (stats.processed, stats.duplicates, stats.dead_lettered, stats.sequence_gaps) == (
         6, 1, 0, 0)
-    assert backend.last_numbers("billing") == {"a": 4, "b": 2}
-    assert committed_offsets(kafka_bootstrap, "billing", topic) == [7]
+    assert backend.last_numbers(backend.name) == {"a": 4, "b": 2}
+    assert committed_offsets(kafka_bootstrap, backend.name, topic) == [7]
 
 
 def test_a_missing_event_that_never_arrives_dead_letters_with_reason_gap(
@@ -188,8 +191,8 @@ def test_a_missing_event_that_never_arrives_dead_letters_with_reason_gap(
     stats, consumer = backend.consume(kafka_bootstrap, topic, 3, applied, gap_timeout=1.0)
     assert applied == ["c1", "d1"]
     assert (stats.processed, stats.dead_lettered, stats.sequence_gaps) == (2, 1, 1)
-    assert backend.last_numbers("billing") == {"c": 1, "d": 1}
-    assert committed_offsets(kafka_bootstrap, "billing", topic) == [3]
+    assert backend.last_numbers(backend.name) == {"c": 1, "d": 1}
+    assert committed_offsets(kafka_bootstrap, backend.name, topic) == [3]
     reader = TopicReader(kafka_bootstrap, dlq.topic_for(dlq.DEFAULT_TEMPLATE, topic))
     try:
         [letter] = reader.read_until(lambda got: len(got) >= 1, timeout=30)
@@ -200,4 +203,4 @@ def test_a_missing_event_that_never_arrives_dead_letters_with_reason_gap(
     registry = CollectorRegistry()
     registry.register(ConsumerCollector(consumer))
     assert registry.get_sample_value(
-        "outbox_consumer_sequence_gaps_total", {"consumer": "billing"}) == 1.0
+        "outbox_consumer_sequence_gaps_total", {"consumer": backend.name}) == 1.0

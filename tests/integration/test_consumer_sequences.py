@@ -81,6 +81,8 @@ class Backend:
             settings["db"] = engine
         else:
             settings["db"] = self.url
+            # The numbers are read and saved in the batch's pipeline like the claim.
+            settings["pipeline"] = self.kind == "psycopg-pipeline"
         consumer = Consumer(**settings)
 
         @consumer.handler("OrderChanged")
@@ -122,8 +124,8 @@ class Backend:
                 await engine.dispose()
 
 
-@pytest.fixture(params=["psycopg", "sqlalchemy", "async-psycopg", "async-sqlalchemy", "mongo",
-                        "async-mongo"])
+@pytest.fixture(params=["psycopg", "psycopg-pipeline", "sqlalchemy", "async-psycopg",
+                        "async-sqlalchemy", "mongo", "async-mongo"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     kind: str = request.param
     if not kind.endswith("mongo"):

@@ -198,6 +198,8 @@ class BatchEngine:
         self.sequence = sequence
         self.expired = expired
         self._numbers: dict[int, tuple[AggregateKey, int]] = {}
+        # Numbered messages without a handler: judged (and their number saved), not handled.
+        self._unhandled: set[int] = set()
 
     def run(self) -> Generator[Step, Any, BatchReport]:
         work: list[int] = []
@@ -205,7 +207,11 @@ class BatchEngine:
             if item.message is None:
                 self._dead_letter(index, item.problem or "unreadable message", attempts=0)
             elif not self.has_handler(item.message):
-                self.report.outcomes[index] = Outcome.IGNORED
+                if self.sequence and self._unhandled_number(index, item.message):
+                    # Its number counts all the same: the aggregate's next one follows it.
+                    work.append(index)
+                else:
+                    self.report.outcomes[index] = Outcome.IGNORED
             elif self.sequence and not self._numbered(index, item.message):
                 continue
             else:
@@ -234,6 +240,18 @@ class BatchEngine:
             return False
         if number is not None:
             self._numbers[index] = (aggregate_key(message), number)
+        return True
+
+    def _unhandled_number(self, index: int, message: Message) -> bool:
+        """Notes the number of a message no handler takes; False without a readable one."""
+        try:
+            number = sequence_of(message)
+        except ValueError:
+            return False
+        if number is None:
+            return False
+        self._numbers[index] = (aggregate_key(message), number)
+        self._unhandled.add(index)
         return True
 
     def _judge(self, work: list[int]) -> Generator[Step, Any, tuple[
@@ -342,12 +360,16 @@ class BatchEngine:
                 apply, outcomes, gaps, check = (
                     (yield from self._judge(work)) if self.sequence
                     else (work, {}, {}, None))
-                ids = tuple(dict.fromkeys(self._message(i).id for i in apply))
+                ids = tuple(dict.fromkeys(
+                    self._message(i).id for i in apply if i not in self._unhandled))
                 claimed: set[uuid.UUID] = set(
                     (yield from self._store(Claim(ids), "inserting into the inbox")))
                 applied: list[Message] = []
                 for position, index in enumerate(work):
                     if index in outcomes or index in gaps:
+                        continue
+                    if index in self._unhandled:
+                        outcomes[index] = Outcome.IGNORED
                         continue
                     message = self._message(index)
                     if message.id not in claimed:

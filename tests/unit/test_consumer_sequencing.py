@@ -110,6 +110,18 @@ def test_unnumbered_messages_apply_as_without_ordering_and_bad_numbers_dead_lett
     ]
 
 
+def test_a_numbered_message_without_a_handler_is_ignored_but_counts() -> None:
+    h = sequenced()
+    unhandled = numbered("a", 2)
+    other = parse("Order", 0, next(_offsets), b"a", b"{}", [
+        *unhandled.raw_headers[:1], ("event_type", b"Noted"), *unhandled.raw_headers[2:]])
+    report = h.run([numbered("a", 1), other, numbered("a", 3)])
+    assert applied(h) == ["a1", "a3"]
+    assert report.outcomes[1] is Outcome.IGNORED and report.held == {}
+    assert h.store.sequences["billing", "Order", "a"] == 3
+    assert len(h.store.rows) == 2  # no dedup row for what no handler took
+
+
 def test_a_failing_handler_is_retried_and_the_numbers_after_it_still_apply() -> None:
     h = sequenced(fail={"a2": 1})
     report = h.run([numbered("a", 1), numbered("a", 2), numbered("a", 3)])

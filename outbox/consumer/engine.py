@@ -207,12 +207,12 @@ class BatchEngine:
             if item.message is None:
                 self._dead_letter(index, item.problem or "unreadable message", attempts=0)
             elif not self.has_handler(item.message):
-                if self.sequence and self._unhandled_number(index, item.message):
+                if self.sequence and self._note_number(index, item.message, unhandled=True):
                     # Its number counts all the same: the aggregate's next one follows it.
                     work.append(index)
                 else:
                     self.report.outcomes[index] = Outcome.IGNORED
-            elif self.sequence and not self._numbered(index, item.message):
+            elif self.sequence and not self._note_number(index, item.message):
                 continue
             else:
                 work.append(index)
@@ -231,27 +231,21 @@ class BatchEngine:
         assert message is not None  # only readable messages are ever in `work`
         return message
 
-    def _numbered(self, index: int, message: Message) -> bool:
-        """Notes the message's number; False when its header is unreadable (dead-lettered)."""
+    def _note_number(self, index: int, message: Message, unhandled: bool = False) -> bool:
+        """Notes the message's number. False when it takes no part in the batch: its number is
+        unreadable (dead-lettered; ignored when no handler takes it), or no handler takes it and
+        it has no number."""
         try:
             number = sequence_of(message)
         except ValueError as exc:
-            self._dead_letter(index, str(exc), attempts=0)
-            return False
-        if number is not None:
-            self._numbers[index] = (aggregate_key(message), number)
-        return True
-
-    def _unhandled_number(self, index: int, message: Message) -> bool:
-        """Notes the number of a message no handler takes; False without a readable one."""
-        try:
-            number = sequence_of(message)
-        except ValueError:
+            if not unhandled:
+                self._dead_letter(index, str(exc), attempts=0)
             return False
         if number is None:
-            return False
+            return not unhandled
         self._numbers[index] = (aggregate_key(message), number)
-        self._unhandled.add(index)
+        if unhandled:
+            self._unhandled.add(index)
         return True
 
     def _judge(self, work: list[int]) -> Generator[Step, Any, tuple[

@@ -17,6 +17,7 @@ import outbox
 from outbox.copy_rows import MIN_EVENTS
 from outbox.record import decode_message
 from relay.settings import RelaySettings
+from relay.wal import WalSourceConfig, setup
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.pg import sqlalchemy_url
@@ -234,3 +235,31 @@ def test_polling_relay_keeps_key_order_of_unlocked_concurrent_writers(
     assert sum(map(len, by_key.values())) == len(ledger.committed_ids)
 
 
+
+
+@pytest.mark.parametrize("mode", ["table", "message"])
+def test_the_wal_relay_forwards_the_number_as_the_sequence_header(
+    db_url: str, kafka_bootstrap: str, mode: str
+) -> None:
+    topic = unique_topic("seqwal")
+    create_topics(kafka_bootstrap, topic)
+    suffix = uuid.uuid4().hex[:8]
+    config = WalSourceConfig(slot=f"seq_{suffix}", publication=f"seq_{suffix}")
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        setup(admin, config)
+    writer = outbox.Outbox(mode=mode, sequence=True)  # type: ignore[arg-type]
+    events = [outbox.Event(topic, key, "Changed", {}) for key in ("x", "y", "x")]
+    with psycopg.connect(db_url) as conn:
+        writer.publish(conn, *events[:2])
+        conn.commit()
+        writer.publish(conn, events[2])
+        conn.commit()
+    reader = TopicReader(kafka_bootstrap, topic)
+    settings = RelaySettings(source="postgres-wal", db_url=db_url,
+                             kafka_bootstrap=kafka_bootstrap, slot=config.slot,
+                             publication=config.publication)
+    with RelayThread(settings):
+        got = reader.read_ids({str(e.id) for e in events})
+    reader.close()
+    numbers = {m.id: m.headers["sequence"] for m in got}
+    assert [numbers[str(e.id)] for e in events] == ["1", "1", "2"]

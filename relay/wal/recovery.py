@@ -10,7 +10,7 @@ table, by the relay core (like the polling relay); those committed after it come
 slot. Nothing falls between. Rows sent but not yet removed when the slot was lost are sent
 again: duplicates, bounded by the relay's in-flight events; never a loss.
 
-While a recovery runs it is recorded in the database (relay/wal/positions.py): a recovery that
+While a recovery runs it is recorded in the database (relay/wal/recovery_state.py): a recovery that
 dies half-way leaves a new slot behind whose consistent point lies after unpublished rows, so
 no relay streams from it until a recovery ran to the end (it then drops and recreates it).
 Table-less mode (events only in the WAL) has no table to recover from: refused.

@@ -49,6 +49,7 @@ class Console:
         s = self.stats
         ready, detail = readiness(s, self.stall_timeout)
         gauges = read_gauges(s)
+        backlog = int(gauges["backlog_events"]) if "backlog_events" in gauges else None
         retained = gauges.get("slot_retained_wal_bytes", s.slot_retained_bytes)
         groups: tuple[ParkedGroup, ...] | None = ()
         error = None
@@ -70,8 +71,9 @@ class Console:
             delivered=s.delivered_total,
             parked_since_start=s.parked,
             restarts=s.restarts,
-            backlog=int(gauges["backlog_events"]) if "backlog_events" in gauges else None,
-            oldest_pending_age=gauges.get("oldest_pending_age_seconds"),
+            backlog=backlog,
+            # The gauge reads 0 with nothing pending: no oldest event then, not one 0 s old.
+            oldest_pending_age=gauges.get("oldest_pending_age_seconds") if backlog else None,
             slot_retained_bytes=int(retained) if retained is not None else None,
             slot_over_budget=s.slot_over_budget,
             last_published=dt.datetime.fromtimestamp(s.last_published_at, dt.UTC)

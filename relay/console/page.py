@@ -20,7 +20,8 @@ CHART_WIDTH, CHART_HEIGHT = 300, 60
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 auto;max-width:52rem;padding:.75rem;color:#222}
-h1{font-size:1.3rem;margin:.2rem 0}h2{font-size:1.05rem;margin:1.2rem 0 .4rem}
+h1{font-size:1.3rem;margin:.2rem 0}h2{font-size:1.1rem;margin:1.2rem 0 .4rem}
+h3{font-size:.95rem;margin:.8rem 0 .3rem}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.25rem .9rem;margin:0}
 dt{color:#555}dd{margin:0;font-variant-numeric:tabular-nums}
 .ok{color:#06752b}.bad{color:#b00020;font-weight:600}.muted{color:#666}

@@ -153,9 +153,12 @@ def relay_command(
     def build() -> RelaySettings:
         token = console_token
         if console_token_file is not None:
-            if console_token is not None:
-                raise ConfigurationError("give console_token or console_token_file, not both")
             token = read_token_file(console_token_file, "console_token_file")
+            # OUTBOX_CONSOLE_TOKEN_FILE also fills OUTBOX_CONSOLE_TOKEN (config_files.py):
+            # the same token twice is fine, two different ones are a mistake.
+            if console_token is not None and console_token != token:
+                raise ConfigurationError(
+                    "console_token and console_token_file are both given: keep one")
         return RelaySettings(
             source=source,
             db_url=db,

@@ -6,6 +6,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from outbox.columns import ColumnMapping
@@ -60,10 +61,10 @@ def check_console_token(token: str, metrics_port: int | None) -> None:
 
 
 def read_token_file(path: str, setting: str) -> str:
-    """A secret kept in a file (a mounted secret): its first line, without the newline."""
+    """A secret kept in a file (a mounted secret), stripped as `OUTBOX_*_FILE` secrets are
+    (outbox/config_files.py)."""
     try:
-        with open(path, encoding="utf-8") as file:
-            token = file.readline().rstrip("\r\n")
+        token = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigurationError(f"{setting}={path!r} cannot be read: {exc.strerror}") from exc
     if not token:

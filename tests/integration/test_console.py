@@ -3,6 +3,7 @@ headless browser, and redrive of a parked event with the token (403 without it).
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.error
 import urllib.parse
@@ -16,6 +17,7 @@ import pytest
 
 import outbox
 from relay.settings import RelaySettings
+from tests.integration.test_relay_config import relay_cli
 from tests.integration.test_relay_metrics import free_port, get
 from tests.support.browser import Browser
 from tests.support.kafka import (
@@ -171,3 +173,32 @@ def test_a_real_browser_shows_the_figures_and_redrives_only_with_the_token(
     assert "re-queued 1 event(s)" in browser.text("#result")
     browser.screenshot("redriven")
     console.reader.read_ids({str(console.large.id)})
+
+
+def test_the_console_token_comes_from_an_option_a_variable_or_a_file_and_is_never_shown(
+    tmp_path: Path
+) -> None:
+    base = ("--db", "postgresql://h/db", "--kafka", "k:9092", "--metrics-port", "9400")
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    for args, env in [
+        (("--console-token", TOKEN), {}),
+        ((), {"OUTBOX_CONSOLE_TOKEN": TOKEN}),
+        (("--console-token-file", str(secret)), {}),
+        ((), {"OUTBOX_CONSOLE_TOKEN_FILE": str(secret)}),
+    ]:
+        result = relay_cli(*base, *args, "--print-config", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["console_token"] == "***"
+        assert TOKEN not in result.stdout + result.stderr
+    other = tmp_path / "other"
+    other.write_text("another-token-of-enough-length\n")
+    both = relay_cli(*base, "--console-token", TOKEN, "--console-token-file", str(other))
+    assert both.returncode == 1 and "both given" in both.stderr
+    short = relay_cli(*base, "--console-token", "short")
+    assert short.returncode == 1 and "at least 16 characters" in short.stderr
+    no_port = relay_cli("--db", "postgresql://h/db", "--kafka", "k:9092",
+                        "--console-token", TOKEN)
+    assert no_port.returncode == 1 and "console_token needs metrics_port" in no_port.stderr
+    help_text = relay_cli("--help", env={"COLUMNS": "250"}).stdout
+    assert "OUTBOX_CONSOLE_TOKEN" in help_text and "OUTBOX_CONSOLE_TOKEN_FILE" in help_text

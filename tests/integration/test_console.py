@@ -29,6 +29,7 @@ from tests.support.kafka import (
 )
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayThread, wait_for
+from tests.support.sources import SOURCES, RelaySource, make_source
 from tests.support.writers import SequencedWriter
 
 pytestmark = pytest.mark.integration
@@ -202,3 +203,49 @@ def test_the_console_token_comes_from_an_option_a_variable_or_a_file_and_is_neve
     assert no_port.returncode == 1 and "console_token needs metrics_port" in no_port.stderr
     help_text = relay_cli("--help", env={"COLUMNS": "250"}).stdout
     assert "OUTBOX_CONSOLE_TOKEN" in help_text and "OUTBOX_CONSOLE_TOKEN_FILE" in help_text
+
+
+@pytest.fixture(params=SOURCES)
+def source(request: pytest.FixtureRequest) -> Iterator[RelaySource]:
+    made = make_source(request, str(request.param))
+    yield made
+    made.close()
+
+
+def test_every_source_shows_its_figures_and_redrives_from_its_own_parked_store(
+    source: RelaySource, kafka_bootstrap: str
+) -> None:
+    """The page of each source: its backlog gauge (the slot's WAL for postgres-wal), and the
+    parked events of its own table or collection, redriven through the same code as
+    `outbox parked retry`. An invalid topic name is refused for good: redriven, it comes back."""
+    topic = unique_topic("console")
+    create_topics(kafka_bootstrap, topic)
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    events = writer.events("k", 20)
+    source.write(events)
+    writer.note(events, committed=True)
+    misrouted = outbox.Event(topic, "m", "Misrouted", {}, topic="not a valid topic!")
+    source.write([misrouted])
+    port = free_port()
+    reader = TopicReader(kafka_bootstrap, topic)
+    with RelayThread(source.settings(kafka_bootstrap, metrics_port=port, console_token=TOKEN)):
+        reader.read_ids(ledger.committed_ids)
+        wait_for(lambda: len(source.parked()) == 1, 60, "the misrouted event parked")
+        wait_for(lambda: str(misrouted.id) in get(port, "/")[1], 30, "it on the page")
+        html = get(port, "/")[1]
+        assert figure(html, "role") == "active"
+        assert figure(html, "broker-state") == "connected"
+        assert figure(html, "delivered") == "20"
+        assert f"key {topic}/m (1)" in html and "invalid topic" in html.lower()
+        if source.name == "postgres-wal":
+            assert figure(html, "slot-wal").endswith(("bytes", "KiB", "MiB"))
+        assert figure(html, "backlog") == "0 event(s)"
+        assert "mongodb://" not in html and "postgresql://" not in html
+        running = RunningConsole(port, topic, misrouted, ledger, reader, kafka_bootstrap)
+        assert running.post({"id": str(misrouted.id), "token": "wrong-token-of-length"})[0] == 403
+        status, answer = running.post({"id": str(misrouted.id), "token": TOKEN})
+        assert status == 200 and "re-queued 1 event(s)" in answer, answer
+        wait_for(lambda: len(source.parked()) == 1 and figure(get(port, "/")[1],
+                 "parked-count") == "2", 60, "the redriven event parked again")
+    reader.close()

@@ -196,3 +196,42 @@ def test_console_token_is_checked_at_start_up_and_never_printed(tmp_path: Path) 
         read_token_file(str(path), "console_token_file")
     with pytest.raises(ConfigurationError, match="cannot be read"):
         read_token_file(str(tmp_path / "missing"), "console_token_file")
+
+
+def test_the_metrics_port_serves_the_console_with_its_guards() -> None:
+    import urllib.error
+    import urllib.request
+
+    from relay.metrics import MetricsServer
+    from tests.support.relays import wait_for
+
+    parked = FakeParked()
+    s = stats()
+    server = MetricsServer(s, 0, "127.0.0.1", stall_timeout=60, sample_interval=0.05,
+                           console=Console(s, parked, token=TOKEN, stall_timeout=60)).start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    def call(path: str, data: bytes | None = None) -> tuple[int, dict[str, str], str]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data=data),
+                                        timeout=10) as response:
+                return response.status, dict(response.headers), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read().decode()
+
+    try:
+        status, headers, html = call("/")
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        assert figure(html, "delivered") == "1,234"
+        assert call("/metrics")[0] == 200
+        assert call(f"/redrive?id={parked.first}")[0] == 200
+        assert call("/redrive", b"id=" + str(parked.first).encode())[0] == 403
+        assert call("/redrive", b"x" * 10_000)[0] == 413
+        assert call("/elsewhere", b"token=" + TOKEN.encode())[0] == 404
+        status, _, html = call("/redrive", f"id={parked.first}&token={TOKEN}".encode())
+        assert status == 200 and parked.redriven == [parked.first]
+        s.published["orders"] += 500  # deliveries while the sampler runs: the chart shows them
+        wait_for(lambda: any(rate > 0 for rate in s.throughput.rates()), 10, "a rate above 0")
+    finally:
+        server.stop()

@@ -122,10 +122,18 @@ def relay_command(
              "with --on-slot-loss recover it then drops its slot and recovers.")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         envvar="OUTBOX_METRICS_PORT", show_envvar=True,
-        help="Serve /metrics, /healthz and /readyz on this port.")] = None,
+        help="Serve /metrics, /healthz, /readyz and the operator console (/) on this port.",
+    )] = None,
     metrics_host: Annotated[str, typer.Option(
         envvar="OUTBOX_METRICS_HOST", show_envvar=True,
         help="Address of the metrics port (0.0.0.0 in containers).")] = "127.0.0.1",
+    console_token: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_CONSOLE_TOKEN", show_envvar=True,
+        help="Lets the console redrive parked events for requests with this token (at least "
+             "16 characters); without it the console is read-only.")] = None,
+    console_token_file: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_CONSOLE_TOKEN_FILE", show_envvar=True,
+        help="File whose first line is the console token (a mounted secret).")] = None,
     stall_timeout: Annotated[str, typer.Option(
         envvar="OUTBOX_STALL_TIMEOUT", show_envvar=True,
         help="/readyz fails when events are in flight and none was acknowledged for this "
@@ -140,9 +148,17 @@ def relay_command(
     from outbox.kafka_safety import parse_kafka_settings
     from relay import logs
     from relay import main as relay_main
-    from relay.settings import RelaySettings, parse_duration, parse_size
+    from relay.settings import RelaySettings, parse_duration, parse_size, read_token_file
 
     def build() -> RelaySettings:
+        token = console_token
+        if console_token_file is not None:
+            token = read_token_file(console_token_file, "console_token_file")
+            # OUTBOX_CONSOLE_TOKEN_FILE also fills OUTBOX_CONSOLE_TOKEN (config_files.py):
+            # the same token twice is fine, two different ones are a mistake.
+            if console_token is not None and console_token != token:
+                raise ConfigurationError(
+                    "console_token and console_token_file are both given: keep one")
         return RelaySettings(
             source=source,
             db_url=db,
@@ -169,6 +185,7 @@ def relay_command(
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
             stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
+            console_token=token,
         )
 
     settings = guarded(build)

@@ -205,8 +205,8 @@ class WalRelaySource:
             if cleaner is None:
                 confirm = last.end_lsn
             else:
-                cleaner.done([t.position.xid for t in done if t.events and t.position],
-                             last.end_lsn)
+                cleaner.done([(t.position.xid, t.position.commit_lsn)
+                              for t in done if t.events and t.position], last.end_lsn)
         if cleaner is not None:
             cleaner.check()
             confirm = cleaner.cleaned_lsn

@@ -377,6 +377,12 @@ def _mapped_columns(columns: ColumnMapping) -> dict[str, sql.Composable]:
     }
 
 
+def event_select_list(columns: ColumnMapping) -> sql.Composable:
+    """The event columns of the table, as the page queries select them after position (what
+    `row_record` reads): for `outbox replay`, which reads published rows the same way."""
+    return _mapped_columns(columns)["event_columns"]
+
+
 def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:
     """Backlog gauges for the metrics endpoint."""
     mapped = None if config.columns.is_native else poll_query(config, "backlog")

@@ -80,8 +80,8 @@ class TableCleaner:
             table = f"{self.names.schema}.{self.names.table}"
             raise FatalRelayError(
                 f"the WAL relay's role may not remove published rows from {table}: "
-                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at) for "
-                "--keep-published) on the table, as deploy/roles.sql does") from failure
+                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at, commit_lsn) "
+                "for --keep-published) on the table, as deploy/roles.sql does") from failure
         raise SourceUnavailableError(
             f"removing published rows failed: {redact(str(failure))}") from failure
 

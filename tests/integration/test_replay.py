@@ -20,6 +20,7 @@ from outbox.consumer import Consumer
 from relay.replay import ReplayConfig, ReplayFilter, ReplayReport, replay
 from relay.sinks.kafka.sink import PublisherConfig
 from relay.stats import RelayStats
+from relay.wal import slots
 from tests.integration.test_consumer import (
     applied_rows,
     inbox_ids,
@@ -268,6 +269,37 @@ def test_wal_relay_kept_rows_replay_in_commit_order_not_position_order(
     assert report.sent == 2
     reader.read_until(lambda got: len(replayed(got)) >= 2)
     assert [m.id for m in replayed(reader.drain(quiet=1.0))] == [str(second.id), str(first.id)]
+    reader.close()
+
+
+def test_rows_a_slot_recovery_published_replay_between_the_lost_and_the_new_slots_rows(
+    db_url: str, kafka_bootstrap: str, topic: str
+) -> None:
+    slot = WalSlot.create(db_url)
+    lost, recovered, streamed = (event(topic, "k", n) for n in range(3))
+    publish_and_keep(db_url, kafka_bootstrap, topic, [lost],
+                     settings=slot.settings(kafka_bootstrap, keep_published=KEEP))
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        slots.drop_slot(conn, slot.slot)
+    write(db_url, [recovered])  # only the table has it: the recovery publishes it
+    done = outbox_cli("slot", "recover", "--db", db_url, "--kafka", kafka_bootstrap,
+                      "--slot", slot.slot, "--publication", slot.publication,
+                      "--keep-published", "1d")
+    assert done.returncode == 0, done.stderr
+    assert kept(db_url) == 2
+    publish_and_keep(db_url, kafka_bootstrap, topic, [streamed],
+                     settings=slot.settings(kafka_bootstrap, keep_published=KEEP))
+    with psycopg.connect(db_url) as conn:
+        lsns = conn.execute("SELECT commit_lsn FROM outbox ORDER BY position").fetchall()
+    assert all(row[0] is not None for row in lsns)
+
+    report = run_replay(db_url, kafka_bootstrap, ReplayFilter.parse(aggregate_ids=["k"]))
+
+    assert report.sent == 3
+    reader = TopicReader(kafka_bootstrap, topic)
+    reader.read_until(lambda got: len(replayed(got)) >= 3)
+    assert [m.id for m in replayed(reader.drain(quiet=1.0))] == [
+        str(e.id) for e in (lost, recovered, streamed)]
     reader.close()
 
 

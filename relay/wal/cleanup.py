@@ -27,7 +27,13 @@ from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import FatalRelayError, SourceUnavailableError
-from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
+from relay.published import (
+    CHUNK_ROWS,
+    PURGE_CHUNKS_PER_TURN,
+    expire_interval,
+    full_txids,
+    purge_expired,
+)
 from relay.wal.lsn import format_lsn
 
 log = logging.getLogger(__name__)
@@ -102,10 +108,11 @@ class TableCleaner:
         # Kept rows are purged on time even while nothing new is published.
         wait = expire_interval(keep) if keep is not None else None
         last_expire = 0.0
+        purging = False  # a large purge under way: its next turn comes without waiting
         try:
             with conn:
                 while True:
-                    batch = self._take(wait)
+                    batch = self._take(0.0 if purging else wait)
                     if batch is None:
                         return
                     commits = [commit for item, _ in batch for commit in item]
@@ -114,8 +121,10 @@ class TableCleaner:
                     if batch:
                         self.cleaned_lsn = batch[-1][1]
                     if keep is not None and time.monotonic() - last_expire >= expire_interval(keep):
-                        purge_expired(conn, self.names, keep)
-                        last_expire = time.monotonic()
+                        _, finished = purge_expired(conn, self.names, keep, PURGE_CHUNKS_PER_TURN)
+                        purging = not finished
+                        if finished:
+                            last_expire = time.monotonic()
         except BaseException as exc:  # reported to the relay's thread by check()
             self._failure = exc
             log.debug("table cleaner stopped", extra={"event": "cleaner_failed",

@@ -17,6 +17,8 @@ import pytest
 
 import outbox
 from outbox.consumer import Consumer
+from outbox.names import SchemaNames
+from relay.published import purge_expired
 from relay.replay import ReplayConfig, ReplayFilter, ReplayReport, replay
 from relay.sinks.kafka.sink import PublisherConfig
 from relay.stats import RelayStats
@@ -377,6 +379,21 @@ def outbox_cli(*args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     return subprocess.run([sys.executable, "-m", "relay.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
+
+
+def test_a_large_purge_goes_in_bounded_turns(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload,"
+            " published_at) SELECT gen_random_uuid(), 'Order', i::text, 'E', '\\x00',"
+            " now() - interval '2 days' FROM generate_series(1, 25000) AS i")
+        conn.execute("INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload,"
+                     " published_at) VALUES (gen_random_uuid(), 'Order', 'new', 'E', '', now())")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert purge_expired(conn, SchemaNames(), KEEP, max_chunks=2) == (20_000, False)
+        assert purge_expired(conn, SchemaNames(), KEEP, max_chunks=2) == (5_000, True)
+        assert purge_expired(conn, SchemaNames(), KEEP) == (0, True)
+    assert kept(db_url) == 1  # the row within the window stays
 
 
 def test_unknown_ids_match_nothing(db_url: str, kafka_bootstrap: str) -> None:

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
@@ -153,10 +154,11 @@ class TableCleaner:
     def _remove(self, conn: psycopg.Connection[Any], commits: list[tuple[int, int]]) -> None:
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
         txids = full_txids([xid for xid, _ in commits], int(row[0]) if row else 0)
-        params: dict[str, list[str]] = {"txids": txids}
+        params: dict[str, Any] = {"txids": txids}
         if self.keep_published:
             statement = queries.query("published.sql", "mark_transactions", self.names)
-            params["lsns"] = [format_lsn(lsn) for _, lsn in commits]
+            params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
+                                      for txid, (_, lsn) in zip(txids, commits, strict=True)})
         else:
             statement = queries.query("published.sql", "delete_transactions", self.names)
         while True:

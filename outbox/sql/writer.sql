@@ -15,3 +15,8 @@ SELECT count(pg_logical_emit_message(true, {prefix}, m)) FROM unnest({messages})
 -- name: copy_events
 -- Binary COPY into the table `outbox migrate` creates, whose column types are known exactly.
 COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT BINARY)
+
+-- name: check_table
+-- Whether the outbox table is there (an error names it if not), reading no row: the consumer's
+-- start-up check when its command handlers reply through the outbox.
+SELECT FROM {schema}.{table} WHERE false

@@ -1,0 +1,279 @@
+"""Commands and replies on the consumer: `@consumer.command(type)` handlers, whose return value is
+written as the reply through the outbox in the handler's own transaction (the one that holds the
+command's dedup row), and `@consumer.reply(type)` handlers, which apply replies exactly once.
+
+A command handler is registered as an ordinary handler of the command's type, wrapped: the
+consumer's engine claims the dedup row, calls the wrapper, commits; so a redelivered command is
+a duplicate and writes no second reply. When a command's handler fails for good (its message is
+dead-lettered), the engine asks for the command's "last word" (`failure_reply`) in a transaction
+of its own that claims the dedup row and writes a failure reply, before the dead letter goes out:
+the sender never waits on silence.
+
+Sync and asyncio alike: a wrapper has the flavour of the function it wraps (the consumer checks
+it as any handler), and so does the failure reply it writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import psycopg
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.client_session import ClientSession
+
+from outbox import commands as wire
+from outbox.consumer.errors import RejectMessage
+from outbox.consumer.message import Message
+from outbox.errors import ConfigurationError, InvalidEventError, SchemaMissingError
+from outbox.statements import writer_block
+from outbox.writer import Outbox, default_outbox
+
+log = logging.getLogger("outbox.consumer")
+
+# Replies kept for `wait_for_reply` callers that ask after the reply came in.
+RECENT_REPLIES = 10_000
+
+Register = Callable[[Sequence[str], Any], Any]
+
+
+def _reject(exc: InvalidEventError) -> RejectMessage:
+    # Not a command / not a reply: no retry can cure it, dead-letter at once.
+    return RejectMessage(str(exc))
+
+
+class CommandRoutes:
+    """The command and reply handlers of one consumer, and the replies awaited in-process."""
+
+    def __init__(self, register: Register) -> None:
+        self._register = register
+        self._outboxes: dict[str, Outbox] = {}  # by command type handled here
+        self._async: dict[str, bool] = {}
+        self._reply_types: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiters: dict[uuid.UUID, list[asyncio.Future[wire.Reply]]] = {}
+        self._recent: OrderedDict[uuid.UUID, wire.Reply] = OrderedDict()
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def command(self, command_types: Sequence[str], function: Callable[..., Any],
+                outbox: Outbox | None) -> Callable[..., Any]:
+        writer = outbox or default_outbox
+        if not isinstance(writer, Outbox):
+            raise ConfigurationError(f"outbox= must be an outbox.Outbox, not {writer!r}")
+        wrapper: Callable[..., Any]
+        if inspect.iscoroutinefunction(function):
+
+            async def handle_async(handle: Any, message: Message) -> None:
+                result = await function(handle, _checked_command(message))
+                reply = wire.reply_for(message, result)
+                if reply is not None:
+                    await writer.publish(handle, reply)
+
+            wrapper = handle_async
+        else:
+
+            def handle(handle: Any, message: Message) -> None:
+                result = function(handle, _checked_command(message))
+                reply = wire.reply_for(message, result)
+                if reply is not None:
+                    writer.publish(handle, reply)
+
+            wrapper = handle
+        wrapper.__name__ = getattr(function, "__name__", "command_handler")
+        self._register(command_types, wrapper)
+        for command_type in command_types:
+            self._outboxes[command_type] = writer
+            self._async[command_type] = inspect.iscoroutinefunction(function)
+        return function
+
+    def reply(self, command_types: Sequence[str], function: Callable[..., Any]
+              ) -> Callable[..., Any]:
+        wrapper: Callable[..., Any]
+        if inspect.iscoroutinefunction(function):
+
+            async def apply_async(handle: Any, message: Message) -> None:
+                await function(handle, _reply(message))
+
+            wrapper = apply_async
+        else:
+
+            def apply(handle: Any, message: Message) -> None:
+                function(handle, _reply(message))
+
+            wrapper = apply
+        wrapper.__name__ = getattr(function, "__name__", "reply_handler")
+        reply_types = [wire.reply_event_type(t) for t in _types(command_types)]
+        self._register(reply_types, wrapper)
+        self._reply_types.update(reply_types)
+        return function
+
+    @property
+    def handles_commands(self) -> bool:
+        return bool(self._outboxes)
+
+    # -- the engine's questions ------------------------------------------------------------------
+
+    def has_failure_reply(self, message: Message) -> bool:
+        """Whether a dead-lettered `message` needs a failure reply first: a command handled
+        here that names a reply topic."""
+        return (message.event_type in self._outboxes and wire.is_command(message)
+                and bool(message.headers.get(wire.REPLY_TO)))
+
+    def failure_reply(self, handle: Any, message: Message, reason: str) -> Any:
+        """Write the failure reply of a dead-lettered command in `handle`'s transaction; an
+        awaitable for asyncio handlers."""
+        writer = self._outboxes[message.event_type]
+        reply = wire.reply_for(message, wire.Failure(f"dead-lettered: {reason}"))
+        assert reply is not None  # has_failure_reply checked reply_to
+        log.warning("command failed for good: failure reply", extra={
+            "event": "command_failure_reply", "event_id": str(message.id),
+            "event_type": message.event_type, "reason": reason,
+        })
+        return writer.publish(handle, reply)
+
+    def committed(self, messages: Sequence[Message]) -> None:
+        """After a commit: wake whoever awaits the replies it applied."""
+        if not self._reply_types:
+            return
+        for message in messages:
+            if message.event_type not in self._reply_types:
+                continue
+            try:
+                reply = wire.Reply.of(message)
+            except InvalidEventError:
+                continue
+            with self._lock:
+                self._recent[reply.command_id] = reply
+                while len(self._recent) > RECENT_REPLIES:
+                    self._recent.popitem(last=False)
+                waiters = self._waiters.pop(reply.command_id, [])
+            for future in waiters:
+                future.get_loop().call_soon_threadsafe(_resolve, future, reply)
+
+    # -- in-process request/response --------------------------------------------------------------
+
+    async def wait_for_reply(self, command_id: uuid.UUID, timeout: float) -> wire.Reply:
+        """The reply to `command_id` once this consumer has applied it (TimeoutError after
+        `timeout` seconds). Only replies of types with a `@consumer.reply` handler are seen,
+        and only by this process: the durable way to act on a reply is the reply handler."""
+        if not self._reply_types:
+            raise ConfigurationError("wait_for_reply needs a @consumer.reply handler")
+        future: asyncio.Future[wire.Reply] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            known = self._recent.get(command_id)
+            if known is not None:
+                return known
+            self._waiters.setdefault(command_id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            with self._lock:
+                waiting = self._waiters.get(command_id, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._waiters.pop(command_id, None)
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def check_statements(self, handle: Any) -> list[str]:
+        """The statements that prove the outbox tables of the command handlers are there, for
+        the transaction `handle`; refuses a MongoDB consumer."""
+        if isinstance(handle, ClientSession | AsyncClientSession):
+            raise ConfigurationError(
+                "command handlers write their reply through the PostgreSQL outbox; a MongoDB "
+                "consumer (mongo=) can apply replies (@consumer.reply) but not handle commands"
+            )
+        checks = []
+        for writer in dict.fromkeys(self._outboxes.values()):
+            if writer.mode == "table":
+                checks.append(writer_block("check_table", writer.schema, writer.table))
+        return checks
+
+
+def _types(command_types: Sequence[str]) -> Sequence[str]:
+    for command_type in command_types:
+        if not isinstance(command_type, str) or not command_type:
+            raise ConfigurationError(f"command type {command_type!r} must be a non-empty string")
+    return command_types
+
+
+def _resolve(future: asyncio.Future[wire.Reply], reply: wire.Reply) -> None:
+    if not future.done():
+        future.set_result(reply)
+
+
+def _checked_command(message: Message) -> Message:
+    try:
+        wire.check_command(message)
+    except InvalidEventError as exc:
+        raise _reject(exc) from exc
+    return message
+
+
+def _reply(message: Message) -> wire.Reply:
+    try:
+        return wire.Reply.of(message)
+    except InvalidEventError as exc:
+        raise _reject(exc) from exc
+
+
+def _execute(handle: Any, statement: str) -> Any:
+    """Run `statement` on a psycopg connection or a SQLAlchemy session (an awaitable for
+    asyncio ones)."""
+    if isinstance(handle, psycopg.Connection | psycopg.AsyncConnection):
+        return handle.execute(statement)
+    from sqlalchemy import text
+
+    return handle.execute(text(statement))
+
+
+def _missing(exc: BaseException) -> bool:
+    from outbox.consumer.store_rules import UNDEFINED_TABLE, sqlstate
+
+    return sqlstate(exc) == UNDEFINED_TABLE
+
+
+_MISSING = ("command handlers reply through the outbox, and this database has no outbox table: "
+            "run `outbox migrate up --db URL` on the command handlers' database")
+
+
+def check(routes: CommandRoutes, begin: Callable[[], Any]) -> None:
+    """At start-up: the outbox the replies go to exists in the consumer's database."""
+    if not routes.handles_commands:
+        return
+    tx = begin()
+    try:
+        for statement in routes.check_statements(tx.handle):
+            try:
+                _execute(tx.handle, statement)
+            except Exception as exc:
+                if _missing(exc):
+                    raise SchemaMissingError(_MISSING) from exc
+                raise
+    finally:
+        tx.rollback()
+
+
+async def check_async(routes: CommandRoutes, begin: Callable[[], Awaitable[Any]]) -> None:
+    """`check` for the asyncio consumer."""
+    if not routes.handles_commands:
+        return
+    tx = await begin()
+    try:
+        for statement in routes.check_statements(tx.handle):
+            try:
+                await _execute(tx.handle, statement)
+            except Exception as exc:
+                if _missing(exc):
+                    raise SchemaMissingError(_MISSING) from exc
+                raise
+    finally:
+        await tx.rollback()

@@ -54,7 +54,6 @@ class CommandRoutes:
     def __init__(self, register: Register) -> None:
         self._register = register
         self._outboxes: dict[str, Outbox] = {}  # by command type handled here
-        self._async: dict[str, bool] = {}
         self._reply_types: set[str] = set()
         self._lock = threading.Lock()
         self._waiters: dict[uuid.UUID, list[asyncio.Future[wire.Reply]]] = {}
@@ -90,7 +89,6 @@ class CommandRoutes:
         self._register(command_types, wrapper)
         for command_type in command_types:
             self._outboxes[command_type] = writer
-            self._async[command_type] = inspect.iscoroutinefunction(function)
         return function
 
     def reply(self, command_types: Sequence[str], function: Callable[..., Any]
@@ -128,7 +126,7 @@ class CommandRoutes:
 
     def failure_reply(self, handle: Any, message: Message, reason: str) -> Any:
         """Write the failure reply of a dead-lettered command in `handle`'s transaction; an
-        awaitable for asyncio handlers."""
+        awaitable for an asyncio handle (as `Outbox.publish`)."""
         writer = self._outboxes[message.event_type]
         reply = wire.reply_for(message, wire.Failure(f"dead-lettered: {reason}"))
         assert reply is not None  # has_failure_reply checked reply_to

@@ -23,13 +23,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 import outbox
 from outbox import commands
 from outbox.consumer import AsyncConsumer, Consumer, Message, RetryPolicy
 from outbox.consumer import dead_letters as dlq
-from tests.conftest import with_database
+from tests.conftest import copy_of_template, with_database
 from tests.integration.test_consumer import committed_offsets, kafka_settings
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.pg import drop_database, sqlalchemy_url
@@ -48,10 +47,7 @@ CHILD_RETRY = RetryPolicy(tries=2, base_delay=0.05, max_delay=0.1, jitter=0.0)
 @pytest.fixture
 def accounting_db(pg_admin_url: str, pg_template: str) -> Iterator[str]:
     """The accounting service's own database (the order service's is `db_url`)."""
-    name = f"accounting_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(pg_template)))
+    name = copy_of_template(pg_admin_url, pg_template, "accounting")
     yield with_database(pg_admin_url, name)
     drop_database(pg_admin_url, name)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack, overload
 
 from outbox.errors import InvalidEventError
 from outbox.event import Event
@@ -64,16 +64,19 @@ def _own_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return own
 
 
+class CommandOptions(TypedDict, total=False):
+    """The optional arguments of `command` and `send`."""
+
+    reply_to: str | None
+    aggregate_type: str | None
+    aggregate_id: str | None
+    headers: Mapping[str, str] | None
+    content_type: str | None
+
+
 def command(
-    command_type: str,
-    payload: Any = None,
-    *,
-    destination: str,
-    reply_to: str | None = None,
-    aggregate_type: str | None = None,
-    aggregate_id: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    content_type: str | None = None,
+    command_type: str, payload: Any = None, *, destination: str,
+    **options: Unpack[CommandOptions],
 ) -> Event:
     """The command as an outbox `Event`, for `send` or for writers that take events (e.g.
     `outbox.mongo.publish`). Raises InvalidEventError before anything is written.
@@ -82,8 +85,9 @@ def command(
     (None: a one-way command, no reply). The Kafka key is `aggregate_id`, by default the
     command id: pass the id of the entity the command is about (an order id) to keep the
     commands about one entity, and their replies, in order. `aggregate_type` defaults to
-    `command_type`.
+    `command_type`; `headers` are the command's own (not the ones this module sets).
     """
+    reply_to = options.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not reply_to):
         raise InvalidEventError(
             f"reply_to must be a non-empty topic name or None, got {reply_to!r}")
@@ -91,12 +95,13 @@ def command(
         raise InvalidEventError(
             f"destination must be a non-empty topic name, got {destination!r}")
     command_id = uuid7()
-    own = _own_headers(headers)
+    own = _own_headers(options.get("headers"))
     own[MESSAGE_TYPE] = COMMAND
     own[COMMAND_TYPE] = command_type
     own[CORRELATION_ID] = str(command_id)
     if reply_to is not None:
         own[REPLY_TO] = reply_to
+    aggregate_type, aggregate_id = options.get("aggregate_type"), options.get("aggregate_id")
     return Event(
         aggregate_type=command_type if aggregate_type is None else aggregate_type,
         aggregate_id=str(command_id) if aggregate_id is None else aggregate_id,
@@ -104,47 +109,31 @@ def command(
         payload=payload,
         headers=own,
         topic=destination,
-        content_type=content_type,
+        content_type=options.get("content_type"),
         id=command_id,
     )
 
 
 @overload
 def send(target: SyncTarget, command_type: str, payload: Any = ..., *, destination: str,
-         reply_to: str | None = ..., aggregate_type: str | None = ...,
-         aggregate_id: str | None = ..., headers: Mapping[str, str] | None = ...,
-         content_type: str | None = ..., outbox: Outbox | None = ...) -> uuid.UUID: ...
+         outbox: Outbox | None = ..., **options: Unpack[CommandOptions]) -> uuid.UUID: ...
 
 
 @overload
 def send(target: AsyncTarget, command_type: str, payload: Any = ..., *, destination: str,
-         reply_to: str | None = ..., aggregate_type: str | None = ...,
-         aggregate_id: str | None = ..., headers: Mapping[str, str] | None = ...,
-         content_type: str | None = ..., outbox: Outbox | None = ...
+         outbox: Outbox | None = ..., **options: Unpack[CommandOptions]
          ) -> Awaitable[uuid.UUID]: ...
 
 
 def send(
-    target: SyncTarget | AsyncTarget,
-    command_type: str,
-    payload: Any = None,
-    *,
-    destination: str,
-    reply_to: str | None = None,
-    aggregate_type: str | None = None,
-    aggregate_id: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    content_type: str | None = None,
-    outbox: Outbox | None = None,
+    target: SyncTarget | AsyncTarget, command_type: str, payload: Any = None, *,
+    destination: str, outbox: Outbox | None = None, **options: Unpack[CommandOptions],
 ) -> uuid.UUID | Awaitable[uuid.UUID]:
     """Record a command in `target`'s current transaction (as `outbox.publish`; never
     commits) and return its id, the `correlation_id` its reply will carry. For an asyncio
-    target the result is awaitable. See `command` for the arguments."""
-    event = command(
-        command_type, payload, destination=destination, reply_to=reply_to,
-        aggregate_type=aggregate_type, aggregate_id=aggregate_id, headers=headers,
-        content_type=content_type,
-    )
+    target the result is awaitable. See `command` for the arguments; `outbox` is the
+    configuration to write with (default `outbox.default_outbox`)."""
+    event = command(command_type, payload, destination=destination, **options)
     written = (outbox or default_outbox).publish(target, event)
     if isinstance(written, list):
         return event.id
@@ -274,6 +263,7 @@ class Reply:
 __all__ = [
     "COMMAND",
     "CORRELATION_ID",
+    "CommandOptions",
     "Failure",
     "Reply",
     "command",

@@ -135,6 +135,7 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
     ) -> None:
         super().__init__(name=name, kafka=kafka, topics=topics, **options)
         self._store = async_store(db, mongo, self.config)
+        self.commands.database = mongo  # command handlers' replies go there on MongoDB
         self._purges = PurgeSchedule(self.config.purge_older_than, self.config.purge_every)
         self._context = AsyncRunContext()
 

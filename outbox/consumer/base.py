@@ -17,6 +17,7 @@ from outbox.consumer.errors import HandlerExhaustedError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Message, Received
 from outbox.errors import ConfigurationError
+from outbox.mongo import MongoOutbox
 from outbox.writer import Outbox
 
 log = logging.getLogger("outbox.consumer")
@@ -130,11 +131,13 @@ class ConsumerBase(Generic[H]):
 
         return register
 
-    def command(self, *command_types: str, outbox: Outbox | None = None) -> Callable[[Any], Any]:
+    def command(self, *command_types: str, outbox: Outbox | MongoOutbox | None = None
+                ) -> Callable[[Any], Any]:
         """Register the decorated function as the handler of commands of `command_types`
         (outbox.commands): `handler(session, message)` returns the reply's payload, or an
-        `outbox.commands.Failure`; the reply is written through `outbox` (default
-        `outbox.default_outbox`) in the handler's transaction, to the command's reply_to."""
+        `outbox.commands.Failure`; the reply is written through `outbox` (default: the default
+        outbox of the consumer's database) in the handler's transaction, to the command's
+        reply_to."""
         if not command_types:
             raise ConfigurationError("command() needs at least one command type")
 

@@ -16,6 +16,7 @@ it as any handler), and so does the failure reply it writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
@@ -27,13 +28,17 @@ from typing import Any
 import psycopg
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.client_session import ClientSession
+from pymongo.database import Database
+from pymongo.errors import CollectionInvalid
 
 from outbox import commands as wire
+from outbox import mongo as outbox_mongo
 from outbox.consumer.errors import RejectMessage
 from outbox.consumer.message import Message
 from outbox.errors import ConfigurationError, InvalidEventError, SchemaMissingError
+from outbox.event import Event
 from outbox.statements import writer_block
-from outbox.writer import Outbox, default_outbox
+from outbox.writer import Outbox
 
 log = logging.getLogger("outbox.consumer")
 
@@ -41,6 +46,9 @@ log = logging.getLogger("outbox.consumer")
 RECENT_REPLIES = 10_000
 
 Register = Callable[[Sequence[str], Any], Any]
+# Where replies are written: None is the default of the consumer's database (outbox.Outbox()
+# for PostgreSQL, outbox.mongo.MongoOutbox() for MongoDB).
+Writer = Outbox | outbox_mongo.MongoOutbox | None
 
 
 def _reject(exc: InvalidEventError) -> RejectMessage:
@@ -53,7 +61,9 @@ class CommandRoutes:
 
     def __init__(self, register: Register) -> None:
         self._register = register
-        self._outboxes: dict[str, Outbox] = {}  # by command type handled here
+        self._outboxes: dict[str, Writer] = {}  # by command type handled here
+        # The consumer's MongoDB database (mongo=), where replies go through outbox.mongo.
+        self.database: Any = None
         self._reply_types: set[str] = set()
         self._lock = threading.Lock()
         self._waiters: dict[uuid.UUID, list[asyncio.Future[wire.Reply]]] = {}
@@ -62,10 +72,11 @@ class CommandRoutes:
     # -- registration ------------------------------------------------------------------------------
 
     def command(self, command_types: Sequence[str], function: Callable[..., Any],
-                outbox: Outbox | None) -> Callable[..., Any]:
-        writer = outbox or default_outbox
-        if not isinstance(writer, Outbox):
-            raise ConfigurationError(f"outbox= must be an outbox.Outbox, not {writer!r}")
+                outbox: Writer) -> Callable[..., Any]:
+        writer = outbox
+        if writer is not None and not isinstance(writer, Outbox | outbox_mongo.MongoOutbox):
+            raise ConfigurationError(
+                f"outbox= must be an outbox.Outbox or outbox.mongo.MongoOutbox, not {writer!r}")
         wrapper: Callable[..., Any]
         if inspect.iscoroutinefunction(function):
 
@@ -73,7 +84,7 @@ class CommandRoutes:
                 result = await function(handle, _checked_command(message))
                 reply = wire.reply_for(message, result)
                 if reply is not None:
-                    await writer.publish(handle, reply)
+                    await self._write(writer, handle, reply)
 
             wrapper = handle_async
         else:
@@ -82,7 +93,7 @@ class CommandRoutes:
                 result = function(handle, _checked_command(message))
                 reply = wire.reply_for(message, result)
                 if reply is not None:
-                    writer.publish(handle, reply)
+                    self._write(writer, handle, reply)
 
             wrapper = handle
         wrapper.__name__ = getattr(function, "__name__", "command_handler")
@@ -134,7 +145,16 @@ class CommandRoutes:
             "event": "command_failure_reply", "event_id": str(message.id),
             "event_type": message.event_type, "reason": reason,
         })
-        return writer.publish(handle, reply)
+        return self._write(writer, handle, reply)
+
+    def _write(self, writer: Writer, handle: Any, reply: Event) -> Any:
+        """Write `reply` in `handle`'s transaction (an awaitable for an asyncio handle)."""
+        if isinstance(handle, ClientSession):
+            mongo = writer if isinstance(writer, outbox_mongo.MongoOutbox) else None
+            return (mongo or outbox_mongo.default_outbox).publish(
+                self.database, reply, session=handle)
+        return (writer if isinstance(writer, Outbox) else default_pg_outbox()).publish(
+            handle, reply)
 
     def committed(self, messages: Sequence[Message]) -> None:
         """After a commit: wake whoever awaits the replies it applied."""
@@ -183,17 +203,43 @@ class CommandRoutes:
 
     def check_statements(self, handle: Any) -> list[str]:
         """The statements that prove the outbox tables of the command handlers are there, for
-        the transaction `handle`; refuses a MongoDB consumer."""
-        if isinstance(handle, ClientSession | AsyncClientSession):
+        the transaction `handle`. On MongoDB: the outbox collection is made if missing (a
+        transaction may not create it), and the asyncio consumer is refused."""
+        writers = list(dict.fromkeys(self._outboxes.values()))
+        if isinstance(handle, AsyncClientSession):
             raise ConfigurationError(
-                "command handlers write their reply through the PostgreSQL outbox; a MongoDB "
-                "consumer (mongo=) can apply replies (@consumer.reply) but not handle commands"
+                "AsyncConsumer with mongo= cannot handle commands: their replies are written "
+                "with outbox.mongo, which is synchronous; use Consumer (it can apply replies)"
             )
+        if isinstance(handle, ClientSession):
+            if any(isinstance(w, Outbox) for w in writers):
+                raise ConfigurationError("a MongoDB consumer writes replies with an "
+                                         "outbox.mongo.MongoOutbox, not an outbox.Outbox")
+            assert isinstance(self.database, Database)
+            for writer in writers:
+                mongo = writer if isinstance(writer, outbox_mongo.MongoOutbox) else None
+                name = (mongo or outbox_mongo.default_outbox).collection
+                if name not in self.database.list_collection_names():
+                    # Made meanwhile by another process: as good.
+                    with contextlib.suppress(CollectionInvalid):
+                        self.database.create_collection(name)
+            return []
         checks = []
-        for writer in dict.fromkeys(self._outboxes.values()):
-            if writer.mode == "table":
-                checks.append(writer_block("check_table", writer.schema, writer.table))
+        for writer in writers:
+            if isinstance(writer, outbox_mongo.MongoOutbox):
+                raise ConfigurationError("a PostgreSQL consumer writes replies with an "
+                                         "outbox.Outbox, not an outbox.mongo.MongoOutbox")
+            pg = writer or default_pg_outbox()
+            if pg.mode == "table":
+                checks.append(writer_block("check_table", pg.schema, pg.table))
         return checks
+
+
+def default_pg_outbox() -> Outbox:
+    # Read at call time: an application may set outbox.writer.default_outbox at start-up.
+    from outbox import writer
+
+    return writer.default_outbox
 
 
 def _types(command_types: Sequence[str]) -> Sequence[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from pymongo.database import Database
 
 import outbox
 from outbox import commands
@@ -31,6 +32,8 @@ from outbox.consumer import dead_letters as dlq
 from tests.conftest import copy_of_template, with_database
 from tests.integration.test_consumer import committed_offsets, kafka_settings
 from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.mongo import db, mongo_db_url, pending_events  # noqa: F401 - fixtures
+from tests.support.mongo import settings as mongo_settings
 from tests.support.pg import drop_database, sqlalchemy_url
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 
@@ -265,21 +268,69 @@ def test_a_command_handler_needs_the_outbox_table(db_url: str, kafka_bootstrap: 
         consumer.run(timeout=5)
 
 
-def test_a_mongo_consumer_refuses_command_handlers_but_applies_replies(
-    mongo_url: str, kafka_bootstrap: str
+def test_a_mongo_consumer_replies_through_its_outbox_collection_once(
+    db_url: str, db: Database[Any], mongo_db_url: str, kafka_bootstrap: str,  # noqa: F811
+    topics: tuple[str, str],
 ) -> None:
-    from pymongo import MongoClient
+    command_topic, reply_topic = topics
+    with psycopg.connect(db_url) as conn:
+        sent = [commands.send(conn, "AuthorizeCard", {"n": n}, destination=command_topic,
+                              reply_to=reply_topic) for n in (1, 2, DECLINED)]
+        conn.commit()
+    db.create_collection("authorizations")
 
-    client: MongoClient[Any] = MongoClient(mongo_url)
+    def authorize_mongo(session: Any, message: Message) -> Any:
+        n = message.json()["n"]
+        db.authorizations.insert_one({"command_id": str(message.id), "n": n}, session=session)
+        return commands.Failure("card declined") if n % DECLINED == 0 else {"n": n}
+
+    def handle(group: str) -> Any:
+        consumer = Consumer(name="accounting", mongo=db, topics=[command_topic],
+                            kafka=kafka_settings(kafka_bootstrap, **{
+                                "group.id": group, "auto.offset.reset": "earliest"}))
+        consumer.command("AuthorizeCard")(authorize_mongo)
+        return consumer.run(max_messages=len(sent), timeout=60)
+
+    reader = TopicReader(kafka_bootstrap, reply_topic)
+    pg_relay = RelayThread(_relay_settings(db_url, kafka_bootstrap)).start()
+    mongo_relay = RelayThread(mongo_settings("mongo-poll", mongo_db_url, kafka_bootstrap,
+                                             collections=("authorizations",))).start()
     try:
-        db = client.get_default_database()
-        consumer = Consumer(name="accounting", kafka=kafka_settings(kafka_bootstrap),
-                            topics=[unique_topic("c")], mongo=db)
-        consumer.command("AuthorizeCard")(lambda session, message: None)
-        with pytest.raises(outbox.ConfigurationError, match="MongoDB consumer"):
-            consumer.run(timeout=5)
+        assert handle("accounting").processed == len(sent)
+        # Another group reads the commands again: duplicates, no second reply.
+        assert handle("accounting-again").duplicates == len(sent)
+        replies = reader.read_until(lambda got: len(got) >= len(sent), timeout=60)
+        wait_for(lambda: pending_events(db, "authorizations") == 0, 60,
+                 "the replies to leave the outbox collection")
+        replies = reader.drain(quiet=1.0)
     finally:
-        client.close()
+        mongo_relay.stop()
+        pg_relay.stop()
+        reader.close()
+    assert sorted(m.headers["correlation_id"] for m in replies) == sorted(map(str, sent))
+    assert [m.headers["reply_outcome"] for m in replies].count("failure") == 1
+    assert db.authorizations.count_documents({}) == len(sent)
+
+
+@pytest.mark.asyncio
+async def test_an_async_mongo_consumer_refuses_command_handlers(
+    mongo_db_url: str, kafka_bootstrap: str  # noqa: F811
+) -> None:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(mongo_db_url)
+    try:
+        consumer = AsyncConsumer(name="accounting", kafka=kafka_settings(kafka_bootstrap),
+                                 topics=[unique_topic("c")], mongo=client.get_default_database())
+
+        @consumer.command("AuthorizeCard")
+        async def authorize_async(session: Any, message: Message) -> None:
+            """Never called."""
+
+        with pytest.raises(outbox.ConfigurationError, match="AsyncConsumer with mongo="):
+            await consumer.run(timeout=5)
+    finally:
+        await client.close()
 
 
 @pytest.mark.asyncio

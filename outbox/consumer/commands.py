@@ -173,7 +173,12 @@ class CommandRoutes:
                     self._recent.popitem(last=False)
                 waiters = self._waiters.pop(reply.command_id, [])
             for future in waiters:
-                future.get_loop().call_soon_threadsafe(_resolve, future, reply)
+                try:
+                    future.get_loop().call_soon_threadsafe(_resolve, future, reply)
+                except RuntimeError:
+                    # The waiter's event loop is closed: nobody is left to tell, and the
+                    # commit that applied the reply must not fail for it.
+                    continue
 
     # -- in-process request/response --------------------------------------------------------------
 

@@ -274,7 +274,7 @@ class BatchEngine:
                     outcomes[index] = Outcome.PROCESSED
                     applied.append(message)
                 if applied:
-                    # A last word applies nothing: on_commit does not hear of it.
+                    # A last word applies no message: on_commit gets none for it.
                     done = tuple(applied) if exhausted is None else ()
                     yield from self._store(Commit(done), "committing")
                 else:

@@ -345,13 +345,15 @@ async def test_async_request_response_in_one_process(
     command_topic, reply_topic = topics
     engine = create_async_engine(sqlalchemy_url(db_url))
     accounting_side = AsyncConsumer(name="accounting", kafka=kafka_settings(kafka_bootstrap),
-                                    topics=[command_topic], db=engine)
+                                    topics=[command_topic], db=engine, retry=CHILD_RETRY)
     order_side = AsyncConsumer(name="orders", kafka=kafka_settings(kafka_bootstrap),
                                topics=[reply_topic], db=db_url)
 
     @accounting_side.command("AuthorizeCard")
     async def authorize_async(session: AsyncSession, message: Message) -> Any:
         await session.execute(text("SELECT 1"))
+        if message.json()["n"] % BROKEN == 3:
+            raise RuntimeError("the bank is unreachable")
         return {"authorized": message.json()["n"] * 10}
 
     @order_side.reply("AuthorizeCard")
@@ -374,12 +376,25 @@ async def test_async_request_response_in_one_process(
         assert reply.command_id == command_id and reply.command_type == "AuthorizeCard"
         reader = TopicReader(kafka_bootstrap, reply_topic)
         replies = reader.read_until(lambda got: len(got) >= 1, timeout=60)
-        reader.close()
         assert [m.headers["correlation_id"] for m in replies] == [str(command_id)]
         async with await psycopg.AsyncConnection.connect(db_url) as conn:
             cursor = await conn.execute(
                 "SELECT event_id FROM outbox_inbox WHERE consumer = 'accounting'")
             assert {row[0] for row in await cursor.fetchall()} == {one_way, command_id}
+            # A command whose handler keeps failing: a failure reply, then its dead letter.
+            broken = await commands.send(conn, "AuthorizeCard", {"n": 3},
+                                         destination=command_topic, reply_to=reply_topic)
+            await conn.commit()
+        failed = await order_side.commands.wait_for_reply(broken, timeout=60)
+        assert not failed.ok and failed.reason is not None
+        assert failed.reason.startswith("dead-lettered: RuntimeError: the bank is unreachable")
+        dead = TopicReader(kafka_bootstrap, dlq.topic_for(dlq.DEFAULT_TEMPLATE, command_topic))
+        letters = dead.read_until(lambda got: len(got) >= 1, timeout=60)
+        dead.close()
+        assert [m.id for m in letters] == [str(broken)]
+        assert sorted(m.headers["correlation_id"] for m in reader.drain(quiet=1.0)) == sorted(
+            [str(command_id), str(broken)])
+        reader.close()
     finally:
         for consumer in (accounting_side, order_side):
             consumer.stop()

@@ -23,6 +23,7 @@ from outbox.writer import Outbox
 log = logging.getLogger("outbox.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., Any])
 # What handlers are: `handler(session_or_connection, message)`, plain or a coroutine function.
 Handler = Callable[[Any, Message], None]
 AsyncHandler = Callable[[Any, Message], Awaitable[None]]
@@ -132,7 +133,7 @@ class ConsumerBase(Generic[H]):
         return register
 
     def command(self, *command_types: str, outbox: Outbox | MongoOutbox | None = None
-                ) -> Callable[[Any], Any]:
+                ) -> Callable[[F], F]:
         """Register the decorated function as the handler of commands of `command_types`
         (outbox.commands): `handler(session, message)` returns the reply's payload, or an
         `outbox.commands.Failure`; the reply is written through `outbox` (default: the default
@@ -141,20 +142,22 @@ class ConsumerBase(Generic[H]):
         if not command_types:
             raise ConfigurationError("command() needs at least one command type")
 
-        def register(function: Any) -> Any:
-            return self.commands.command(command_types, function, outbox)
+        def register(function: F) -> F:
+            self.commands.command(command_types, function, outbox)
+            return function
 
         return register
 
-    def reply(self, *command_types: str) -> Callable[[Any], Any]:
+    def reply(self, *command_types: str) -> Callable[[F], F]:
         """Register the decorated function as the handler of the replies to commands of
         `command_types`: `handler(session, reply: outbox.commands.Reply)`, applied exactly
         once (the reply's dedup row is in its transaction)."""
         if not command_types:
             raise ConfigurationError("reply() needs at least one command type")
 
-        def register(function: Any) -> Any:
-            return self.commands.reply(command_types, function)
+        def register(function: F) -> F:
+            self.commands.reply(command_types, function)
+            return function
 
         return register
 

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
@@ -33,11 +34,11 @@ from pymongo.errors import CollectionInvalid
 
 from outbox import commands as wire
 from outbox import mongo as outbox_mongo
+from outbox import sql_blocks
 from outbox.consumer.errors import RejectMessage
 from outbox.consumer.message import Message
 from outbox.errors import ConfigurationError, InvalidEventError, SchemaMissingError
 from outbox.event import Event
-from outbox.statements import writer_block
 from outbox.writer import Outbox
 
 log = logging.getLogger("outbox.consumer")
@@ -236,7 +237,7 @@ class CommandRoutes:
                                          "outbox.Outbox, not an outbox.mongo.MongoOutbox")
             pg = writer or default_pg_outbox()
             if pg.mode == "table":
-                checks.append(writer_block("check_table", pg.schema, pg.table))
+                checks.append(_check_table(pg))
         return checks
 
 
@@ -274,6 +275,12 @@ def _reply(message: Message) -> wire.Reply:
         raise _reject(exc) from exc
 
 
+def _check_table(pg: Outbox) -> str:
+    relation = sql.Identifier(pg.schema, pg.table).as_string(None)
+    return sql_blocks.block("outbox", "writer.sql", "check_table").format(
+        relation=sql.Literal(relation)).as_string(None)
+
+
 def _execute(handle: Any, statement: str) -> Any:
     """Run `statement` on a psycopg connection or a SQLAlchemy session (an awaitable for
     asyncio ones)."""
@@ -292,21 +299,35 @@ def _missing(exc: BaseException) -> bool:
 
 _MISSING = ("command handlers reply through the outbox, and this database has no outbox table: "
             "run `outbox migrate up --db URL` on the command handlers' database")
+_DENIED = ("command handlers reply through the outbox, and the consumer's role may not INSERT "
+           "into the outbox table: give its login the writer's right too (deploy/roles.sql: "
+           "GRANT <prefix>_app TO the consumer's login)")
+
+
+def _checked(allowed: Any) -> None:
+    if not allowed:
+        raise ConfigurationError(_DENIED)
 
 
 def check(routes: CommandRoutes, begin: Callable[[], Any]) -> None:
-    """At start-up: the outbox the replies go to exists in the consumer's database."""
+    """At start-up: the outbox the replies go to exists in the consumer's database, and the
+    consumer may write into it."""
     if not routes.handles_commands:
         return
     tx = begin()
     try:
         for statement in routes.check_statements(tx.handle):
             try:
-                _execute(tx.handle, statement)
+                result = _execute(tx.handle, statement)
             except Exception as exc:
                 if _missing(exc):
                     raise SchemaMissingError(_MISSING) from exc
                 raise
+            if isinstance(tx.handle, psycopg.Connection):
+                row = result.fetchone()
+                _checked(row and row[0])
+            else:
+                _checked(result.scalar())
     finally:
         tx.rollback()
 
@@ -319,10 +340,15 @@ async def check_async(routes: CommandRoutes, begin: Callable[[], Awaitable[Any]]
     try:
         for statement in routes.check_statements(tx.handle):
             try:
-                await _execute(tx.handle, statement)
+                result = await _execute(tx.handle, statement)
             except Exception as exc:
                 if _missing(exc):
                     raise SchemaMissingError(_MISSING) from exc
                 raise
+            if isinstance(tx.handle, psycopg.AsyncConnection):
+                row = await result.fetchone()
+                _checked(row and row[0])
+            else:
+                _checked(result.scalar())  # SQLAlchemy's result is buffered: not awaited
     finally:
         await tx.rollback()

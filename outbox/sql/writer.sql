@@ -17,6 +17,8 @@ SELECT count(pg_logical_emit_message(true, {prefix}, m)) FROM unnest({messages})
 COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT BINARY)
 
 -- name: check_table
--- Whether the outbox table is there (an error names it if not), reading no row: the consumer's
--- start-up check when its command handlers reply through the outbox.
-SELECT FROM {schema}.{table} WHERE false
+-- Whether this role may write into the outbox table, which must exist (the cast fails if it does
+-- not): the consumer's start-up check when its command handlers reply through the outbox. The
+-- writer's right is INSERT alone (deploy/roles.sql), so nothing more is asked. {relation} is the
+-- quoted name as a literal; CAST, not `::`, which SQLAlchemy's text() would parse.
+SELECT has_table_privilege(CAST({relation} AS regclass), 'INSERT')

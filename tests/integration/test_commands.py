@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from pymongo.database import Database
 
 import outbox
@@ -31,6 +32,7 @@ from outbox.consumer import AsyncConsumer, Consumer, Message, RetryPolicy
 from outbox.consumer import dead_letters as dlq
 from tests.conftest import copy_of_template, with_database
 from tests.integration.test_consumer import committed_offsets, kafka_settings
+from tests.integration.test_ops_roles import roles_for
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.mongo import db, mongo_db_url, pending_events  # noqa: F401 - fixtures
 from tests.support.mongo import settings as mongo_settings
@@ -269,6 +271,21 @@ def test_a_command_handler_needs_the_outbox_table(db_url: str, kafka_bootstrap: 
     consumer.command("AuthorizeCard")(authorize)
     with pytest.raises(outbox.SchemaMissingError, match="outbox migrate up"):
         consumer.run(timeout=5)
+
+
+def test_the_consumer_role_needs_the_writers_right_to_reply(
+    db_url: str, pg_admin_url: str, kafka_bootstrap: str, topics: tuple[str, str]
+) -> None:
+    with roles_for(db_url, pg_admin_url) as roles:
+        consumer = Consumer(name="accounting", kafka=kafka_settings(kafka_bootstrap),
+                            topics=[topics[0]], db=roles.url("consumer"))
+        consumer.command("AuthorizeCard")(authorize)
+        with pytest.raises(outbox.ConfigurationError, match="may not INSERT into the outbox"):
+            consumer.run(timeout=5)
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute(sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(roles.name("app")), sql.Identifier(roles.name("consumer"))))
+        assert consumer.run(timeout=1).processed == 0  # starts, nothing to do
 
 
 def test_a_mongo_consumer_replies_through_its_outbox_collection_once(

@@ -217,3 +217,18 @@ def test_command_and_reply_need_types() -> None:
         h.consumer.reply()
     with pytest.raises(ConfigurationError):
         h.consumer.reply("")(lambda s, r: None)
+
+
+def test_a_failure_reply_whose_commit_is_lost_is_written_again_once() -> None:
+    h = Harness()
+
+    @h.consumer.command("AuthorizeCard", outbox=MemoryOutbox())
+    def authorize(session: MemorySession, message: Message) -> None:
+        raise RuntimeError("bank unreachable")
+
+    # The handler's tries never commit: the next commit is the failure reply's.
+    h.store.fail_next["commit"] = True
+    report = h.run([command_record(0)])
+    assert report.store_retries == 1
+    assert report.outcomes == {0: Outcome.DEAD_LETTER} and len(report.dead_letters) == 1
+    assert [r.ok for r in h.replies()] == [False]

@@ -58,9 +58,14 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class Handle:
     """Call the message's handler in the open transaction. Reply: None, or the exception the
-    handler raised."""
+    handler raised.
+
+    With `exhausted` (the reason the handler failed for good), call the message's last word
+    instead: a command's failure reply (outbox.consumer.commands), in the transaction that
+    claims the dead letter's dedup row."""
 
     message: Message
+    exhausted: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +154,7 @@ class BatchEngine:
         *,
         is_transient: Callable[[BaseException], bool] = lambda error: False,
         consumer: str = "",
+        last_word: Callable[[Message], bool] = lambda message: False,
     ) -> None:
         self.items = items
         self.policy = policy
@@ -156,6 +162,7 @@ class BatchEngine:
         self.rand = rand
         self.is_transient = is_transient
         self.consumer = consumer
+        self.last_word = last_word
         self.report = BatchReport()
 
     def run(self) -> Generator[Step, Any, BatchReport]:
@@ -237,10 +244,11 @@ class BatchEngine:
             work = work[position + 1 :]
 
     def _transaction(
-        self, work: list[int]
+        self, work: list[int], exhausted: str | None = None
     ) -> Generator[Step, Any, tuple[int, BaseException] | None]:
         """Apply `work` in one transaction. Returns None once committed, or (position in
-        `work`, error) of the first failing handler, with everything rolled back."""
+        `work`, error) of the first failing handler, with everything rolled back. With
+        `exhausted`, `work` is one message that failed for good and gets its last word."""
         store_failures = 0
         while True:
             outcomes: dict[int, Outcome] = {}
@@ -257,7 +265,7 @@ class BatchEngine:
                         continue
                     # The same id twice in one batch: the first one applies it.
                     claimed.discard(message.id)
-                    failure: BaseException | None = yield Handle(message)
+                    failure: BaseException | None = yield Handle(message, exhausted)
                     if failure is not None:
                         yield Rollback()
                         if self._handler_failed(message, failure):
@@ -266,7 +274,9 @@ class BatchEngine:
                     outcomes[index] = Outcome.PROCESSED
                     applied.append(message)
                 if applied:
-                    yield from self._store(Commit(tuple(applied)), "committing")
+                    # A last word applies no message: on_commit gets none for it.
+                    done = tuple(applied) if exhausted is None else ()
+                    yield from self._store(Commit(done), "committing")
                 else:
                     # Only duplicates: there is nothing to commit.
                     yield Rollback()
@@ -300,6 +310,13 @@ class BatchEngine:
         while True:
             decision = self.policy.decide(failures, error, self.rand())
             if decision.verdict is Verdict.DEAD_LETTER:
+                if self.last_word(message):
+                    # A command's failure reply, committed with its dedup row before the dead
+                    # letter goes out; if the row was there already (handled elsewhere in the
+                    # meantime) there is nothing to dead-letter.
+                    yield from self._transaction([index], exhausted=describe(error))
+                    if self.report.outcomes.get(index) is Outcome.DUPLICATE:
+                        return
                 self._dead_letter(index, describe(error), failures)
                 return
             if decision.verdict is Verdict.STOP:

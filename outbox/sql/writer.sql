@@ -15,3 +15,10 @@ SELECT count(pg_logical_emit_message(true, {prefix}, m)) FROM unnest({messages})
 -- name: copy_events
 -- Binary COPY into the table `outbox migrate` creates, whose column types are known exactly.
 COPY {schema}.{table} ({columns}) FROM STDIN (FORMAT BINARY)
+
+-- name: check_table
+-- Whether this role may write into the outbox table, which must exist (the cast fails if it does
+-- not): the consumer's start-up check when its command handlers reply through the outbox. The
+-- writer's right is INSERT alone (deploy/roles.sql), so nothing more is asked. {relation} is the
+-- quoted name as a literal; CAST, not `::`, which SQLAlchemy's text() would parse.
+SELECT has_table_privilege(CAST({relation} AS regclass), 'INSERT')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from outbox import commands
 from outbox.columns import ColumnMapping
 from outbox.errors import (
     AtomicityError,
@@ -29,6 +30,7 @@ __all__ = [
     "SchemaMissingError",
     "UnsupportedTargetError",
     "aggregates",
+    "commands",
     "default_outbox",
     "publish",
 ]

@@ -17,6 +17,8 @@ from typing import Any, Unpack
 
 from outbox.consumer.aio_stores import AsyncInboxStore, AsyncInboxTransaction, async_store
 from outbox.consumer.base import AsyncHandler, ConsumerBase, ConsumerStats
+from outbox.consumer.commands import check as check_commands
+from outbox.consumer.commands import check_async as check_commands_async
 from outbox.consumer.config import ConsumerOptions
 from outbox.consumer.engine import (
     BatchEngine,
@@ -56,9 +58,11 @@ class AsyncDriver:
                   ) -> BatchReport:
         config = self._consumer.config
         handlers = self._consumer.handlers
+        commands = self._consumer.commands
         steps = BatchEngine(items, config.retry, handlers.has,
                             is_transient=self._store.is_transient, consumer=config.name,
-                            sequence=config.ordering == "sequence", expired=expired).run()
+                            sequence=config.ordering == "sequence", expired=expired,
+                            last_word=commands.has_failure_reply).run()
         tx: AsyncInboxTransaction | None = None
         reply: Any = None
         throw: BaseException | None = None
@@ -76,7 +80,11 @@ class AsyncDriver:
                     assert handler is not None
                     try:
                         with process_span(step.message, config.name):
-                            await handler(tx.handle, step.message)
+                            if step.exhausted is None:
+                                await handler(tx.handle, step.message)
+                            else:
+                                await commands.failure_reply(
+                                    tx.handle, step.message, step.exhausted)
                     except Exception as exc:
                         reply = exc
                 elif isinstance(step, Begin):
@@ -98,6 +106,7 @@ class AsyncDriver:
                     except Exception as exc:
                         throw = exc
                     else:
+                        commands.committed(step.messages)
                         if config.on_commit is not None:
                             config.on_commit(step.messages)
                 elif isinstance(step, Rollback):
@@ -146,6 +155,7 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
     ) -> None:
         super().__init__(name=name, kafka=kafka, topics=topics, **options)
         self._store = async_store(db, mongo, self.config)
+        self.commands.database = mongo  # command handlers' replies go there on MongoDB
         self._purges = PurgeSchedule(self.config.purge_older_than, self.config.purge_every)
         self._context = AsyncRunContext()
 
@@ -180,6 +190,10 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         self._context.start()
         try:
             await self._store.check()
+            if True:  # ASYNC
+                await check_commands_async(self.commands, self._store.begin)
+            else:
+                check_commands(self.commands, self._store.begin)
             gateway = await kafka(self._gateway)
             try:
                 await self._run_loop(gateway, max_messages, timeout)

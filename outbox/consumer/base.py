@@ -10,16 +10,20 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar, Unpack
 
+from outbox.consumer.commands import CommandRoutes
 from outbox.consumer.config import ConsumerConfig, ConsumerOptions
 from outbox.consumer.engine import BatchReport, DeadLetterRequest, Outcome
 from outbox.consumer.errors import HandlerExhaustedError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Message, Received
 from outbox.errors import ConfigurationError
+from outbox.mongo import MongoOutbox
+from outbox.writer import Outbox
 
 log = logging.getLogger("outbox.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., Any])
 # What handlers are: `handler(session_or_connection, message)`, plain or a coroutine function.
 Handler = Callable[[Any, Message], None]
 AsyncHandler = Callable[[Any, Message], Awaitable[None]]
@@ -108,6 +112,7 @@ class ConsumerBase(Generic[H]):
             **options,
         )
         self.handlers: HandlerRegistry[H] = HandlerRegistry(self._check_handler)
+        self.commands = CommandRoutes(self.handlers.add)
         self._stats = ConsumerStats()
         self._running = False
 
@@ -126,6 +131,35 @@ class ConsumerBase(Generic[H]):
 
         def register(function: H) -> H:
             return self.handlers.add(event_types, function)
+
+        return register
+
+    def command(self, *command_types: str, outbox: Outbox | MongoOutbox | None = None
+                ) -> Callable[[F], F]:
+        """Register the decorated function as the handler of commands of `command_types`
+        (outbox.commands): `handler(session, message)` returns the reply's payload, or an
+        `outbox.commands.Failure`; the reply is written through `outbox` (default: the default
+        outbox of the consumer's database) in the handler's transaction, to the command's
+        reply_to."""
+        if not command_types:
+            raise ConfigurationError("command() needs at least one command type")
+
+        def register(function: F) -> F:
+            self.commands.command(command_types, function, outbox)
+            return function
+
+        return register
+
+    def reply(self, *command_types: str) -> Callable[[F], F]:
+        """Register the decorated function as the handler of the replies to commands of
+        `command_types`: `handler(session, reply: outbox.commands.Reply)`, applied exactly
+        once (the reply's dedup row is in its transaction)."""
+        if not command_types:
+            raise ConfigurationError("reply() needs at least one command type")
+
+        def register(function: F) -> F:
+            self.commands.reply(command_types, function)
+            return function
 
         return register
 

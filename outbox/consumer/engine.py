@@ -88,9 +88,14 @@ class SaveSequences:
 @dataclass(frozen=True, slots=True)
 class Handle:
     """Call the message's handler in the open transaction. Reply: None, or the exception the
-    handler raised."""
+    handler raised.
+
+    With `exhausted` (the reason the handler failed for good), call the message's last word
+    instead: a command's failure reply (outbox.consumer.commands), in the transaction that
+    claims the dead letter's dedup row."""
 
     message: Message
+    exhausted: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +190,7 @@ class BatchEngine:
         consumer: str = "",
         sequence: bool = False,
         expired: frozenset[int] = frozenset(),
+        last_word: Callable[[Message], bool] = lambda message: False,
     ) -> None:
         self.items = items
         self.policy = policy
@@ -192,6 +198,7 @@ class BatchEngine:
         self.rand = rand
         self.is_transient = is_transient
         self.consumer = consumer
+        self.last_word = last_word
         self.report = BatchReport()
         # ordering="sequence": index -> (aggregate, number) of the numbered messages; the
         # indices of held messages whose wait is over.
@@ -341,18 +348,21 @@ class BatchEngine:
             work = work[position + 1 :]
 
     def _transaction(
-        self, work: list[int]
+        self, work: list[int], exhausted: str | None = None
     ) -> Generator[Step, Any, tuple[int, BaseException] | None]:
         """Apply `work` in one transaction. Returns None once committed, or (position in
-        `work`, error) of the first failing handler, with everything rolled back."""
+        `work`, error) of the first failing handler, with everything rolled back. With
+        `exhausted`, `work` is one message that failed for good and gets its last word."""
         store_failures = 0
         while True:
             outcomes: dict[int, Outcome] = {}
             gaps: dict[int, str] = {}
             try:
                 yield from self._store(Begin(), "opening a transaction")
+                # A last word (a command's failure reply) comes after the message was judged
+                # next and failed for good: its number stays unapplied, like any dead letter's.
                 apply, outcomes, gaps, check = (
-                    (yield from self._judge(work)) if self.sequence
+                    (yield from self._judge(work)) if self.sequence and exhausted is None
                     else (work, {}, {}, None))
                 ids = tuple(dict.fromkeys(
                     self._message(i).id for i in apply if i not in self._unhandled))
@@ -371,7 +381,7 @@ class BatchEngine:
                         continue
                     # The same id twice in one batch: the first one applies it.
                     claimed.discard(message.id)
-                    failure: BaseException | None = yield Handle(message)
+                    failure: BaseException | None = yield Handle(message, exhausted)
                     if failure is not None:
                         yield Rollback()
                         if self._handler_failed(message, failure):
@@ -384,7 +394,9 @@ class BatchEngine:
                     yield from self._store(
                         SaveSequences(tuple(check.changed.items())), "saving sequence numbers")
                 if applied or (check is not None and check.changed):
-                    yield from self._store(Commit(tuple(applied)), "committing")
+                    # A last word applies no message: on_commit gets none for it.
+                    done = tuple(applied) if exhausted is None else ()
+                    yield from self._store(Commit(done), "committing")
                 else:
                     # Only duplicates: there is nothing to commit.
                     yield Rollback()
@@ -419,6 +431,13 @@ class BatchEngine:
         while True:
             decision = self.policy.decide(failures, error, self.rand())
             if decision.verdict is Verdict.DEAD_LETTER:
+                if self.last_word(message):
+                    # A command's failure reply, committed with its dedup row before the dead
+                    # letter goes out; if the row was there already (handled elsewhere in the
+                    # meantime) there is nothing to dead-letter.
+                    yield from self._transaction([index], exhausted=describe(error))
+                    if self.report.outcomes.get(index) is Outcome.DUPLICATE:
+                        return
                 self._dead_letter(index, describe(error), failures)
                 return
             if decision.verdict is Verdict.STOP:

@@ -26,3 +26,10 @@ SELECT t, i, n FROM unnest({types}, {ids}, {counts}) WITH ORDINALITY AS k(t, i, 
 ON CONFLICT (aggregate_type, aggregate_id)
 DO UPDATE SET last_sequence = s.last_sequence + excluded.last_sequence
 RETURNING aggregate_type, aggregate_id, last_sequence
+
+-- name: check_table
+-- Whether this role may write into the outbox table, which must exist (the cast fails if it does
+-- not): the consumer's start-up check when its command handlers reply through the outbox. The
+-- writer's right is INSERT alone (deploy/roles.sql), so nothing more is asked. {relation} is the
+-- quoted name as a literal; CAST, not `::`, which SQLAlchemy's text() would parse.
+SELECT has_table_privilege(CAST({relation} AS regclass), 'INSERT')

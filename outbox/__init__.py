@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from outbox.columns import ColumnMapping
+from outbox.contracts.registry import EventRegistry, event_type
+from outbox.contracts.shapes import EventValidationError
 from outbox.errors import (
     AtomicityError,
     ConfigurationError,
@@ -21,6 +23,8 @@ __all__ = [
     "ColumnMapping",
     "ConfigurationError",
     "Event",
+    "EventRegistry",
+    "EventValidationError",
     "InvalidEventError",
     "Outbox",
     "OutboxError",
@@ -30,6 +34,7 @@ __all__ = [
     "UnsupportedTargetError",
     "aggregates",
     "default_outbox",
+    "event_type",
     "publish",
 ]
 __version__ = "0.1.0"

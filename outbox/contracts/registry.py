@@ -116,6 +116,12 @@ class EventType:
         return str(value)
 
 
+def _field_names(entry: EventType) -> set[str]:
+    if entry.kind == "dataclass":
+        return {f.name for f in dataclasses.fields(entry.model)}
+    return set(getattr(entry.model, "model_fields", {}))
+
+
 def _pydantic_errors(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
     if not callable(errors):
@@ -174,12 +180,17 @@ class EventRegistry:
             raise ConfigurationError(
                 f"{entry.name} version {entry.version} is already declared "
                 f"(by {self._by_name[key].model.__qualname__})")
-        if entry.id_field is not None and entry.id_field not in entry.json_schema().get(
-                "properties", {}):
+        if entry.id_field is not None and entry.id_field not in _field_names(entry):
             raise ConfigurationError(
                 f"{entry.model.__qualname__}: id_field={entry.id_field!r} is not one of its fields")
         # Built now, so an unsupported field type fails when the class is declared.
-        entry.json_schema()
+        try:
+            entry.json_schema()
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # pydantic's own, e.g. a forward reference not yet defined
+            raise ConfigurationError(
+                f"{entry.model.__qualname__}: its JSON Schema cannot be built: {exc}") from exc
         self._by_class[entry.model] = entry
         self._by_name[key] = entry
         # Where instances find their entry without being told the registry.

@@ -233,18 +233,8 @@ def _doc(cls: type) -> str | None:
 default_registry = EventRegistry()
 
 
-def event_type(
-    name: str,
-    *,
-    aggregate: str,
-    version: int = 1,
-    id_field: str | None = None,
-    description: str | None = None,
-) -> Callable[[T], T]:
-    """`@outbox.event_type("OrderCreated", aggregate="Order", version=1, id_field="order_id")`:
-    declare a pydantic model or dataclass as an event type in the default registry."""
-    return default_registry.event_type(
-        name, aggregate=aggregate, version=version, id_field=id_field, description=description)
+# `@outbox.event_type(...)`: declare a class in the default registry.
+event_type = default_registry.event_type
 
 
 def entry_of(model: type) -> EventType | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import enum
@@ -16,10 +17,11 @@ import pytest
 
 import outbox
 from outbox.consumer import AsyncConsumer, Consumer, Message
-from outbox.consumer.engine import Outcome
+from outbox.consumer.aio import AsyncDriver
+from outbox.consumer.engine import BatchReport, Outcome
 from outbox.consumer.message import Received, parse
 from outbox.consumer.runner import SyncDriver
-from outbox.consumer.testing import MemoryInbox, MemorySession
+from outbox.consumer.testing import AsyncMemoryInbox, MemoryInbox, MemorySession
 from outbox.contracts.registry import VERSION_HEADER, EventRegistry
 from outbox.errors import ConfigurationError
 
@@ -254,13 +256,33 @@ def test_typed_handler_registration_rules() -> None:
     assert registry.consumed[("OrderShipped", 1)] >= {"billing"}
 
 
-def test_async_consumer_typed_handlers_stay_coroutine_functions() -> None:
-    consumer = AsyncConsumer(name="billing", kafka=KAFKA, topics=["Order"],
-                             db="postgresql://127.0.0.1:9/none")
+def test_the_async_consumer_hands_models_to_async_handlers_and_rejects_invalid_ones() -> None:
+    store = AsyncMemoryInbox("billing")
+    consumer = AsyncConsumer(name="billing", kafka=KAFKA, topics=["Order"], db=store)
 
-    async def on_shipped(session: Any, event: OrderShipped) -> None:
-        return None
+    @consumer.handler(OrderShipped)
+    async def on_shipped(session: MemorySession, event: OrderShipped) -> None:
+        session.add(event)
 
-    consumer.handler(OrderShipped)(on_shipped)
     with pytest.raises(ConfigurationError, match="async def"):
         consumer.handler(OrderCreated)(lambda session, event: None)
+
+    async def go() -> BatchReport:
+        return await AsyncDriver(store, consumer, asyncio.Event()).run([
+            message(0, "OrderShipped", {"carrier": "ups"}, "1"),
+            message(1, "OrderShipped", {"carrier": 5}, "1"),
+        ])
+
+    report = asyncio.run(go())
+    assert report.outcomes == {0: Outcome.PROCESSED, 1: Outcome.DEAD_LETTER}
+    assert "carrier: Input should be a valid string" in report.dead_letters[0].reason
+    assert store.inbox.effects == [OrderShipped(carrier="ups")]
+
+
+def test_mongo_documents_take_typed_events() -> None:
+    from outbox import mongo as outbox_mongo
+
+    document = outbox_mongo.new_document({"_id": 7}, order())
+    [entry] = document[outbox_mongo.DEFAULT_FIELD]
+    assert entry["event_type"] == "OrderCreated"
+    assert entry["headers"] == [[VERSION_HEADER, "1"]]

@@ -174,7 +174,8 @@ class EventRegistry:
 
     def register(self, entry: EventType) -> None:
         key = (entry.name, entry.version)
-        if entry.model in self._by_class:
+        if entry.model in _ENTRIES:
+            # One declaration per class: `publish(conn, model)` must know which one applies.
             raise ConfigurationError(f"{entry.model.__qualname__} is already an event type")
         if key in self._by_name:
             raise ConfigurationError(

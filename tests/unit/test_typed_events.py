@@ -144,6 +144,8 @@ def test_bad_declarations_fail_when_the_class_is_declared() -> None:
     with pytest.raises(ConfigurationError, match="already declared"):
         registry.event_type("OrderCreated", aggregate="Order", version=1)(
             dataclasses.make_dataclass("D", [("a", int)]))
+    with pytest.raises(ConfigurationError, match="already an event type"):
+        own.event_type("Other", aggregate="Order")(OrderShipped)
     with pytest.raises(ConfigurationError, match="version=0"):
         own.event_type("E", aggregate="X", version=0)
 

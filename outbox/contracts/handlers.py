@@ -18,6 +18,7 @@ from outbox.consumer.errors import RejectMessage
 from outbox.consumer.message import Message
 from outbox.contracts.registry import VERSION_HEADER, EventType, entry_of, registry_of
 from outbox.contracts.shapes import EventValidationError
+from outbox.contracts.wire import JSON_SCHEMA_CONTENT_TYPE, json_body
 from outbox.errors import ConfigurationError
 
 
@@ -69,7 +70,11 @@ class TypedDispatch:
                     f"{message.event_type} {VERSION_HEADER} {raw[:20]!r} is unknown here "
                     f"(this handler takes versions {sorted(versions)})") from None
         try:
-            return entry.decode(message.payload)
+            payload = message.payload
+            if message.content_type == JSON_SCHEMA_CONTENT_TYPE:
+                # Written by SchemaRegistryFormats.json: the model checks it, no registry needed.
+                payload = json_body(payload)
+            return entry.decode(payload)
         except EventValidationError as exc:
             raise RejectMessage(
                 f"invalid {entry.name} v{entry.version} ({entry.model.__qualname__}): {exc}"

@@ -136,6 +136,19 @@ TYPED_USER = textwrap.dedent("""
 """)
 
 
+# Schema Registry formats need `outbox-relay[schema-registry]`: without it, an error names it.
+SCHEMA_REGISTRY_WITHOUT_EXTRA = textwrap.dedent("""
+    from outbox.contracts.schema_registry import SchemaRegistryFormats
+    from outbox.errors import MissingExtraError
+    try:
+        SchemaRegistryFormats("http://127.0.0.1:9").avro(
+            "Order", "1", "OrderPlaced", {}, '{"type": "record", "name": "E", "fields": []}')
+    except MissingExtraError as exc:
+        assert "outbox-relay[schema-registry]" in str(exc), exc
+        print("refused")
+""")
+
+
 def run(*args: str | Path, cwd: Path | None = None) -> str:
     result = subprocess.run(
         [str(arg) for arg in args], capture_output=True, text=True, timeout=600, cwd=cwd,
@@ -309,6 +322,7 @@ def test_plain_install_publishes_dataclass_events_and_writes_asyncapi_json(
     refused = subprocess.run([clean_venv / "bin" / "outbox", "asyncapi", "--app", "shop_events"],
                              capture_output=True, text=True, cwd=tmp_path)
     assert refused.returncode == 1 and "outbox-relay[asyncapi]" in refused.stderr
+    assert run_as_user(clean_venv, SCHEMA_REGISTRY_WITHOUT_EXTRA, cwd=tmp_path) == "refused"
 
     import psycopg
 

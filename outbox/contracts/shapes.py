@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import functools
 import types
 import typing
 import uuid
@@ -37,9 +38,11 @@ def _hints(cls: type) -> dict[str, Any]:
         ) from exc
 
 
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[dataclasses.Field[Any], Any], ...]:
+    # Cached: resolving the annotations costs more than converting a whole event.
     hints = _hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    return tuple((f, hints[f.name]) for f in dataclasses.fields(cls) if f.init)
 
 
 def _required(f: dataclasses.Field[Any]) -> bool:

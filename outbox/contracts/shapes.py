@@ -224,15 +224,16 @@ def _convert(value: Any, tp: Any, path: str, *, dumping: bool) -> Any:
 
 
 def _convert_object(value: Any, cls: type, path: str, *, dumping: bool) -> Any:
+    fields = _fields(cls)
     if dumping:
         if type(value) is not cls:
             raise _fail(path, cls.__name__, value)
         return {f.name: _convert(getattr(value, f.name), tp, _join(path, f.name), dumping=True)
-                for f, tp in _fields(cls)}
+                for f, tp in fields}
     if not isinstance(value, dict):
         raise _fail(path, f"an object ({cls.__name__})", value)
     kwargs = {}
-    for f, tp in _fields(cls):
+    for f, tp in fields:
         if f.name in value:
             kwargs[f.name] = _convert(value[f.name], tp, _join(path, f.name), dumping=False)
         elif _required(f):

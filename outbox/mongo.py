@@ -161,7 +161,7 @@ class MongoOutbox:
             )
         return [encode_entry(record) for record in self.records(events)]
 
-    def new_document(self, document: Mapping[str, Any], *events: Event) -> dict[str, Any]:
+    def new_document(self, document: Mapping[str, Any], *events: Event | Any) -> dict[str, Any]:
         """A copy of `document` with `events` as its pending list, for `insert_one` or
         `replace_one`. Raises DocumentTooLargeError if the result exceeds 16 MiB."""
         if not isinstance(document, Mapping):
@@ -186,7 +186,7 @@ class MongoOutbox:
     def with_events(
         self,
         update: Mapping[str, Any],
-        *events: Event,
+        *events: Event | Any,
         document: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """`update` (operators such as `$set`) with `$push: {field: {$each: entries}}` merged in,
@@ -249,7 +249,7 @@ class MongoOutbox:
     def publish(
         self,
         target: Database[Any] | Collection[Any],
-        *events: Event,
+        *events: Event | Any,
         session: ClientSession | None = None,
     ) -> list[uuid.UUID]:
         """Insert `events` into the outbox collection in `session`'s transaction; never commits.
@@ -472,7 +472,7 @@ def _configured(field: str) -> MongoOutbox:
 
 
 def new_document(
-    document: Mapping[str, Any], *events: Event, field: str = DEFAULT_FIELD
+    document: Mapping[str, Any], *events: Event | Any, field: str = DEFAULT_FIELD
 ) -> dict[str, Any]:
     """`document` with `events` pending in `field`: see `MongoOutbox.new_document`."""
     return _configured(field).new_document(document, *events)
@@ -480,7 +480,7 @@ def new_document(
 
 def with_events(
     update: Mapping[str, Any],
-    *events: Event,
+    *events: Event | Any,
     field: str = DEFAULT_FIELD,
     document: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -490,7 +490,7 @@ def with_events(
 
 def publish(
     target: Database[Any] | Collection[Any],
-    *events: Event,
+    *events: Event | Any,
     session: ClientSession | None = None,
     allow_without_transaction: bool = False,
 ) -> list[uuid.UUID]:

@@ -93,14 +93,16 @@ class Outbox:
 
     # -- preparing a batch (no I/O: every check happens before any SQL) ------------------------
 
-    def records(self, events: Sequence[Event]) -> list[OutboxRecord]:
-        """Validate and serialise `events`; raises before anything is written."""
+    def records(self, events: Sequence[Event | Any]) -> list[OutboxRecord]:
+        """Validate and serialise `events` (outbox.Event, or instances of classes declared
+        with `@outbox.event_type`); raises before anything is written."""
         trace = current_trace_headers() if self.capture_trace_context else {}
         serializer, max_bytes = self.serializer, self.max_payload_bytes
         records = []
         for event in events:
             if not isinstance(event, Event):
-                raise InvalidEventError(f"expected outbox.Event, got {type(event).__name__}")
+                # A typed-event instance (or an error naming what was expected).
+                event = Event.of(event)
             payload = event.encode_payload(serializer)
             if len(payload) > max_bytes:
                 raise PayloadTooLargeError(
@@ -162,13 +164,13 @@ class Outbox:
     # -- writing ---------------------------------------------------------------------------------
 
     @overload
-    def publish(self, target: SyncTarget, *events: Event) -> list[uuid.UUID]: ...
+    def publish(self, target: SyncTarget, *events: Event | Any) -> list[uuid.UUID]: ...
 
     @overload
-    def publish(self, target: AsyncTarget, *events: Event) -> Awaitable[list[uuid.UUID]]: ...
+    def publish(self, target: AsyncTarget, *events: Event | Any) -> Awaitable[list[uuid.UUID]]: ...
 
     def publish(
-        self, target: SyncTarget | AsyncTarget, *events: Event
+        self, target: SyncTarget | AsyncTarget, *events: Event | Any
     ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
         """Record `events` in `target`'s current transaction; never commits. Returns their ids.
 
@@ -270,15 +272,15 @@ default_outbox = Outbox()
 
 
 @overload
-def publish(target: SyncTarget, *events: Event) -> list[uuid.UUID]: ...
+def publish(target: SyncTarget, *events: Event | Any) -> list[uuid.UUID]: ...
 
 
 @overload
-def publish(target: AsyncTarget, *events: Event) -> Awaitable[list[uuid.UUID]]: ...
+def publish(target: AsyncTarget, *events: Event | Any) -> Awaitable[list[uuid.UUID]]: ...
 
 
 def publish(
-    target: SyncTarget | AsyncTarget, *events: Event
+    target: SyncTarget | AsyncTarget, *events: Event | Any
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
     """Record `events` in the caller's transaction with the default `Outbox()`."""
     return default_outbox.publish(target, *events)

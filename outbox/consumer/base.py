@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar, Unpack
@@ -122,15 +123,26 @@ class ConsumerBase(Generic[H]):
         if not callable(function):
             raise ConfigurationError(f"a handler must be callable, not {function!r}")
 
-    def handler(self, *event_types: str) -> Callable[[H], H]:
-        """Register the decorated function for `event_types` (at least one)."""
+    def handler(self, *event_types: str | type) -> Callable[[H], H]:
+        """Register the decorated function for `event_types` (at least one): event type names,
+        or classes declared with `@outbox.event_type`, whose handlers get the validated model
+        (`handler(session, event)` or `handler(session, event, message)`)."""
         if not event_types:
             raise ConfigurationError(
                 "handler() needs at least one event type; use default_handler for the rest"
             )
+        classes = [t for t in event_types if isinstance(t, type)]
+        if classes and len(classes) != len(event_types):
+            raise ConfigurationError("handler() takes event type names or classes, not both")
 
         def register(function: H) -> H:
-            return self.handlers.add(event_types, function)
+            if not classes:
+                return self.handlers.add(typing.cast(tuple[str, ...], event_types), function)
+            from outbox.contracts.handlers import typed_handler
+
+            names, wrapper = typed_handler(classes, function, self.config.name)
+            self.handlers.add(names, typing.cast(H, wrapper))
+            return function
 
         return register
 

@@ -39,6 +39,11 @@ class SchemaNames:
         return f"{self.table}_relay_position"
 
     @property
+    def shards_table(self) -> str:
+        """A sharded outbox's shards, one row each (`outbox migrate up --shards N`)."""
+        return f"{self.table}_shards"
+
+    @property
     def channel(self) -> str:
         """LISTEN/NOTIFY channel that wakes the polling relay."""
         return f"{self.table}_{self.schema}"[:63]
@@ -58,6 +63,8 @@ class SchemaNames:
             "inbox_table": sql.Identifier(self.inbox_table),
             "pending_index": sql.Identifier(f"{self.table}_pending_idx"),
             "txid_index": sql.Identifier(f"{self.table}_txid_idx"),
+            "shards_table": sql.Identifier(self.shards_table),
+            "shard_index": sql.Identifier(f"{self.table}_shard_idx"),
             "position_key": sql.Identifier(f"{self.table}_position_key"),
             "notify_function": sql.Identifier(f"{self.table}_notify"),
             "notify_trigger": sql.Identifier(f"{self.table}_notify_trigger"),

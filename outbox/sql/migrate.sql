@@ -21,3 +21,7 @@ SELECT to_regclass(%(table)s) IS NOT NULL
 -- name: lock
 -- One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
 SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: shard_count
+-- N of a sharded outbox (`migrate up --shards N`): its shards table has a row per shard.
+SELECT count(*) FROM {schema}.{shards_table}

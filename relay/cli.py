@@ -133,6 +133,18 @@ def relay_command(
     shutdown_timeout: Annotated[float, typer.Option(
         envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
         help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
+    shards: Annotated[bool, typer.Option(
+        "--shards", envvar="OUTBOX_SHARDS", show_envvar=True,
+        help="postgres-poll on a sharded outbox (`outbox migrate up --shards N`): one of "
+             "several relays, each publishing the shards it holds.")] = False,
+    shard_lease: Annotated[str, typer.Option(
+        envvar="OUTBOX_SHARD_LEASE", show_envvar=True,
+        help="postgres-poll --shards: a relay gone (dead, hung or cut off) for this long "
+             "loses its shards to the others.")] = "10s",
+    relay_id_header: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_RELAY_ID_HEADER", show_envvar=True,
+        help="Kafka header naming the relay run that published each message "
+             "(host:pid:run), e.g. outbox-relay.")] = None,
     print_config: Annotated[bool, typer.Option(
         help="Print the effective settings (secrets redacted) and exit.")] = False,
 ) -> None:
@@ -168,6 +180,9 @@ def relay_command(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
+            shards=shards,
+            shard_lease=parse_duration(shard_lease, "shard_lease").total_seconds(),
+            relay_id_header=relay_id_header,
             stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
         )
 

@@ -1,0 +1,169 @@
+"""Several polling relays over one sharded outbox (`outbox migrate up --shards N`,
+`outbox relay --shards`): which relay publishes which shards, and when shards move.
+
+PostgreSQL does the coordination, with session advisory locks of the outbox's table key:
+
+- **a shard's lease** is the lock (table key, shard), taken by a relay on the connection that
+  reads and deletes the shard's rows. The lock lives exactly as long as that session: a shard is
+  never read by two relays at once, and a new owner starts only once the old owner's session
+  has ended. A relay gives its shards up only at the end of a run, after the core's drain.
+- **liveness** is the lock (table key, -backend pid) each running relay holds on a membership
+  connection of its own (kept across runs, so a rebalancing relay is not counted out); the live
+  relays are counted in pg_locks. Nothing is written: no heartbeat table to clean up.
+- **the lease bound**: both sessions are set to end when idle for longer than the lease
+  (`idle_session_timeout`), and a relay touches them every quarter of it. A relay that dies
+  releases its locks at once (the server sees the connection close); one that hangs or is cut
+  off loses them after the lease. The others look every quarter of the lease: a dead relay's
+  shards move within the lease and a quarter of it (plus the new owner's drain of its own
+  shards before it takes them).
+- **spreading**: each relay aims at ceil(N / live) shards. One that holds more, or fewer while
+  a shard is free, ends its run (drain, apply, release everything) and claims again up to its
+  aim, free shards first from a place of its own (its pid), so relays do not all try the same
+  shard. A relay that gets none waits as a standby.
+
+Per-key order holds because a key is in one shard (the hash of its aggregate_id) and a shard has
+one owner at a time that publishes its rows in position order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from outbox.conninfo import libpq_url, redact
+from outbox.names import SchemaNames
+from relay import queries
+from relay.errors import SourceUnavailableError
+
+log = logging.getLogger(__name__)
+
+# The relays look at the shards' owners this many times per lease.
+CHECKS_PER_LEASE = 4
+
+
+# -- decisions without I/O --------------------------------------------------------------------
+
+
+def aim(shards: int, live: int) -> int:
+    """How many shards one of `live` relays holds at most."""
+    return math.ceil(shards / max(live, 1))
+
+
+@dataclass(frozen=True)
+class Survey:
+    """The advisory locks of one outbox: each shard's owner (a backend pid), the live relays."""
+
+    owners: Mapping[int, int]  # shard -> pid of the session holding its lease
+    relays: int  # membership locks: relays running on this outbox
+
+    def free(self, shards: int) -> list[int]:
+        return [shard for shard in range(shards) if shard not in self.owners]
+
+
+def survey_of(rows: Sequence[tuple[Any, ...]]) -> Survey:
+    """A Survey from the `shard_locks` rows (second key as an unsigned oid, pid, ...)."""
+    owners: dict[int, int] = {}
+    relays = 0
+    for objid, pid, *_ in rows:
+        if int(objid) >= 2**31:  # a negative second key: a relay's membership
+            relays += 1
+        else:
+            owners[int(objid)] = int(pid)
+    return Survey(owners, relays)
+
+
+def to_claim(survey: Survey, shards: int, held: int, start: int) -> list[int]:
+    """Free shards to try, up to the aim, beginning at `start` (spreads concurrent claims)."""
+    wanted = aim(shards, survey.relays) - held
+    if wanted <= 0:
+        return []
+    free = survey.free(shards)
+    free.sort(key=lambda shard: (shard - start) % shards)
+    return free
+
+
+def why_rebalance(survey: Survey, shards: int, held: int) -> str | None:
+    """Why a relay holding `held` shards should give them up and claim again (None: stay)."""
+    target = aim(shards, survey.relays)
+    if held > target:
+        return f"{survey.relays} relays share {shards} shards: at most {target} each, {held} held"
+    free = len(survey.free(shards))
+    if held < target and free:
+        return f"{free} shard(s) without an owner, {held} held of {target}"
+    return None
+
+
+def lock_parts(key: int) -> int:
+    """The classid under which pg_locks shows the first int4 key of a two-key lock."""
+    return key & 0xFFFF_FFFF
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+def lease_setting(lease: float) -> str:
+    """idle_session_timeout for a lease, in milliseconds."""
+    return str(max(1, round(lease * 1000)))
+
+
+class RelayMembership:
+    """This relay's membership of the outbox's relays: a session holding (table key, -pid)
+    while the daemon runs; it reads the owners of the shards (`survey`)."""
+
+    def __init__(self, db_url: str, names: SchemaNames, key: int, lease: float) -> None:
+        self._url = db_url
+        self._names = names
+        self._key = key
+        self._lease = lease
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def survey(self) -> Survey:
+        """The shards' owners and the live relays now (joining first, if not yet a member)."""
+        try:
+            conn = self._joined()
+            rows = conn.execute(queries.query("poll.sql", "shard_locks", self._names),
+                                {"classid": lock_parts(self._key)}).fetchall()
+        except psycopg.OperationalError as exc:
+            self.close()
+            raise SourceUnavailableError(
+                f"lost PostgreSQL (relay membership): {redact(str(exc))}") from exc
+        return survey_of(rows)
+
+    def _joined(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn = psycopg.connect(libpq_url(self._url), autocommit=True, connect_timeout=10)
+        conn.execute(queries.query("poll.sql", "lease", self._names),
+                     {"lease": lease_setting(self._lease)})
+        conn.execute(queries.query("poll.sql", "join_relays", self._names), {"key": self._key})
+        self._conn = conn
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class RunStop(threading.Event):
+    """The stop of one run of a sharded relay: the daemon's stop, or the run's own end, set by
+    its source (on the run's thread) to give its shards up after the core's drain."""
+
+    def __init__(self, daemon_stop: threading.Event) -> None:
+        super().__init__()
+        self._daemon_stop = daemon_stop
+
+    def is_set(self) -> bool:
+        return self._daemon_stop.is_set() or super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # Only this run's thread sets the run's own end, never while it waits here.
+        if super().is_set():
+            return True
+        return self._daemon_stop.wait(timeout) or super().is_set()

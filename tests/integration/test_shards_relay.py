@@ -1,0 +1,206 @@
+"""Several polling relays over a sharded outbox (relay/poll/shards.py): shards spread over the
+live relays, move when one dies or joins, and no shard is ever published by two at once."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from outbox import migrate
+from outbox.names import SchemaNames
+from relay import queries
+from relay.poll.relay import PollConfig
+from relay.poll.shards import Survey, lock_parts, survey_of
+from relay.settings import RelaySettings
+from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
+from tests.support.ledger import Ledger
+from tests.support.relays import RelayProcess, RelayThread, wait_for
+from tests.support.writers import SequencedWriter
+
+pytestmark = pytest.mark.integration
+
+SHARDS = 12
+HEADER = "outbox-relay"
+LEASE = "3s"
+
+
+@pytest.fixture
+def sharded_url(db_url: str) -> str:
+    with psycopg.connect(db_url) as conn:
+        migrate.up(conn, SchemaNames(), shards=SHARDS)
+    return db_url
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str) -> str:
+    name = unique_topic("shards")
+    create_topics(kafka_bootstrap, name, partitions=4)
+    return name
+
+
+def survey(db_url: str) -> Survey:
+    key = PollConfig(db_url=db_url).leader_key
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(queries.query("poll.sql", "shard_locks", SchemaNames()),
+                            {"classid": lock_parts(key)}).fetchall()
+    return survey_of(rows)
+
+
+def spread_over(db_url: str, relays: int) -> bool:
+    """Every shard owned, by `relays` sessions, none holding more than its even share."""
+    found = survey(db_url)
+    per_owner: dict[int, int] = defaultdict(int)
+    for pid in found.owners.values():
+        per_owner[pid] += 1
+    return (len(found.owners) == SHARDS and len(per_owner) == relays
+            and max(per_owner.values()) <= -(-SHARDS // relays))
+
+
+def relay_args(db_url: str, bootstrap: str) -> list[str]:
+    return ["--source", "postgres-poll", "--shards", "--db", db_url, "--kafka", bootstrap,
+            "--shard-lease", LEASE, "--poll-interval", "0.5s", "--relay-id-header", HEADER]
+
+
+def segments(messages: list[Received]) -> dict[str, list[str]]:
+    """Per key, in partition order, the relay runs that wrote it, consecutive ones merged."""
+    runs: dict[str, list[str]] = defaultdict(list)
+    for message in messages:
+        assert message.key is not None
+        writer = message.headers[HEADER]
+        if not runs[message.key] or runs[message.key][-1] != writer:
+            runs[message.key].append(writer)
+    return runs
+
+
+def assert_no_two_writers_at_once(messages: list[Received]) -> None:
+    """A relay run publishes a key's messages in one stretch: once another run wrote the key,
+    the first never writes it again (it would if both published the key's shard at once)."""
+    for key, runs in segments(messages).items():
+        assert len(runs) == len(set(runs)), f"key {key}: relay runs interleaved: {runs}"
+
+
+class Writers:
+    """Threads publishing sequenced events of many keys until stopped."""
+
+    def __init__(self, db_url: str, topic: str, ledger: Ledger, threads: int = 3) -> None:
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self._threads = [threading.Thread(target=self._write, args=(db_url, topic, ledger, n))
+                         for n in range(threads)]
+
+    def _write(self, db_url: str, topic: str, ledger: Ledger, n: int) -> None:
+        writer = SequencedWriter(topic, ledger)
+        try:
+            with psycopg.connect(db_url) as conn:
+                i = 0
+                while not self.stop.is_set():
+                    # Keys of each thread its own (per-key sequences), 40 of them.
+                    writer.write(conn, writer.events(f"w{n}-k{i % 40}", 1)
+                                 + writer.events(f"w{n}-k{(i + 7) % 40}", 1))
+                    i += 1
+                    self.stop.wait(0.002)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def __enter__(self) -> Writers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def processes() -> Iterator[list[RelayProcess]]:
+    started: list[RelayProcess] = []
+    yield started
+    for relay in started:
+        relay.close()
+
+
+def test_three_relays_one_killed_one_joining_lose_nothing_and_never_share_a_shard(
+    sharded_url: str, kafka_bootstrap: str, topic: str, tmp_path: Path,
+    processes: list[RelayProcess],
+) -> None:
+    ledger = Ledger()
+    reader = TopicReader(kafka_bootstrap, topic)
+
+    def start(name: str) -> RelayProcess:
+        relay = RelayProcess(*relay_args(sharded_url, kafka_bootstrap),
+                             log=tmp_path / f"{name}.log").start()
+        processes.append(relay)
+        return relay
+
+    try:
+        first, second, third = start("a"), start("b"), start("c")
+        wait_for(lambda: spread_over(sharded_url, 3), 60, "12 shards over 3 relays")
+        with Writers(sharded_url, topic, ledger):
+            reader.read_until(lambda got: len(got) >= 300, 60)
+            first.kill(signal.SIGKILL)
+            # The dead relay's shards move to the two others (its session ends at once; they
+            # look every quarter of the lease).
+            wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the 2 survivors")
+            written = len(ledger.entries)
+            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            start("d")
+            wait_for(lambda: spread_over(sharded_url, 3), 60, "the joining relay gets shards")
+            written = len(ledger.entries)
+            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+        delivered = reader.read_ids(ledger.committed_ids, timeout=120)
+        delivered = reader.drain()
+    finally:
+        reader.close()
+    ledger.check(delivered).assert_holds()
+    assert_no_two_writers_at_once(delivered)
+    # Not vacuous: shards did move, so keys were written by several runs one after another.
+    assert len({m.headers[HEADER] for m in delivered}) >= 4
+    assert any(len(runs) > 1 for runs in segments(delivered).values())
+    # SIGTERM: each relay drains, releases its shards and exits cleanly.
+    for relay in (second, third, processes[-1]):
+        assert relay.kill(signal.SIGTERM) == 0, relay.log()[-2000:]
+    assert survey(sharded_url).owners == {}
+
+
+def test_a_relay_alone_takes_every_shard_and_publishes_only_with_shards(
+    sharded_url: str, kafka_bootstrap: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    SequencedWriter(topic, ledger).write_many(sharded_url, keys=30, per_key=5)
+    settings = RelaySettings(source="postgres-poll", db_url=sharded_url,
+                             kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=2.0,
+                             poll_interval=0.2)
+    reader = TopicReader(kafka_bootstrap, topic)
+    try:
+        with RelayThread(settings):
+            delivered = reader.read_ids(ledger.committed_ids)
+            assert len(survey(sharded_url).owners) == SHARDS
+        ledger.check(reader.drain()).assert_holds()
+    finally:
+        reader.close()
+    unsharded = RelayThread(RelaySettings(source="postgres-poll", db_url=sharded_url,
+                                          kafka_bootstrap=kafka_bootstrap)).start()
+    with pytest.raises(Exception, match=r"is sharded \(12 shards\): run every relay of it with "
+                                        r"--shards"):
+        unsharded.stop()
+    assert delivered
+
+
+def test_shards_on_an_outbox_that_is_not_sharded_is_refused(
+    db_url: str, kafka_bootstrap: str,
+) -> None:
+    relay = RelayThread(RelaySettings(source="postgres-poll", db_url=db_url,
+                                      kafka_bootstrap=kafka_bootstrap, shards=True)).start()
+    with pytest.raises(Exception, match=r"not sharded; run `outbox migrate up --db URL "
+                                        r"--shards N`"):
+        relay.stop()
+

@@ -3,6 +3,7 @@ live relays, move when one dies or joins, and no shard is ever published by two 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections import defaultdict
@@ -18,6 +19,7 @@ from relay import queries
 from relay.poll.relay import PollConfig
 from relay.poll.shards import Survey, lock_parts, survey_of
 from relay.settings import RelaySettings
+from tests.integration.test_ops_status_doctor import gather, outbox_cli
 from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
@@ -204,3 +206,33 @@ def test_shards_on_an_outbox_that_is_not_sharded_is_refused(
                                         r"--shards N`"):
         relay.stop()
 
+
+
+def test_status_shows_every_shard_with_its_owner_and_backlog(
+    sharded_url: str, kafka_bootstrap: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    SequencedWriter(topic, ledger).write_many(sharded_url, keys=24, per_key=2)
+    report = gather(sharded_url)
+    assert report.shards is not None and report.shards.relays == 0
+    assert [s.shard for s in report.shards.shards] == list(range(SHARDS))
+    assert sum(s.pending for s in report.shards.shards) == 48
+    assert all(s.owner_pid is None for s in report.shards.shards)
+    settings = RelaySettings(source="postgres-poll", db_url=sharded_url,
+                             kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=2.0,
+                             poll_interval=0.2)
+    with RelayThread(settings):
+        def drained_and_owned() -> bool:
+            shards = gather(sharded_url).shards
+            return shards is not None and shards.relays == 1 and all(
+                s.owner_pid is not None and s.pending == 0 for s in shards.shards)
+
+        wait_for(drained_and_owned, 60, "one relay owning every shard, all published")
+        table = outbox_cli("status", "--db", sharded_url)
+        machine = outbox_cli("status", "--db", sharded_url, "--json")
+    assert table.returncode == 0, table.stderr
+    assert f"{SHARDS}, {SHARDS} owned, 1 relay(s) running" in table.stdout
+    assert "shard 11" in table.stdout and "backlog 0" in table.stdout
+    shards = json.loads(machine.stdout)["shards"]
+    assert shards["relays"] == 1 and len(shards["shards"]) == SHARDS
+    assert len({s["owner_pid"] for s in shards["shards"]}) == 1

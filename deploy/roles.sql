@@ -49,6 +49,7 @@
 
 \set parked_table :table '_parked'
 \set position_table :table '_relay_position'
+\set shards_table :table '_shards'
 \set app_role :prefix '_app'
 \set poll_role :prefix '_relay_poll'
 \set wal_role :prefix '_relay_wal'
@@ -107,6 +108,12 @@ GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"poll_role";
 ALTER ROLE :"poll_role" SET tcp_keepalives_idle = 30;
 ALTER ROLE :"poll_role" SET tcp_keepalives_interval = 10;
 ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
+-- A sharded outbox (`outbox migrate up --shards N`; run this script again after sharding): the
+-- polling relays read the shard count from its shards table. Their leases are advisory locks,
+-- counted in pg_locks (readable by every role); no grant for those.
+SELECT pg_catalog.format('GRANT SELECT ON %I.%I TO %I', :'schema', :'shards_table', :'poll_role')
+WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_table')) IS NOT NULL
+\gexec
 
 -- WAL relay: LOGIN REPLICATION is what streaming needs; pgoutput checks no table privilege.
 -- It removes the rows it published from the outbox (DELETE, which needs SELECT for its WHERE;

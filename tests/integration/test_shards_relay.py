@@ -19,6 +19,7 @@ from relay import queries
 from relay.poll.relay import PollConfig
 from relay.poll.shards import Survey, lock_parts, survey_of
 from relay.settings import RelaySettings
+from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
 from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
@@ -236,3 +237,21 @@ def test_status_shows_every_shard_with_its_owner_and_backlog(
     shards = json.loads(machine.stdout)["shards"]
     assert shards["relays"] == 1 and len(shards["shards"]) == SHARDS
     assert len({s["owner_pid"] for s in shards["shards"]}) == 1
+
+
+def test_the_poll_relay_role_runs_a_sharded_relay(
+    sharded_url: str, pg_admin_url: str, kafka_bootstrap: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    SequencedWriter(topic, ledger).write_many(sharded_url, keys=12, per_key=3)
+    reader = TopicReader(kafka_bootstrap, topic)
+    try:
+        with roles_for(sharded_url, pg_admin_url) as roles:
+            settings = RelaySettings(source="postgres-poll", db_url=roles.url("relay_poll"),
+                                     kafka_bootstrap=kafka_bootstrap, shards=True,
+                                     shard_lease=2.0, poll_interval=0.2)
+            with RelayThread(settings):
+                delivered = reader.read_ids(ledger.committed_ids)
+        ledger.check(delivered).assert_holds()
+    finally:
+        reader.close()

@@ -300,6 +300,11 @@ class PollSource:
             page_cur = conn.execute(self._query(reads["fetch_page"]), {
                 "after": cursor.after, "limit": limit, "shards": shards})
             conn.execute(self._query("end_snapshot"))
+        if self._membership is not None:
+            # psycopg ends a pipeline with a flush request after its sync, and the server arms
+            # its idle-session timer only at a sync: without one more statement a relay that
+            # hangs now would keep its shards' leases for ever.
+            conn.execute(self._query("touch"))
         xmax, in_progress = snapshot_cur.fetchone() or ("0", [])
         late_rows = late_cur.fetchall() if late_cur is not None else []
         page = page_cur.fetchall()

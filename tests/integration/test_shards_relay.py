@@ -255,3 +255,23 @@ def test_the_poll_relay_role_runs_a_sharded_relay(
         ledger.check(delivered).assert_holds()
     finally:
         reader.close()
+
+
+def test_a_hung_relay_loses_its_shards_after_the_lease_and_rejoins_when_it_wakes(
+    sharded_url: str, kafka_bootstrap: str, tmp_path: Path, processes: list[RelayProcess],
+) -> None:
+    for name in ("a", "b"):
+        processes.append(RelayProcess(*relay_args(sharded_url, kafka_bootstrap),
+                                      log=tmp_path / f"{name}.log").start())
+    wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over 2 relays")
+    hung, alive = processes
+    assert hung.process is not None
+    hung.process.send_signal(signal.SIGSTOP)  # connected but silent: only the lease frees it
+    try:
+        wait_for(lambda: spread_over(sharded_url, 1), 60, "the live relay taking every shard")
+    finally:
+        hung.process.send_signal(signal.SIGCONT)
+    # Awake, it finds its sessions ended, starts again and gets its share back.
+    wait_for(lambda: spread_over(sharded_url, 2), 60, "the woken relay rejoining")
+    assert "lost PostgreSQL" in hung.log()
+    assert alive.kill(signal.SIGTERM) == 0

@@ -240,6 +240,7 @@ class PollSource:
                 log.info("other relays hold every shard this relay may take; waiting as standby",
                          extra={"event": "relay_standby", "relays": survey.relays})
                 announced = True
+            conn.execute(self._query("touch"))  # a standby's session lives on too
             stop.wait(self._check_every)
         return False
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +276,36 @@ def test_a_hung_relay_loses_its_shards_after_the_lease_and_rejoins_when_it_wakes
     wait_for(lambda: spread_over(sharded_url, 2), 60, "the woken relay rejoining")
     assert "lost PostgreSQL" in hung.log()
     assert alive.kill(signal.SIGTERM) == 0
+
+
+def test_a_standby_outlives_many_leases_and_takes_over_when_the_owner_stops(
+    db_url: str, kafka_bootstrap: str, topic: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with psycopg.connect(db_url) as conn:
+        migrate.up(conn, SchemaNames(), shards=1)  # one shard: the second relay waits
+    settings = RelaySettings(source="postgres-poll", db_url=db_url,
+                             kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=1.0,
+                             poll_interval=0.2)
+    ledger = Ledger()
+    reader = TopicReader(kafka_bootstrap, topic)
+    try:
+        with RelayThread(settings) as owner:
+            wait_for(lambda: len(survey(db_url).owners) == 1, 30, "the first relay's claim")
+            with RelayThread(settings):
+                wait_for(lambda: survey(db_url).relays == 2, 30, "the standby joining")
+                first_owner = survey(db_url).owners[0]
+                # An observation window, not a synchronisation: for four leases, with nothing
+                # to publish, no session may be ended (the server would end an untouched one
+                # after one lease, and the relay would restart: caplog).
+                time.sleep(4 * settings.shard_lease)
+                assert survey(db_url).relays == 2
+                owner.stop()
+                wait_for(lambda: survey(db_url).owners.get(0) not in (None, first_owner), 30,
+                         "the standby taking the shard over")
+                SequencedWriter(topic, ledger).write_many(db_url, keys=5, per_key=4)
+                delivered = reader.read_ids(ledger.committed_ids)
+        ledger.check(delivered).assert_holds()
+    finally:
+        reader.close()
+    restarts = [r for r in caplog.records if getattr(r, "event", "") == "relay_restart"]
+    assert not restarts, [r.__dict__.get("error") for r in restarts]

@@ -22,6 +22,7 @@ from relay.poll.shards import Survey, lock_parts, survey_of
 from relay.settings import RelaySettings
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
+from tests.integration.test_relay_metrics import free_port, get, metric
 from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
@@ -180,14 +181,16 @@ def test_a_relay_alone_takes_every_shard_and_publishes_only_with_shards(
 ) -> None:
     ledger = Ledger()
     SequencedWriter(topic, ledger).write_many(sharded_url, keys=30, per_key=5)
+    port = free_port()
     settings = RelaySettings(source="postgres-poll", db_url=sharded_url,
                              kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=2.0,
-                             poll_interval=0.2)
+                             poll_interval=0.2, metrics_port=port)
     reader = TopicReader(kafka_bootstrap, topic)
     try:
         with RelayThread(settings):
             delivered = reader.read_ids(ledger.committed_ids)
             assert len(survey(sharded_url).owners) == SHARDS
+            assert metric(get(port, "/metrics")[1], "outbox_shards_held") == SHARDS
         ledger.check(reader.drain()).assert_holds()
     finally:
         reader.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -111,6 +112,36 @@ def shard_count(conn: psycopg.Connection[Any], names: SchemaNames) -> int | None
     return int(counted[0]) if counted else 0
 
 
+def resize_shards(
+    conn: psycopg.Connection[Any], names: SchemaNames, shards: int,
+    *, check: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> int:
+    """Give a sharded outbox another shard count: each row's shard is computed again, in one
+    transaction with the outbox locked. Returns the count it had. `check` runs inside, once
+    the tables are locked (the relay's: no relay may be running), and may raise to refuse."""
+    if conn.autocommit:
+        raise MigrationError("resize needs a connection with autocommit off")
+    check_shards(shards)
+    try:
+        with conn.transaction():
+            conn.execute(_query("lock", names), {"key": _ADVISORY_LOCK_KEY})
+            current = shard_count(conn, names)
+            if current is None:
+                raise MigrationError(
+                    f"table {names.schema}.{names.table} is not sharded: run "
+                    f"`{command(names)} --shards N` to shard it")
+            if current != shards:
+                conn.execute(_query("lock_for_resize", names))
+                if check is not None:
+                    check(conn)
+                conn.execute(_query("unshard", names))
+                conn.execute(sharding().render(names, shards))
+    except psycopg.Error as exc:
+        raise MigrationError(f"resize failed, nothing was changed: {exc}") from exc
+    conn.commit()
+    return current
+
+
 def command(names: SchemaNames, columns: str | None = "native") -> str:
     """The `outbox migrate up` command line that sets up this table (for error messages)."""
     args = ["outbox migrate up --db URL"]
@@ -213,8 +244,9 @@ def _shard(
         if current != shards:
             raise MigrationError(
                 f"table {names.schema}.{names.table} has {current} shards, not {shards}: "
-                f"the shard count is fixed when the outbox is sharded; changing it is a resize, "
-                f"see {RESIZE_DOC}")
+                "the shard count is fixed when the outbox is sharded; change it with "
+                f"`outbox shards resize --shards {shards}` once every relay is stopped "
+                f"({RESIZE_DOC})")
         return False
     conn.execute(migration.render(names, shards))
     conn.execute(

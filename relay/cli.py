@@ -578,6 +578,39 @@ def slot_recover(
     typer.echo(report.summary())
 
 
+shards_app = typer.Typer(help="A sharded outbox (`outbox migrate up --shards N`).",
+                         no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("resize")
+def shards_resize(
+    db: DbOption,
+    shards: Annotated[int | None, typer.Option(
+        "--shards", envvar="OUTBOX_SHARD_COUNT", show_envvar=True,
+        help="The new shard count.")] = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Give a sharded outbox another shard count: every row's shard is computed again, in one
+    transaction with the outbox locked (writers wait). Refused while a relay of it runs."""
+    from outbox import migrate
+    from relay.poll.relay import PollConfig
+    from relay.poll.shards import refuse_running_relays
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    if shards is None:
+        fail("give the new count with --shards M")
+    key = PollConfig(db_url=db, names=names).leader_key
+    with connect(db) as conn:
+        old = guarded(lambda: migrate.resize_shards(
+            conn, names, shards, check=lambda locked: refuse_running_relays(locked, names, key)))
+    if old == shards:
+        typer.echo(f"{schema}.{table} has {shards} shards already: nothing to do")
+    else:
+        typer.echo(f"resized {schema}.{table} from {old} to {shards} shards")
+
+
 def main() -> None:
     """The `outbox` console script: the library's main, on the app that now has every command."""
     outbox_main()

@@ -249,10 +249,9 @@ def read_leader(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> 
 
 def read_shards(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Shards:
     """Each shard's owner (its lease lock, relay/poll/shards.py) and backlog."""
-    from relay.poll.shards import lock_parts, survey_of
+    from relay.poll.shards import read_locks, survey_of
 
-    locks = conn.execute(queries.query("poll.sql", "shard_locks", names),
-                         {"classid": lock_parts(key)}).fetchall()
+    locks = read_locks(conn, names, key)
     survey = survey_of(locks)
     clients = {int(row[1]): row[2] for row in locks}
     reports = []

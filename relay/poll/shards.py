@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 
 from outbox.conninfo import libpq_url, redact
+from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import SourceUnavailableError
@@ -112,6 +113,29 @@ def lease_setting(lease: float) -> str:
     return str(max(1, round(lease * 1000)))
 
 
+def read_survey(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Survey:
+    """The shards' owners and the relays running on the outbox of table key `key`, now."""
+    return survey_of(read_locks(conn, names, key))
+
+
+def read_locks(
+    conn: psycopg.Connection[Any], names: SchemaNames, key: int
+) -> list[tuple[Any, ...]]:
+    """The `shard_locks` rows: (second key, pid, client address, application name)."""
+    return conn.execute(queries.query("poll.sql", "shard_locks", names),
+                        {"classid": lock_parts(key)}).fetchall()
+
+
+def refuse_running_relays(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> None:
+    """Raise while a relay of the outbox runs (or holds a shard): `outbox shards resize`."""
+    survey = read_survey(conn, names, key)
+    running = max(survey.relays, len(set(survey.owners.values())))
+    if running:
+        raise ConfigurationError(
+            f"{running} relay(s) of {names.schema}.{names.table} are running: stop every relay "
+            "of the outbox first (SIGTERM: each drains), resize, then start them again")
+
+
 class RelayMembership:
     """This relay's membership of the outbox's relays: a session holding (table key, -pid)
     while the daemon runs; it reads the owners of the shards (`survey`)."""
@@ -126,14 +150,11 @@ class RelayMembership:
     def survey(self) -> Survey:
         """The shards' owners and the live relays now (joining first, if not yet a member)."""
         try:
-            conn = self._joined()
-            rows = conn.execute(queries.query("poll.sql", "shard_locks", self._names),
-                                {"classid": lock_parts(self._key)}).fetchall()
+            return read_survey(self._joined(), self._names, self._key)
         except psycopg.OperationalError as exc:
             self.close()
             raise SourceUnavailableError(
                 f"lost PostgreSQL (relay membership): {redact(str(exc))}") from exc
-        return survey_of(rows)
 
     def _joined(self) -> psycopg.Connection[Any]:
         if self._conn is not None and not self._conn.closed:

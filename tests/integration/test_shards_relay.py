@@ -16,9 +16,8 @@ import pytest
 
 from outbox import migrate
 from outbox.names import SchemaNames
-from relay import queries
 from relay.poll.relay import PollConfig
-from relay.poll.shards import Survey, lock_parts, survey_of
+from relay.poll.shards import Survey, read_survey
 from relay.settings import RelaySettings
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
@@ -52,9 +51,7 @@ def topic(kafka_bootstrap: str) -> str:
 def survey(db_url: str) -> Survey:
     key = PollConfig(db_url=db_url).leader_key
     with psycopg.connect(db_url, autocommit=True) as conn:
-        rows = conn.execute(queries.query("poll.sql", "shard_locks", SchemaNames()),
-                            {"classid": lock_parts(key)}).fetchall()
-    return survey_of(rows)
+        return read_survey(conn, SchemaNames(), key)
 
 
 def spread_over(db_url: str, relays: int) -> bool:
@@ -312,3 +309,44 @@ def test_a_standby_outlives_many_leases_and_takes_over_when_the_owner_stops(
         reader.close()
     restarts = [r for r in caplog.records if getattr(r, "event", "") == "relay_restart"]
     assert not restarts, [r.__dict__.get("error") for r in restarts]
+
+
+def test_resize_computes_every_rows_shard_again_and_is_refused_while_a_relay_runs(
+    sharded_url: str, empty_db_url: str, kafka_bootstrap: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    writer.write_many(sharded_url, keys=40, per_key=3)
+    settings = RelaySettings(source="postgres-poll", db_url=sharded_url,
+                             kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=2.0,
+                             poll_interval=0.2)
+    reader = TopicReader(kafka_bootstrap, topic)
+    try:
+        with RelayThread(settings):
+            reader.read_ids(ledger.committed_ids)
+            refused = outbox_cli("shards", "resize", "--db", sharded_url, "--shards", "5")
+            assert refused.returncode == 1
+            assert "1 relay(s) of public.outbox are running: stop every relay" in refused.stderr
+        # Rows waiting while no relay runs: they change shards with the count.
+        writer.write_many(sharded_url, keys=40, per_key=3)
+        resized = outbox_cli("shards", "resize", "--db", sharded_url, "--shards", "5")
+        assert resized.returncode == 0, resized.stderr
+        assert f"from {SHARDS} to 5 shards" in resized.stdout
+        same = outbox_cli("shards", "resize", "--db", sharded_url, "--shards", "5")
+        assert same.returncode == 0 and "has 5 shards already" in same.stdout
+        with psycopg.connect(sharded_url) as conn, psycopg.connect(empty_db_url) as fresh:
+            assert migrate.shard_count(conn, SchemaNames()) == 5
+            pending = dict(conn.execute("SELECT aggregate_id, shard FROM outbox").fetchall())
+            migrate.up(fresh, SchemaNames(), shards=5)  # the same keys in a 5-shard outbox
+            SequencedWriter(topic, Ledger()).write_many(empty_db_url, keys=40, per_key=1)
+            expected = dict(fresh.execute("SELECT aggregate_id, shard FROM outbox").fetchall())
+        assert len(pending) == 40 and pending == expected
+        with RelayThread(settings):
+            delivered = reader.read_ids(ledger.committed_ids)
+        delivered = reader.drain()
+    finally:
+        reader.close()
+    ledger.check(delivered).assert_holds()
+    unsharded = outbox_cli("shards", "resize", "--db", empty_db_url, "--shards", "3",
+                           "--table", "other")
+    assert unsharded.returncode == 1 and "is not sharded" in unsharded.stderr

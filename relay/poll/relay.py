@@ -30,15 +30,7 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
-from relay.poll.shards import (
-    CHECKS_PER_LEASE,
-    RelayMembership,
-    RunStop,
-    aim,
-    lease_setting,
-    to_claim,
-    why_rebalance,
-)
+from relay.poll.shards import RelayMembership, RunStop, ShardLeases
 from relay.published import backlog_gauges, expire_interval, purge_expired
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
@@ -128,9 +120,9 @@ class PollSource:
 
     One relay is active per outbox table: a session advisory lock elects it, the others wait as
     standbys. A row is deleted (or marked) only once its delivery succeeded; the row's position
-    is its token. On a sharded outbox (`membership` given: relay/poll/shards.py) the relay
-    holds some shards instead, reads only their rows, and ends its run (`end_run`) when the
-    shards should be spread again.
+    is its token. On a sharded outbox (`leases` given: relay/poll/shards.py) the relay holds
+    some shards instead, reads only their rows, and its run ends when they should be spread
+    again.
     """
 
     name = "postgres-poll"
@@ -139,8 +131,7 @@ class PollSource:
     after_failure = "unacknowledged events will be sent again"
 
     def __init__(
-        self, config: PollConfig, stats: RelayStats,
-        membership: RelayMembership | None = None, end_run: Callable[[], None] | None = None,
+        self, config: PollConfig, stats: RelayStats, leases: ShardLeases | None = None
     ) -> None:
         self.config = config
         self.stats = stats
@@ -153,12 +144,8 @@ class PollSource:
         self._conn: psycopg.Connection[Any] | None = None
         self._listener: psycopg.Connection[Any] | None = None
         self._cursor = PollCursor()
-        self._membership = membership
-        self._end_run = end_run
-        self.held: tuple[int, ...] = ()  # the shards this run holds (sharded outbox)
-        self._check_every = config.shard_lease / CHECKS_PER_LEASE
-        self._next_check = 0.0
-        self._reads = {name: f"{name}_sharded" if membership is not None else name
+        self.leases = leases
+        self._reads = {name: f"{name}_sharded" if leases is not None else name
                        for name in ("fetch_late", "fetch_page")}
 
     def _query(self, name: str) -> Any:
@@ -179,8 +166,9 @@ class PollSource:
                 self._conn, self._listener = conn, listener
                 self.stats.source_connected = True
                 try:
-                    leading = (self._lead(conn, stop) if self._membership is None
-                               else self._claim(conn, self._membership, stop))
+                    leading = (self._lead(conn, stop) if self.leases is None
+                               else self.leases.claim(conn, stop))
+                    self.stats.leader = leading
                     if leading:
                         listener.execute(self._query("listen"))
                         log.info("polling relay active", extra={
@@ -208,69 +196,11 @@ class PollSource:
             stop.wait(self.config.standby_interval)
         return False
 
-    def _claim(
-        self, conn: psycopg.Connection[Any], membership: RelayMembership, stop: threading.Event
-    ) -> bool:
-        """Wait as a standby until this relay holds shards: up to its aim of the free ones."""
-        config = self.config
-        shards = config.shard_count
-        assert shards is not None, "check_schema reads the shard count"
-        conn.execute(self._query("lease"), {"lease": lease_setting(config.shard_lease)})
-        start = conn.info.backend_pid % shards
-        announced = False
-        while not stop.is_set():
-            survey = membership.survey()
-            target, held = aim(shards, survey.relays), list[int]()
-            for shard in to_claim(survey, shards, 0, start):
-                if len(held) == target:
-                    break
-                row = conn.execute(self._query("try_shard"),
-                                   {"key": config.leader_key, "shard": shard}).fetchone()
-                if row == (True,):
-                    held.append(shard)
-            if held:
-                self.held = tuple(sorted(held))
-                self.stats.leader = True
-                self._next_check = time.monotonic() + self._check_every
-                log.info("polling relay holds shards", extra={
-                    "event": "shards_claimed", "shards": list(self.held),
-                    "relays": survey.relays, "shard_count": shards})
-                return True
-            if not announced:
-                log.info("other relays hold every shard this relay may take; waiting as standby",
-                         extra={"event": "relay_standby", "relays": survey.relays})
-                announced = True
-            conn.execute(self._query("touch"))  # a standby's session lives on too
-            stop.wait(self._check_every)
-        return False
-
-    def _check_shards(self, *, may_end: bool) -> bool:
-        """Every quarter of the lease: touch the session, check the leases are still this
-        session's, and (`may_end`) end the run when the shards should be spread again."""
-        membership = self._membership
-        if membership is None or time.monotonic() < self._next_check:
-            return False
-        self._next_check = time.monotonic() + self._check_every
-        conn = self.conn
-        conn.execute(self._query("touch"))
-        survey = membership.survey()
-        mine = conn.info.backend_pid
-        lost = [shard for shard in self.held if survey.owners.get(shard) != mine]
-        if lost:  # the server ended the session's locks: never read those shards again
-            raise SourceUnavailableError(f"lost the lease of shard(s) {lost}")
-        reason = why_rebalance(survey, self.config.shard_count or 0, len(self.held))
-        if reason is None or not may_end or self._end_run is None:
-            return False
-        log.info("giving shards up to spread them again", extra={
-            "event": "shards_rebalance", "shards": list(self.held), "reason": reason})
-        self._end_run()
-        return True
-
     def held_keys(self) -> KeyHolds:
         return parked.held_keys(self.conn, self.config.names)
 
     def read(self, sink: Sink[int], park: Callable[[Refused], None], busy: bool) -> int:
-        if self._check_shards(may_end=True):
+        if self.leases is not None and self.leases.check(self.conn, may_end=True):
             self.caught_up = False  # the run ends: no idle work, the core drains
             return 0
         limit = self.config.batch_size
@@ -289,7 +219,8 @@ class PollSource:
     ) -> list[tuple[Any, ...]]:
         """Late rows and the next page, from one snapshot, in one round trip."""
         late_cur = None
-        reads, shards = self._reads, list(self.held)
+        reads = self._reads
+        shards = list(self.leases.held) if self.leases is not None else None
         with conn.pipeline():
             conn.execute(self._query("begin_snapshot"))
             snapshot_cur = conn.execute(self._query("snapshot"))
@@ -301,7 +232,7 @@ class PollSource:
             page_cur = conn.execute(self._query(reads["fetch_page"]), {
                 "after": cursor.after, "limit": limit, "shards": shards})
             conn.execute(self._query("end_snapshot"))
-        if self._membership is not None:
+        if self.leases is not None:
             # psycopg ends a pipeline with a flush request after its sync, and the server arms
             # its idle-session timer only at a sync: without one more statement a relay that
             # hangs now would keep its shards' leases for ever.
@@ -331,7 +262,8 @@ class PollSource:
     def keep_alive(self) -> None:
         """Nothing to keep alive unsharded (the connections idle between statements); sharded,
         the sessions are touched within their lease while the sink is slow."""
-        self._check_shards(may_end=False)
+        if self.leases is not None:
+            self.leases.check(self.conn, may_end=False)
 
     def on_caught_up(self) -> None:
         """Delete kept rows past their retention, at most once a minute (it scans the table)."""
@@ -383,18 +315,24 @@ class ShardedRelay:
         self.stats = stats
         self.topic_limits = topic_limits
         self.source: PollSource | None = None
-        stats.gauges["shards_held"] = lambda: len(self.source.held) if self.source else 0
+        stats.gauges["shards_held"] = lambda: (
+            len(self.source.leases.held) if self.source and self.source.leases else 0)
 
     def run(self, stop: threading.Event) -> None:
         config = self.config
         membership = RelayMembership(config.db_url, config.names, config.leader_key,
                                      config.shard_lease)
+        previous: tuple[int, ...] = ()
         try:
             while not stop.is_set():
                 run_stop = RunStop(stop)
-                self.source = PollSource(config, self.stats, membership, run_stop.set)
+                # The shards of the run before first: a rebalance moves only what must move.
+                leases = ShardLeases(config.names, config.leader_key, config.shard_count or 0,
+                                     config.shard_lease, membership, run_stop.set, previous)
+                self.source = PollSource(config, self.stats, leases)
                 sink = kafka_sink(self.publisher_config, self.stats, self.topic_limits)
                 RelayCore(self.source, sink, self.stats).run(run_stop)
+                previous = leases.held
         finally:
             self.source = None
             membership.close()

@@ -18,8 +18,8 @@ PostgreSQL does the coordination, with session advisory locks of the outbox's ta
   shards before it takes them).
 - **spreading**: each relay aims at ceil(N / live) shards. One that holds more, or fewer while
   a shard is free, ends its run (drain, apply, release everything) and claims again up to its
-  aim, free shards first from a place of its own (its pid), so relays do not all try the same
-  shard. A relay that gets none waits as a standby.
+  aim: its previous shards first (only the surplus moves), then free ones from a place of its
+  own (its pid), so relays do not all try the same shard. One that gets none is a standby.
 
 Per-key order holds because a key is in one shard (the hash of its aggregate_id) and a shard has
 one owner at a time that publishes its rows in position order.
@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +80,14 @@ def survey_of(rows: Sequence[tuple[Any, ...]]) -> Survey:
     return Survey(owners, relays)
 
 
-def to_claim(survey: Survey, shards: int, held: int, start: int) -> list[int]:
-    """Free shards to try, up to the aim, beginning at `start` (spreads concurrent claims)."""
-    wanted = aim(shards, survey.relays) - held
-    if wanted <= 0:
-        return []
+def to_claim(
+    survey: Survey, shards: int, start: int, prefer: Collection[int] = ()
+) -> list[int]:
+    """Free shards in the order to try them: those in `prefer` (the relay's previous run's, so
+    that a rebalance moves only what must move), then from `start` on (spreads the claims of
+    relays starting together)."""
     free = survey.free(shards)
-    free.sort(key=lambda shard: (shard - start) % shards)
+    free.sort(key=lambda shard: (shard not in prefer, (shard - start) % shards))
     return free
 
 
@@ -146,6 +148,7 @@ class RelayMembership:
         self._key = key
         self._lease = lease
         self._conn: psycopg.Connection[Any] | None = None
+        self.pid = 0  # of the membership session: a relay's place among the shards
 
     def survey(self) -> Survey:
         """The shards' owners and the live relays now (joining first, if not yet a member)."""
@@ -163,13 +166,88 @@ class RelayMembership:
         conn.execute(queries.query("poll.sql", "lease", self._names),
                      {"lease": lease_setting(self._lease)})
         conn.execute(queries.query("poll.sql", "join_relays", self._names), {"key": self._key})
-        self._conn = conn
+        self._conn, self.pid = conn, conn.info.backend_pid
         return conn
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class ShardLeases:
+    """The shards one run of a sharded relay holds: claimed on the connection that reads them
+    (`claim`), checked every quarter of the lease (`check`), released with that connection."""
+
+    def __init__(
+        self, names: SchemaNames, key: int, shards: int, lease: float,
+        membership: RelayMembership, end_run: Callable[[], None],
+        prefer: Collection[int] = (),
+    ) -> None:
+        self.names = names
+        self.key = key
+        self.shards = shards
+        self.lease = lease
+        self.membership = membership
+        self.held: tuple[int, ...] = ()
+        self._end_run = end_run
+        self._prefer = prefer
+        self._check_every = lease / CHECKS_PER_LEASE
+        self._next_check = 0.0
+
+    def _query(self, name: str) -> Any:
+        return queries.query("poll.sql", name, self.names)
+
+    def claim(self, conn: psycopg.Connection[Any], stop: threading.Event) -> bool:
+        """Wait as a standby until this relay holds shards: up to its aim of the free ones.
+        True once it holds some, False if stopped first."""
+        conn.execute(self._query("lease"), {"lease": lease_setting(self.lease)})
+        announced = False
+        while not stop.is_set():
+            survey = self.membership.survey()
+            start = self.membership.pid % self.shards
+            target, held = aim(self.shards, survey.relays), list[int]()
+            for shard in to_claim(survey, self.shards, start, self._prefer):
+                if len(held) == target:
+                    break
+                row = conn.execute(self._query("try_shard"),
+                                   {"key": self.key, "shard": shard}).fetchone()
+                if row == (True,):
+                    held.append(shard)
+            if held:
+                self.held = tuple(sorted(held))
+                self._next_check = time.monotonic() + self._check_every
+                log.info("polling relay holds shards", extra={
+                    "event": "shards_claimed", "shards": list(self.held),
+                    "relays": survey.relays, "shard_count": self.shards})
+                return True
+            if not announced:
+                log.info("other relays hold every shard this relay may take; waiting as standby",
+                         extra={"event": "relay_standby", "relays": survey.relays})
+                announced = True
+            conn.execute(self._query("touch"))  # a standby's session lives on too
+            stop.wait(self._check_every)
+        return False
+
+    def check(self, conn: psycopg.Connection[Any], *, may_end: bool) -> bool:
+        """Every quarter of the lease: touch the session, check the leases are still its own,
+        and (`may_end`) end the run when the shards should be spread again (True then)."""
+        if time.monotonic() < self._next_check:
+            return False
+        self._next_check = time.monotonic() + self._check_every
+        conn.execute(self._query("touch"))
+        survey = self.membership.survey()
+        mine = conn.info.backend_pid
+        lost = [shard for shard in self.held if survey.owners.get(shard) != mine]
+        if lost:  # the server ended the session's locks: never read those shards again
+            raise SourceUnavailableError(f"lost the lease of shard(s) {lost}")
+        reason = why_rebalance(survey, self.shards, len(self.held))
+        if reason is None or not may_end:
+            return False
+        log.info("giving shards up to spread them again", extra={
+            "event": "shards_rebalance", "shards": list(self.held), "reason": reason})
+        self._end_run()
+        return True
 
 
 class RunStop(threading.Event):

@@ -27,10 +27,10 @@ def test_survey_reads_shard_owners_and_relay_memberships_from_the_lock_rows() ->
     assert survey.free(6) == [1, 2, 3, 4]
 
 
-def test_claims_start_at_the_relays_own_place_and_stop_at_its_aim() -> None:
+def test_claims_try_the_previous_shards_first_then_from_the_relays_own_place() -> None:
     survey = Survey(owners={0: 1, 1: 1}, relays=3)
-    assert to_claim(survey, 12, held=0, start=7) == [7, 8, 9, 10, 11, 2, 3, 4, 5, 6]
-    assert to_claim(survey, 12, held=4, start=7) == []
+    assert to_claim(survey, 12, start=7) == [7, 8, 9, 10, 11, 2, 3, 4, 5, 6]
+    assert to_claim(survey, 12, start=7, prefer=(1, 3, 4)) == [3, 4, 7, 8, 9, 10, 11, 2, 5, 6]
 
 
 @pytest.mark.parametrize(("owners", "relays", "held", "moves"), [

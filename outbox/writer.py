@@ -24,7 +24,7 @@ from outbox.errors import (
 from outbox.event import Event, Serializer, json_serializer
 from outbox.identifiers import check_identifier
 from outbox.record import OutboxRecord
-from outbox.tracing import current_traceparent
+from outbox.tracing import current_trace_headers, with_trace_headers
 
 if TYPE_CHECKING:
     # SQLAlchemy is imported only when a SQLAlchemy target is used (outbox/_sqlalchemy.py):
@@ -79,7 +79,7 @@ class Outbox:
 
     def records(self, events: Sequence[Event]) -> list[OutboxRecord]:
         """Validate and serialise `events`; raises before anything is written."""
-        traceparent = current_traceparent() if self.capture_trace_context else None
+        trace = current_trace_headers() if self.capture_trace_context else {}
         serializer, max_bytes = self.serializer, self.max_payload_bytes
         records = []
         for event in events:
@@ -91,9 +91,8 @@ class Outbox:
                     f"payload of {event.event_type} event {event.id} is {len(payload)} bytes; "
                     f"the maximum is {max_bytes} (Outbox.max_payload_bytes)"
                 )
-            headers = event.headers  # the event's own copy, never changed: safe to share
-            if traceparent and "traceparent" not in headers:
-                headers = {**headers, "traceparent": traceparent}
+            # The event's own copy, never changed: safe to share when there is no context.
+            headers = with_trace_headers(event.headers, trace)
             records.append(
                 OutboxRecord(
                     event.id,

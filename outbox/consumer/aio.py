@@ -32,6 +32,7 @@ from outbox.consumer.errors import ConsumerError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Received
 from outbox.consumer.schedule import PurgeSchedule, RunLimits, dead_letter_delay
+from outbox.consumer.tracing import process_span
 from outbox.consumer.waiting import AsyncRunContext, AsyncStopEvent, wait_async
 from outbox.errors import ConfigurationError
 
@@ -69,7 +70,8 @@ class AsyncDriver:
                     handler = handlers.lookup(step.message)
                     assert handler is not None
                     try:
-                        await handler(tx.handle, step.message)
+                        with process_span(step.message, config.name):
+                            await handler(tx.handle, step.message)
                     except Exception as exc:
                         reply = exc
                 elif isinstance(step, Begin):

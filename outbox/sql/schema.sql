@@ -15,10 +15,12 @@ CREATE TABLE public.outbox (
     headers        jsonb       NOT NULL DEFAULT '{}',
     created_at     timestamptz NOT NULL DEFAULT now(),
     txid           xid8        NOT NULL DEFAULT pg_current_xact_id(),
-    published_at   timestamptz
+    published_at   timestamptz,
+    commit_lsn     pg_lsn
 );
 CREATE INDEX outbox_pending_idx ON public.outbox (position) WHERE published_at IS NULL;
 CREATE INDEX outbox_txid_idx ON public.outbox (txid) WHERE published_at IS NULL;
+-- (commit_lsn is added by 0005: the WAL relay's commit order of a kept row, for replay.)
 
 -- 0002: events the relay could never publish, and the notification that wakes the relay.
 CREATE TABLE public.outbox_parked (

@@ -3,8 +3,9 @@
 The WAL relay reads events from the log, not from the table, so nothing else would ever remove
 their rows: the table, its indexes and `outbox status`'s backlog would grow forever. Once Kafka
 acknowledged every event of a transaction, its rows are deleted (or, with keep_published,
-marked, and deleted once older than that), by transaction id, in chunks, on a connection and a
-thread of their own so that streaming does not wait for them.
+marked with their commit LSN for `outbox replay`, and deleted once older than that), by
+transaction id, in chunks, on a connection and a thread of their own so that streaming does not
+wait for them.
 
 The slot is confirmed past a transaction only after its rows are gone. A crash in between sends
 the transaction again from the slot (the log still holds it; the rows are not needed), which is
@@ -21,12 +22,20 @@ from collections import deque
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import FatalRelayError, SourceUnavailableError
-from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
+from relay.published import (
+    CHUNK_ROWS,
+    PURGE_CHUNKS_PER_TURN,
+    expire_interval,
+    full_txids,
+    purge_expired,
+)
+from relay.wal.lsn import format_lsn
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,8 @@ class TableCleaner:
         self.db_url = db_url
         self.names = names
         self.keep_published = keep_published
-        self._queue: deque[tuple[list[int], int]] = deque()
+        # (xid, commit LSN) of each transaction done, and the end of the last one
+        self._queue: deque[tuple[list[tuple[int, int]], int]] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._failure: BaseException | None = None
@@ -60,10 +70,11 @@ class TableCleaner:
             target=self._run, args=(conn,), name="outbox-table-cleaner", daemon=True)
         self._thread.start()
 
-    def done(self, xids: list[int], end_lsn: int) -> None:
-        """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`."""
+    def done(self, commits: list[tuple[int, int]], end_lsn: int) -> None:
+        """Kafka acknowledged every event of these transactions, (xid, commit LSN) each, the
+        last ending at `end_lsn`."""
         with self._wake:
-            self._queue.append((xids, end_lsn))
+            self._queue.append((commits, end_lsn))
             if len(self._queue) == 1:
                 self._wake.notify()
 
@@ -76,8 +87,8 @@ class TableCleaner:
             table = f"{self.names.schema}.{self.names.table}"
             raise FatalRelayError(
                 f"the WAL relay's role may not remove published rows from {table}: "
-                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at) for "
-                "--keep-published) on the table, as deploy/roles.sql does") from failure
+                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at, commit_lsn) "
+                "for --keep-published) on the table, as deploy/roles.sql does") from failure
         raise SourceUnavailableError(
             f"removing published rows failed: {redact(str(failure))}") from failure
 
@@ -98,26 +109,29 @@ class TableCleaner:
         # Kept rows are purged on time even while nothing new is published.
         wait = expire_interval(keep) if keep is not None else None
         last_expire = 0.0
+        purging = False  # a large purge under way: its next turn comes without waiting
         try:
             with conn:
                 while True:
-                    batch = self._take(wait)
+                    batch = self._take(0.0 if purging else wait)
                     if batch is None:
                         return
-                    xids = [xid for item_xids, _ in batch for xid in item_xids]
-                    if xids:
-                        self._remove(conn, xids)
+                    commits = [commit for item, _ in batch for commit in item]
+                    if commits:
+                        self._remove(conn, commits)
                     if batch:
                         self.cleaned_lsn = batch[-1][1]
                     if keep is not None and time.monotonic() - last_expire >= expire_interval(keep):
-                        purge_expired(conn, self.names, keep)
-                        last_expire = time.monotonic()
+                        _, finished = purge_expired(conn, self.names, keep, PURGE_CHUNKS_PER_TURN)
+                        purging = not finished
+                        if finished:
+                            last_expire = time.monotonic()
         except BaseException as exc:  # reported to the relay's thread by check()
             self._failure = exc
             log.debug("table cleaner stopped", extra={"event": "cleaner_failed",
                                                       "error": redact(str(exc))})
 
-    def _take(self, wait: float | None) -> list[tuple[list[int], int]] | None:
+    def _take(self, wait: float | None) -> list[tuple[list[tuple[int, int]], int]] | None:
         """The queued transactions, up to MAX_XIDS (none after `wait` seconds without any);
         None once closing with nothing queued."""
         with self._wake:
@@ -137,13 +151,18 @@ class TableCleaner:
                 count += len(item[0])
             return batch
 
-    def _remove(self, conn: psycopg.Connection[Any], xids: list[int]) -> None:
+    def _remove(self, conn: psycopg.Connection[Any], commits: list[tuple[int, int]]) -> None:
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
-        txids = full_txids(xids, int(row[0]) if row else 0)
-        name = "mark_transactions" if self.keep_published else "delete_transactions"
-        statement = queries.query("published.sql", name, self.names)
+        txids = full_txids([xid for xid, _ in commits], int(row[0]) if row else 0)
+        params: dict[str, Any] = {"txids": txids}
+        if self.keep_published:
+            statement = queries.query("published.sql", "mark_transactions", self.names)
+            params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
+                                      for txid, (_, lsn) in zip(txids, commits, strict=True)})
+        else:
+            statement = queries.query("published.sql", "delete_transactions", self.names)
         while True:
-            count = conn.execute(statement, {"txids": txids}).rowcount
+            count = conn.execute(statement, params).rowcount
             self.removed += count
             if count < CHUNK_ROWS:
                 return

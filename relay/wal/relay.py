@@ -205,8 +205,8 @@ class WalRelaySource:
             if cleaner is None:
                 confirm = last.end_lsn
             else:
-                cleaner.done([t.position.xid for t in done if t.events and t.position],
-                             last.end_lsn)
+                cleaner.done([(t.position.xid, t.position.commit_lsn)
+                              for t in done if t.events and t.position], last.end_lsn)
         if cleaner is not None:
             cleaner.check()
             confirm = cleaner.cleaned_lsn
@@ -291,12 +291,18 @@ def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfi
     """What the role lacks to remove published rows (table mode), or None."""
     if config.source.table is None:
         return None
-    if "txid" not in slots.table_columns(conn, (config.source.schema, config.source.table)):
+    columns = slots.table_columns(conn, (config.source.schema, config.source.table))
+    if "txid" not in columns:
         return None  # nothing to find its rows by: they are left alone (see _cleaner)
     table = catalog.qualified(conn, config.names, config.names.table)
     wanted: list[tuple[str, str | None]] = [("DELETE", None)]
     if config.keep_published is not None:
-        wanted.append(("UPDATE", "published_at"))
+        if "commit_lsn" not in columns:
+            raise FatalRelayError(
+                f"table {table} has no column commit_lsn, which --keep-published marks (the "
+                "commit order `outbox replay` follows): run "
+                f"`{migrate.command(config.names, config.source.columns.layout)}` first")
+        wanted += [("UPDATE", "published_at"), ("UPDATE", "commit_lsn")]
     for privilege, column in wanted:
         if not catalog.may(conn, table, privilege, column):
             return f"{privilege} {table}" + (f" ({column})" if column else "")

@@ -282,7 +282,7 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
         parked = conn.execute("SELECT id FROM outbox_parked").fetchall()
     assert kept == ((6,) if keep else (0,))
     assert parked == [(misrouted.id,)]
-    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at) only
+    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at, commit_lsn) only
         assert denied(conn, "UPDATE outbox SET payload = ''")
         assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")

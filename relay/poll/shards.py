@@ -13,9 +13,10 @@ PostgreSQL does the coordination, with session advisory locks of the outbox's ta
 - **the lease bound**: both sessions are set to end when idle for longer than the lease
   (`idle_session_timeout`), and a relay touches them every quarter of it. A relay that dies
   releases its locks at once (the server sees the connection close); one that hangs or is cut
-  off loses them after the lease. The others look every quarter of the lease: a dead relay's
-  shards move within the lease and a quarter of it (plus the new owner's drain of its own
-  shards before it takes them).
+  off loses them after the lease. The others look every quarter of the lease (at their next
+  read, within a poll interval of it): a hung relay's shards move within 1.25 leases and a poll
+  interval, a dead one's within a quarter lease and a poll interval (plus the new owner's drain
+  of its own shards before it takes them).
 - **spreading**: each relay aims at ceil(N / live) shards. One that holds more, or fewer while
   a shard is free, ends its run (drain, apply, release everything) and claims again up to its
   aim: its previous shards first (only the surplus moves), then free ones from a place of its

@@ -67,3 +67,14 @@ def test_shard_lease_must_leave_room_for_a_read_and_sharding_needs_the_native_la
     with pytest.raises(ConfigurationError, match="shards=True applies to the postgres-poll"):
         RelaySettings(source="postgres-wal", kafka_bootstrap="k:9092", db_url="postgresql://x",
                       shards=True)
+
+
+def test_the_relay_id_header_may_not_replace_an_event_header() -> None:
+    from relay.sinks.kafka.sink import PublisherConfig, relay_run_id
+
+    with pytest.raises(ConfigurationError, match="relay_id_header='id'"):
+        PublisherConfig(bootstrap_servers="k:9092", relay_id_header="id")
+    with pytest.raises(ConfigurationError, match="relay_id_header=''"):
+        PublisherConfig(bootstrap_servers="k:9092", relay_id_header="")
+    first, second = relay_run_id(), relay_run_id()
+    assert first.rsplit(":", 1)[0] == second.rsplit(":", 1)[0] and first != second

@@ -147,8 +147,9 @@ def relay_command(
              "several relays, each publishing the shards it holds.")] = False,
     shard_lease: Annotated[str, typer.Option(
         envvar="OUTBOX_SHARD_LEASE", show_envvar=True,
-        help="postgres-poll --shards: a relay gone (dead, hung or cut off) for this long "
-             "loses its shards to the others.")] = "10s",
+        help="postgres-poll --shards: a relay gone (hung or cut off) for this long, plus "
+             "--shutdown-timeout, loses its shards to the others (a dead one at once).",
+    )] = "10s",
     relay_id_header: Annotated[str | None, typer.Option(
         envvar="OUTBOX_RELAY_ID_HEADER", show_envvar=True,
         help="Kafka header naming the relay run that published each message "

@@ -335,7 +335,8 @@ class ShardedRelay:
                 run_stop = RunStop(stop)
                 # The shards of the run before first: a rebalance moves only what must move.
                 leases = ShardLeases(config.names, config.leader_key, config.shard_count or 0,
-                                     config.shard_lease, membership, run_stop.set, previous)
+                                     config.shard_lease, config.shutdown_timeout, membership,
+                                     run_stop.set, previous)
                 self.source = PollSource(config, self.stats, leases)
                 sink = kafka_sink(self.publisher_config, self.stats, self.topic_limits)
                 RelayCore(self.source, sink, self.stats).run(run_stop)

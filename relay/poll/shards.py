@@ -10,13 +10,12 @@ PostgreSQL does the coordination, with session advisory locks of the outbox's ta
 - **liveness** is the lock (table key, -backend pid) each running relay holds on a membership
   connection of its own (kept across runs, so a rebalancing relay is not counted out); the live
   relays are counted in pg_locks. Nothing is written: no heartbeat table to clean up.
-- **the lease bound**: both sessions are set to end when idle for longer than the lease
-  (`idle_session_timeout`), and a relay touches them every quarter of it. A relay that dies
-  releases its locks at once (the server sees the connection close); one that hangs or is cut
-  off loses them after the lease. The others look every quarter of the lease (at their next
-  read, within a poll interval of it): a hung relay's shards move within 1.25 leases and a poll
-  interval, a dead one's within a quarter lease and a poll interval (plus the new owner's drain
-  of its own shards before it takes them).
+- **the lease bound**: the sessions are set to end when idle for longer than the lease
+  (`idle_session_timeout`; the one holding shards the lease plus the shutdown timeout, the
+  longest a drain waits for Kafka with it idle), and a relay touches them every quarter of the
+  lease. A relay that dies releases its locks at once (the server sees the connection close);
+  one that hangs or is cut off loses them after the lease and the shutdown timeout. The others
+  look every quarter of the lease (at their next read, within a poll interval of it).
 - **spreading**: each relay aims at ceil(N / live) shards. One that holds more, or fewer while
   a shard is free, ends its run (drain, apply, release everything) and claims again up to its
   aim: its previous shards first (only the surplus moves), then free ones from a place of its
@@ -181,7 +180,7 @@ class ShardLeases:
     (`claim`), checked every quarter of the lease (`check`), released with that connection."""
 
     def __init__(
-        self, names: SchemaNames, key: int, shards: int, lease: float,
+        self, names: SchemaNames, key: int, shards: int, lease: float, drain: float,
         membership: RelayMembership, end_run: Callable[[], None],
         prefer: Collection[int] = (),
     ) -> None:
@@ -189,6 +188,10 @@ class ShardLeases:
         self.key = key
         self.shards = shards
         self.lease = lease
+        # The session holding the shards idles during the run's drain (the core waits for
+        # Kafka's answers, up to the shutdown timeout): it may stay idle that much longer, so
+        # that a slow drain keeps its shards until it is over.
+        self.drain = drain
         self.membership = membership
         self.held: tuple[int, ...] = ()
         self._end_run = end_run
@@ -202,7 +205,7 @@ class ShardLeases:
     def claim(self, conn: psycopg.Connection[Any], stop: threading.Event) -> bool:
         """Wait as a standby until this relay holds shards: up to its aim of the free ones.
         True once it holds some, False if stopped first."""
-        conn.execute(self._query("lease"), {"lease": lease_setting(self.lease)})
+        conn.execute(self._query("lease"), {"lease": lease_setting(self.lease + self.drain)})
         announced = False
         while not stop.is_set():
             survey = self.membership.survey()

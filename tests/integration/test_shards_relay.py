@@ -265,9 +265,10 @@ def test_the_poll_relay_role_runs_a_sharded_relay(
 def test_a_hung_relay_loses_its_shards_after_the_lease_and_rejoins_when_it_wakes(
     sharded_url: str, kafka_bootstrap: str, tmp_path: Path, processes: list[RelayProcess],
 ) -> None:
-    for name in ("a", "b"):
+    for name in ("a", "b"):  # a hung relay keeps its shards for the lease and the drain's time
         processes.append(RelayProcess(*relay_args(sharded_url, kafka_bootstrap),
-                                      log=tmp_path / f"{name}.log").start())
+                                      "--shutdown-timeout", "2", log=tmp_path / f"{name}.log")
+                         .start())
     wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over 2 relays")
     hung, alive = processes
     assert hung.process is not None
@@ -289,7 +290,7 @@ def test_a_standby_outlives_many_leases_and_takes_over_when_the_owner_stops(
         migrate.up(conn, SchemaNames(), shards=1)  # one shard: the second relay waits
     settings = RelaySettings(source="postgres-poll", db_url=db_url,
                              kafka_bootstrap=kafka_bootstrap, shards=True, shard_lease=1.0,
-                             poll_interval=0.2)
+                             shutdown_timeout=1.0, poll_interval=0.2)
     ledger = Ledger()
     reader = TopicReader(kafka_bootstrap, topic)
     try:
@@ -300,7 +301,7 @@ def test_a_standby_outlives_many_leases_and_takes_over_when_the_owner_stops(
                 first_owner = survey(db_url).owners[0]
                 # An observation window, not a synchronisation: for four leases, with nothing
                 # to publish, no session may be ended (the server would end an untouched one
-                # after one lease, and the relay would restart: caplog).
+                # after the lease and the shutdown timeout; the relay would restart: caplog).
                 time.sleep(4 * settings.shard_lease)
                 assert survey(db_url).relays == 2
                 owner.stop()

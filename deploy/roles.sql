@@ -53,6 +53,7 @@
 \set position_table :table '_relay_position'
 \set sequence_table :table '_sequence'
 \set inbox_sequence_table :inbox_table '_sequence'
+\set shards_table :table '_shards'
 \set app_role :prefix '_app'
 \set poll_role :prefix '_relay_poll'
 \set wal_role :prefix '_relay_wal'
@@ -114,6 +115,12 @@ GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"poll_role";
 ALTER ROLE :"poll_role" SET tcp_keepalives_idle = 30;
 ALTER ROLE :"poll_role" SET tcp_keepalives_interval = 10;
 ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
+-- A sharded outbox (`outbox migrate up --shards N`; run this script again after sharding): the
+-- polling relays read the shard count from its shards table. Their leases are advisory locks,
+-- counted in pg_locks (readable by every role); no grant for those.
+SELECT pg_catalog.format('GRANT SELECT ON %I.%I TO %I', :'schema', :'shards_table', :'poll_role')
+WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_table')) IS NOT NULL
+\gexec
 
 -- WAL relay: LOGIN REPLICATION is what streaming needs; pgoutput checks no table privilege.
 -- It removes the rows it published from the outbox (DELETE, which needs SELECT for its WHERE;

@@ -56,6 +56,10 @@ class SchemaNames:
         """The consumer's last applied sequence number per aggregate (ordering="sequence")."""
         return f"{self.inbox_table}_sequence"
 
+    def shards_table(self) -> str:
+        """A sharded outbox's shards, one row each (`outbox migrate up --shards N`)."""
+        return f"{self.table}_shards"
+
     @property
     def channel(self) -> str:
         """LISTEN/NOTIFY channel that wakes the polling relay."""
@@ -78,6 +82,8 @@ class SchemaNames:
             "inbox_sequence_table": sql.Identifier(self.inbox_sequence_table),
             "pending_index": sql.Identifier(f"{self.table}_pending_idx"),
             "txid_index": sql.Identifier(f"{self.table}_txid_idx"),
+            "shards_table": sql.Identifier(self.shards_table),
+            "shard_index": sql.Identifier(f"{self.table}_shard_idx"),
             "position_key": sql.Identifier(f"{self.table}_position_key"),
             "notify_function": sql.Identifier(f"{self.table}_notify"),
             "notify_trigger": sql.Identifier(f"{self.table}_notify_trigger"),

@@ -141,6 +141,19 @@ def relay_command(
     shutdown_timeout: Annotated[float, typer.Option(
         envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
         help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
+    shards: Annotated[bool, typer.Option(
+        "--shards", envvar="OUTBOX_SHARDS", show_envvar=True,
+        help="postgres-poll on a sharded outbox (`outbox migrate up --shards N`): one of "
+             "several relays, each publishing the shards it holds.")] = False,
+    shard_lease: Annotated[str, typer.Option(
+        envvar="OUTBOX_SHARD_LEASE", show_envvar=True,
+        help="postgres-poll --shards: a relay gone (hung or cut off) for this long, plus "
+             "--shutdown-timeout, loses its shards to the others (a dead one at once).",
+    )] = "10s",
+    relay_id_header: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_RELAY_ID_HEADER", show_envvar=True,
+        help="Kafka header naming the relay run that published each message "
+             "(host:pid:run), e.g. outbox-relay.")] = None,
     print_config: Annotated[bool, typer.Option(
         help="Print the effective settings (secrets redacted) and exit.")] = False,
 ) -> None:
@@ -184,6 +197,9 @@ def relay_command(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
+            shards=shards,
+            shard_lease=parse_duration(shard_lease, "shard_lease").total_seconds(),
+            relay_id_header=relay_id_header,
             stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
             console_token=token,
         )
@@ -578,6 +594,39 @@ def slot_recover(
         typer.echo(f"slot {slot} is healthy and no recovery is pending: nothing to recover")
         return
     typer.echo(report.summary())
+
+
+shards_app = typer.Typer(help="A sharded outbox (`outbox migrate up --shards N`).",
+                         no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("resize")
+def shards_resize(
+    db: DbOption,
+    shards: Annotated[int | None, typer.Option(
+        "--shards", envvar="OUTBOX_SHARD_COUNT", show_envvar=True,
+        help="The new shard count.")] = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Give a sharded outbox another shard count: every row's shard is computed again, in one
+    transaction with the outbox locked (writers wait). Refused while a relay of it runs."""
+    from outbox import migrate
+    from relay.poll.relay import PollConfig
+    from relay.poll.shards import refuse_running_relays
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    if shards is None:
+        fail("give the new count with --shards M")
+    key = PollConfig(db_url=db, names=names).leader_key
+    with connect(db) as conn:
+        old = guarded(lambda: migrate.resize_shards(
+            conn, names, shards, check=lambda locked: refuse_running_relays(locked, names, key)))
+    if old == shards:
+        typer.echo(f"{schema}.{table} has {shards} shards already: nothing to do")
+    else:
+        typer.echo(f"resized {schema}.{table} from {old} to {shards} shards")
 
 
 @app.command("replay")

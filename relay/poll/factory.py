@@ -6,7 +6,13 @@ from collections.abc import Callable
 
 from relay import sources
 from relay.daemon import Relay
-from relay.poll.relay import PollConfig, check_schema, poll_gauges, polling_relay
+from relay.poll.relay import (
+    PollConfig,
+    ShardedRelay,
+    check_schema,
+    poll_gauges,
+    polling_relay,
+)
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -21,6 +27,8 @@ def config(settings: RelaySettings) -> PollConfig:
         keep_published=settings.keep_published,
         shutdown_timeout=settings.shutdown_timeout,
         columns=settings.column_mapping,
+        sharded=settings.shards,
+        shard_lease=settings.shard_lease,
     )
 
 
@@ -35,4 +43,6 @@ def gauges(config: PollConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     config, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    if config.sharded:
+        return lambda: ShardedRelay(config, publisher, stats, limits)
     return lambda: polling_relay(config, publisher, stats, limits)

@@ -3,7 +3,10 @@ reports each delivery; which Kafka errors are permanent is decided here."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import socket
 import string
 import time
 from collections.abc import Callable, Mapping
@@ -65,9 +68,16 @@ class PublisherConfig:
     topic_template: str = "{aggregate_type}"
     kafka_settings: Mapping[str, str] = field(default_factory=dict)
     allow_unsafe_kafka_settings: bool = False
+    # A header naming the relay run that published each message (see `relay_run_id`).
+    relay_id_header: str | None = None
 
     def __post_init__(self) -> None:
         check_topic_template(self.topic_template)
+        if self.relay_id_header is not None and (
+                not self.relay_id_header or self.relay_id_header in RESERVED_HEADERS):
+            raise ConfigurationError(
+                f"relay_id_header={self.relay_id_header!r}: give a header name other than "
+                f"{', '.join(sorted(RESERVED_HEADERS))}")
 
     def producer_settings(self) -> dict[str, str]:
         return producer_settings(
@@ -150,8 +160,13 @@ class KafkaSink(Generic[Token]):
         holds: KeyHolds | None = None,
         limits: TopicLimits | None = None,
         producer: Producer | None = None,
+        relay_id: str | None = None,
     ) -> None:
         self.config = config
+        # The relay run's header (config.relay_id_header), appended to every message's.
+        self._relay_header: list[tuple[str, str | bytes | None]] = (
+            [(config.relay_id_header, relay_id)]
+            if config.relay_id_header and relay_id else [])
         self._on_delivery = on_delivery
         # Successes, as (token, topic), for a caller that wants no Delivery object per event.
         self._on_delivered = on_delivered
@@ -230,13 +245,16 @@ class KafkaSink(Generic[Token]):
                 on_delivery(token, Delivery(record, topic))
 
         produce = self._producer.produce
+        headers = kafka_headers(record)
+        if self._relay_header:
+            headers += self._relay_header
         while True:
             try:
                 produce(
                     topic,
                     record.payload,
                     record.aggregate_id,  # a str: the binding encodes it to UTF-8 in C
-                    headers=kafka_headers(record),
+                    headers=headers,
                     on_delivery=delivered,
                 )
                 self.in_flight += 1
@@ -323,6 +341,15 @@ class KafkaSink(Generic[Token]):
         return up
 
 
+_RUNS = itertools.count(1)
+
+
+def relay_run_id() -> str:
+    """`host:pid:run`: which relay process published a message, and in which of its runs (a
+    run starts at each restart, and for a sharded relay at each claim of its shards)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{next(_RUNS)}"
+
+
 def kafka_sink(
     config: PublisherConfig, stats: RelayStats, limits: TopicLimits | None = None
 ) -> SinkFactory:
@@ -334,6 +361,7 @@ def kafka_sink(
     def make(on_delivery: OnDelivery, on_delivered: OnDelivered | None) -> Sink[Any]:
         return KafkaSink[Any](
             config, on_delivery, on_delivered=on_delivered, limits=limits,
-            on_broker_state=lambda up: setattr(stats, "broker_connected", up))
+            on_broker_state=lambda up: setattr(stats, "broker_connected", up),
+            relay_id=relay_run_id() if config.relay_id_header else None)
 
     return make

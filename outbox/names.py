@@ -56,6 +56,7 @@ class SchemaNames:
         """The consumer's last applied sequence number per aggregate (ordering="sequence")."""
         return f"{self.inbox_table}_sequence"
 
+    @property
     def shards_table(self) -> str:
         """A sharded outbox's shards, one row each (`outbox migrate up --shards N`)."""
         return f"{self.table}_shards"

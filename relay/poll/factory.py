@@ -10,6 +10,7 @@ from relay.poll.relay import (
     PollConfig,
     ShardedRelay,
     check_schema,
+    check_shards,
     poll_gauges,
     polling_relay,
 )
@@ -33,8 +34,9 @@ def config(settings: RelaySettings) -> PollConfig:
 
 
 def check(config: PollConfig, source: sources.Source) -> PollConfig:
-    """The tables, the role's privileges, and the type of a Debezium table's payload."""
-    return check_schema(config)
+    """The tables, the role's privileges, the type of a Debezium table's payload, and the
+    shard count of a sharded outbox (which needs --shards)."""
+    return check_shards(check_schema(config))
 
 
 def gauges(config: PollConfig) -> sources.Gauges:

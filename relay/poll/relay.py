@@ -350,7 +350,8 @@ def check_schema(config: PollConfig) -> PollConfig:
     """Fail at start-up, with the fix, when the outbox schema is missing or out of date.
 
     Returns the config to run with: for a table of another layout, its column mapping with
-    the payload type read from the table.
+    the payload type read from the table. Whether the table is sharded is a relay's question
+    (check_shards), not a reader's: `outbox replay` reads a sharded table as any other.
     """
     names = config.names
     setup = migrate.command(names, config.columns.layout)
@@ -366,7 +367,7 @@ def check_schema(config: PollConfig) -> PollConfig:
             raise FatalRelayError(
                 f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
                 f"run `{setup}` first")
-        return _check_shards(config)
+        return config
     if names.table in missing:
         raise FatalRelayError(
             f"table {names.schema}.{names.table} does not exist: with --columns "
@@ -401,7 +402,7 @@ def check_schema(config: PollConfig) -> PollConfig:
         config, columns=dataclasses.replace(columns, payload_type=payload_type))
 
 
-def _check_shards(config: PollConfig) -> PollConfig:
+def check_shards(config: PollConfig) -> PollConfig:
     """A sharded outbox needs sharded relays (--shards), and --shards a sharded outbox: one
     relay taking the table's lead and others holding shards would publish rows twice at once."""
     names = config.names

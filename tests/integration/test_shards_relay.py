@@ -355,3 +355,19 @@ def test_resize_computes_every_rows_shard_again_and_is_refused_while_a_relay_run
     unsharded = outbox_cli("shards", "resize", "--db", empty_db_url, "--shards", "3",
                            "--table", "other")
     assert unsharded.returncode == 1 and "is not sharded" in unsharded.stderr
+
+
+def test_a_relay_without_shards_on_a_sharded_outbox_and_the_reverse_are_refused(
+    sharded_url: str, empty_db_url: str, kafka_bootstrap: str
+) -> None:
+    unsharded = outbox_cli("relay", "--source", "postgres-poll", "--db", sharded_url,
+                           "--kafka", kafka_bootstrap)
+    assert unsharded.returncode == 1
+    assert f"is sharded ({SHARDS} shards): run every relay of it with --shards" in \
+        unsharded.stderr
+    with psycopg.connect(empty_db_url) as conn:
+        migrate.up(conn, SchemaNames())
+    sharded = outbox_cli("relay", "--source", "postgres-poll", "--shards", "--db", empty_db_url,
+                         "--kafka", kafka_bootstrap)
+    assert sharded.returncode == 1
+    assert "--shards: table public.outbox is not sharded" in sharded.stderr

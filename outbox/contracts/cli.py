@@ -91,5 +91,8 @@ def asyncapi_command(
         fail(explain(exc))
     if output is None:
         typer.echo(text, nl=False)
-    else:
+        return
+    try:
         output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        fail(f"--output {str(output)!r} cannot be written: {exc.strerror or exc}")

@@ -189,6 +189,8 @@ def test_the_cli_writes_yaml_or_json(tmp_path: Path) -> None:
     (["--app", "no_such_module_here:registry"], "cannot import no_such_module_here"),
     (["--app", f"{__name__}:billing"], "is Consumer, not an outbox.EventRegistry"),
     (["--app", f"{__name__}:registry", "--format", "xml"], "choose yaml or json"),
+    (["--app", f"{__name__}:registry", "--format", "json", "-o", "/no-such-dir/asyncapi.json"],
+     "--output '/no-such-dir/asyncapi.json' cannot be written: No such file or directory"),
 ])
 def test_the_cli_names_what_is_wrong(args: list[str], error: str) -> None:
     result = CliRunner().invoke(app, ["asyncapi", *args])

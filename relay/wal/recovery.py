@@ -36,7 +36,7 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Refused, Sink
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.relay import PollConfig, PollSource, connect, row_record
-from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.sinks.kafka.sink import PublisherConfig, kafka_sink, new_producer
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
 from relay.wal import recovery_state, slots
@@ -282,9 +282,9 @@ def _broker_reachable(publisher: PublisherConfig, stop: threading.Event, *,
                       once: bool = False) -> bool:
     """Wait until Kafka answers (False if `stop` comes first, or after one try with `once`): a
     recovery holds a snapshot open while it publishes, so it starts only once it can publish."""
-    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka import KafkaException
 
-    producer = Producer(publisher.producer_settings())
+    producer = new_producer(publisher.producer_settings())
     announced = False
     while not stop.is_set():
         try:

@@ -336,6 +336,8 @@ def test_cli_dry_run_sends_nothing_then_the_replay_prints_events_sent_per_topic(
      "is not before --until"),
     (["--all", "--table", "missing"], "table(s) missing, missing_parked missing"),
     (["--all", "--to-topic", "no spaces"], "is not a valid Kafka topic name"),
+    (["--all", "--kafka-setting", "no.such.setting=1"],
+     'kafka settings: No such configuration property: "no.such.setting"'),
 ])
 def test_bad_input_is_refused_before_anything_is_sent(
     db_url: str, kafka_bootstrap: str, topic: str, args: list[str], message: str
@@ -345,6 +347,7 @@ def test_bad_input_is_refused_before_anything_is_sent(
     result = outbox_cli("replay", "--db", db_url, "--kafka", kafka_bootstrap, *args)
     assert result.returncode != 0
     assert message in result.stderr
+    assert "Traceback" not in result.stderr
     reader = TopicReader(kafka_bootstrap, topic)
     assert reader.in_kafka() == 2
     reader.close()

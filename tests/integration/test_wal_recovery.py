@@ -123,6 +123,20 @@ def test_recover_without_kafka_refuses_before_changing_anything(wal: WalSlot) ->
         assert recovery_state.pending(conn, SchemaNames(), wal.slot) is None
 
 
+def test_recover_with_a_kafka_setting_librdkafka_refuses_says_so_before_changing_anything(
+    wal: WalSlot, kafka_bootstrap: str
+) -> None:
+    with psycopg.connect(wal.db_url, autocommit=True) as conn:
+        slots.drop_slot(conn, wal.slot)
+    done = slot_cli(*recover_args(wal, kafka_bootstrap, "--kafka-setting", "linger.ms=soon"))
+    assert done.returncode == 1
+    assert 'kafka settings: Invalid value for configuration property' in done.stderr
+    assert "Traceback" not in done.stderr
+    assert wal.status() is None
+    with psycopg.connect(wal.db_url) as conn:
+        assert recovery_state.pending(conn, SchemaNames(), wal.slot) is None
+
+
 def test_the_relay_refuses_recover_in_table_less_mode_at_start_up(
     db_url: str, kafka_bootstrap: str
 ) -> None:

@@ -94,6 +94,18 @@ def topic_limits_for(config: PublisherConfig) -> TopicLimits:
                        batch_limit(producer))
 
 
+def new_producer(settings: Mapping[str, Any]) -> Producer:
+    """A librdkafka producer. librdkafka checks setting names and values only here: one it does
+    not know or refuses (`--kafka-setting linger.ms=soon`) is a ConfigurationError naming it,
+    raised before anything is sent, not a traceback."""
+    try:
+        return Producer(dict(settings))
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        reason = error.str() if isinstance(error, KafkaError) else str(exc)
+        raise ConfigurationError(f"kafka settings: {reason}") from None
+
+
 def check_topic_template(template: str) -> None:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
@@ -175,7 +187,7 @@ class KafkaSink(Generic[Token]):
         self.on_wait: Callable[[], None] = on_wait or (lambda: None)
         self.holds = holds if holds is not None else KeyHolds()
         self.limits = limits if limits is not None else topic_limits_for(config)
-        self._producer = producer or Producer(
+        self._producer = producer or new_producer(
             # librdkafka's own log lines go through Python logging (structured, redacted).
             {**config.producer_settings(), "error_cb": self._on_client_error,
              "logger": logging.getLogger("relay.librdkafka")}

@@ -91,3 +91,26 @@ def test_tls_and_sasl_settings_pass_through(tmp_path: Path) -> None:
         "sasl.username": "relay", "sasl.password": "***",
         "ssl.ca.location": str(tmp_path / "ca.pem"),
     }
+
+
+@pytest.mark.parametrize("db", [
+    "app:Hunter-Secret-7@127.0.0.1:1/orders",  # no scheme
+    "postgresql://app:Hunter Secret-7@127.0.0.1:1/orders",  # a blank in the password
+    "postgresql://app:Hunter%zzSecret-7@127.0.0.1:1/orders",  # a bad percent-escape
+])
+@pytest.mark.parametrize("command", [
+    ["replay", "--all", "--dry-run"],
+    ["slot", "recover", "--kafka", "127.0.0.1:1"],
+    ["shards", "resize", "--shards", "2"],
+    ["migrate", "up", "--shards", "2"],
+    ["status"],
+])
+def test_a_malformed_db_url_is_refused_without_printing_its_password(
+    command: list[str], db: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", *command, "--db", db],
+                            capture_output=True, text=True, env=clean, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert "Secret-7" not in result.stdout + result.stderr

@@ -40,6 +40,13 @@ def test_modes_and_mappings_are_validated() -> None:
         ("mongodb://app:hunter2@m1,m2/orders?replicaSet=rs0", "hunter2"),
         ("sasl.password=hunter2", "hunter2"),
         ("postgresql://db/orders?password=hunter2&sslmode=require", "hunter2"),
+        # libpq's refusals of a malformed --db quote the string, or the part it choked on.
+        ('missing "=" after "app:hunter2@db/orders" in connection info string', "hunter2"),
+        ('missing "=" after "//app:hun"ter2@db/orders" in connection info string', "ter2"),
+        ('unexpected spaces found in "hunter 2", use percent-encoded spaces (%20) instead',
+         "hunter 2"),
+        ('invalid percent-encoded token: "hunter%zz2"', "hunter%zz2"),
+        ("app:hunter2@db:5432/orders", "hunter2"),
     ],
 )
 def test_secrets_are_redacted(text: str, secret: str) -> None:

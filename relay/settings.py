@@ -123,6 +123,11 @@ class RelaySettings:
             raise ConfigurationError(f"batch_size={self.batch_size} must be positive")
         if self.shutdown_timeout <= 0:
             raise ConfigurationError("shutdown_timeout must be positive")
+        # Both Postgres relays read it: one check, so that neither takes 0 as "keep nothing".
+        if self.keep_published is not None and self.keep_published <= dt.timedelta(0):
+            raise ConfigurationError(
+                f"keep_published={self.keep_published.total_seconds():g}s must be a positive "
+                "duration (leave it out to delete published rows)")
         if self.shard_lease <= 0:
             raise ConfigurationError(f"shard_lease={self.shard_lease} must be positive")
         if self.stall_timeout <= 0:

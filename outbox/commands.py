@@ -87,6 +87,11 @@ def command(
     commands about one entity, and their replies, in order. `aggregate_type` defaults to
     `command_type`; `headers` are the command's own (not the ones this module sets).
     """
+    # The consumer's rule for topic names (imported here: the writer's import stays light).
+    from outbox.consumer.settings import valid_topic
+
+    if not isinstance(command_type, str) or not command_type:
+        raise InvalidEventError(f"command_type must be a non-empty string, got {command_type!r}")
     reply_to = options.get("reply_to")
     if reply_to is not None and (not isinstance(reply_to, str) or not reply_to):
         raise InvalidEventError(
@@ -94,6 +99,13 @@ def command(
     if not isinstance(destination, str) or not destination:
         raise InvalidEventError(
             f"destination must be a non-empty topic name, got {destination!r}")
+    # Refused by Kafka, the command (or its reply) would be parked by a relay, after the
+    # sender's transaction committed: said now instead.
+    for option, topic in (("destination", destination), ("reply_to", reply_to)):
+        if topic is not None and not valid_topic(topic):
+            raise InvalidEventError(
+                f"{option} {topic!r} is not a valid Kafka topic name (letters, digits, '.', "
+                "'_', '-'; at most 249)")
     command_id = uuid7()
     own = _own_headers(options.get("headers"))
     own[MESSAGE_TYPE] = COMMAND

@@ -68,6 +68,24 @@ def test_bad_commands_are_refused_before_anything_is_written(bad: dict[str, Any]
         commands.command("AuthorizeCard", **bad)
 
 
+@pytest.mark.parametrize(("command_type", "options", "message"), [
+    # A topic Kafka refuses would park the command in the sender's relay, or its reply in the
+    # handling service's relay: both after the sender's transaction committed.
+    ("AuthorizeCard", {"destination": "payments commands"},
+     "destination 'payments commands' is not a valid Kafka topic name"),
+    ("AuthorizeCard", {"destination": "p" * 250}, "is not a valid Kafka topic name"),
+    ("AuthorizeCard", {"destination": "payments", "reply_to": "billing/replies"},
+     "reply_to 'billing/replies' is not a valid Kafka topic name"),
+    ("", {"destination": "payments"}, "command_type must be a non-empty string, got ''"),
+])
+def test_bad_topics_and_types_are_named(
+    command_type: str, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidEventError) as refused:
+        commands.command(command_type, **options)
+    assert message in str(refused.value)
+
+
 def test_replies_carry_the_command_id_outcome_and_key() -> None:
     command = as_received(commands.command("AuthorizeCard", destination="a", reply_to="r",
                                            aggregate_type="Order", aggregate_id="42")).message

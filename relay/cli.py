@@ -489,6 +489,7 @@ def slot_create(
     table: TableOption = "outbox",
     columns: ColumnsOption = "native",
     table_less: Annotated[bool, typer.Option(
+        envvar="OUTBOX_TABLE_LESS", show_envvar=True,
         help="Only pg_logical_emit_message events: the publication covers no table.")] = False,
 ) -> None:
     """Create the publication (the outbox table's event columns only) and the pgoutput slot."""

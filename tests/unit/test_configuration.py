@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
 import outbox
@@ -192,3 +195,32 @@ def test_readyz_details_the_slot_budget_without_failing_on_it() -> None:
     assert ready  # still correct; the disk is what is at risk
     assert detail["slot_over_wal_budget"] is True
     assert detail["slot_retained_wal_bytes"] == 5 << 20
+
+
+# Options that choose how a command prints, not what it works on: no environment variable.
+OUTPUT_OPTIONS = {("relay", "print_config"), ("status", "as_json"), ("doctor", "as_json"),
+                  ("migrate sql", "since"), ("migrate sql", "with_tracking"),
+                  ("parked list", "limit")}
+
+
+def test_every_setting_of_every_command_reads_an_outbox_variable_shown_in_help() -> None:
+    # An operator's OUTBOX_TABLE_LESS=true reached the relay and `slot recover` but not
+    # `slot create`, which then made a publication over the table.
+    import typer.main
+
+    from relay.cli import app
+
+    def commands(command: Any, path: str) -> Iterator[tuple[str, Any]]:
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, f"{path} {name}".strip())
+        if not hasattr(command, "commands"):
+            yield path, command
+
+    missing = [
+        (path, param.name)
+        for path, command in commands(typer.main.get_command(app), "")
+        for param in command.params
+        if param.param_type_name == "option" and param.name != "help"
+        and (path, param.name) not in OUTPUT_OPTIONS
+        and not (str(param.envvar or "").startswith("OUTBOX_") and param.show_envvar)]
+    assert missing == []

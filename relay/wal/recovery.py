@@ -119,8 +119,18 @@ def check_recoverable(conn: psycopg.Connection[Any], config: WalRelayConfig) -> 
         raise RecoveryRefusedError(f"table {source.schema}.{source.table} does not exist")
     # The new slot streams through the same publication: it must serve the relay first.
     needed = [column for column in source.published_columns if column in columns]
-    slots.check_publication(slots.publication_info(conn, source.publication),
-                            source.publication, (source.schema, source.table), needed)
+    publication = slots.publication_info(conn, source.publication)
+    if publication is None:
+        # `outbox slot create` makes the slot too, at the current position: a recovery would
+        # then find a healthy slot and leave the unpublished rows in the table for good.
+        raise RecoveryRefusedError(
+            f"publication {source.publication!r} does not exist in this database, and the "
+            "recovered slot streams through it. Create it (with a slot: the relay's setup "
+            f"step, `outbox slot create`, as the table's owner), drop that new slot alone "
+            f"(SELECT pg_drop_replication_slot('{source.slot}')), then run `outbox slot "
+            "recover` again; the unpublished rows wait in the outbox table meanwhile")
+    slots.check_publication(publication, source.publication, (source.schema, source.table),
+                            needed)
     if not {"txid", "published_at", "position"} <= set(columns):
         known = acknowledged(conn, config)
         since = (f"since {known.committed_at.isoformat()} (the last acknowledged commit)"

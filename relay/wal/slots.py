@@ -151,13 +151,14 @@ def check_slot(status: SlotStatus | None, slot: str, database: str) -> SlotStatu
     if status is None:
         raise SlotMissingError(
             f"replication slot {slot!r} does not exist. If this relay has never run against "
-            f"database {database!r}, create the slot and publication first (the relay's setup "
-            "step; relay.wal.source.setup). If it ran before, the slot was dropped: events "
-            "committed after its last confirmed position have not been relayed and the WAL "
-            "relay cannot read them any more. Recover them first (table mode: the rows are "
-            "still in the outbox table unless something deleted them; relay them with the "
-            "polling source), then create a new slot. The relay never creates a slot on its "
-            "own, so that such a gap cannot pass unnoticed."
+            f"database {database!r}, create the slot and publication first: `outbox slot "
+            "create`. If it ran before, the slot was dropped: events committed after its last "
+            "confirmed position have not been relayed and the WAL relay cannot read them any "
+            "more. Recover them first with `outbox slot recover` (table mode: it publishes the "
+            "rows still in the outbox table and makes the slot anew), or run the relay with "
+            "--on-slot-loss recover; do not simply create a new slot, which starts at the "
+            "current position. The relay never creates a slot on its own otherwise, so that "
+            "such a gap cannot pass unnoticed."
         )
     if status.slot_type != "logical" or status.plugin != PLUGIN:
         raise SlotMismatchError(
@@ -177,9 +178,9 @@ def check_slot(status: SlotStatus | None, slot: str, database: str) -> SlotStatu
             f"replication slot {slot!r} was invalidated (wal_status 'lost'): it kept more WAL "
             "than max_slot_wal_keep_size allows and the server removed WAL it still needed, so "
             f"events committed after {where} cannot be read from the log any more. Recover "
-            "them (table mode: relay the outbox rows with the polling source), then drop and "
-            "re-create the slot; raise max_slot_wal_keep_size or keep the relay running so "
-            "the slot keeps up"
+            "them with `outbox slot recover` (table mode: it publishes the outbox rows and "
+            "makes the slot anew), or run the relay with --on-slot-loss recover; raise "
+            "max_slot_wal_keep_size or keep the relay running so the slot keeps up"
         )
     if status.active:
         raise SlotInUseError(
@@ -274,8 +275,8 @@ def check_publication(
     with every one of `columns`, and without a row filter."""
     if info is None:
         raise PublicationMissingError(
-            f"publication {publication!r} does not exist in this database; create it in the "
-            "relay's setup step (relay.wal.source.setup)"
+            f"publication {publication!r} does not exist in this database; create it with "
+            "its slot in the relay's setup step: `outbox slot create`"
         )
     if table is None:
         return info

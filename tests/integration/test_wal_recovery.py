@@ -90,6 +90,39 @@ def test_a_slot_dropped_while_the_relay_was_stopped_is_recovered_without_a_loss(
     assert verdict.dup == 0  # the relay stopped cleanly: nothing was in flight
 
 
+def test_slot_and_publication_both_dropped_the_refusal_says_how_and_its_advice_loses_nothing(
+    wal: WalSlot, kafka_bootstrap: str, topic: str
+) -> None:
+    # `outbox slot drop` drops both. `outbox slot create` alone would then make a slot at the
+    # current position that recovery finds healthy: the unpublished rows would stay unsent.
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    with psycopg.connect(wal.db_url, autocommit=True) as conn:
+        slots.drop_slot(conn, wal.slot)
+        slots.drop_publication(conn, wal.publication)
+    writer.write_many(wal.db_url, keys=3, per_key=5)
+    refused = slot_cli(*recover_args(wal, kafka_bootstrap))
+    assert refused.returncode == 1
+    assert "Traceback" not in refused.stderr
+    advice = refused.stderr
+    assert f"publication {wal.publication!r} does not exist" in advice
+    assert wal.status() is None
+    # Follow the advice: the setup step, the slot alone dropped, then the recovery.
+    assert "`outbox slot create`" in advice and "pg_drop_replication_slot" in advice
+    made = slot_cli("create", "--db", wal.db_url, "--slot", wal.slot,
+                    "--publication", wal.publication)
+    assert made.returncode == 0, made.stderr
+    with psycopg.connect(wal.db_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (wal.slot,))
+    done = slot_cli(*recover_args(wal, kafka_bootstrap))
+    assert done.returncode == 0, done.stderr
+    assert f"recovered slot {wal.slot}: 15 events republished" in done.stdout
+    reader = TopicReader(kafka_bootstrap, topic)
+    reader.read_ids(ledger.committed_ids, timeout=60)
+    ledger.check(reader.drain(quiet=1.0)).assert_holds()
+    reader.close()
+
+
 def test_recover_leaves_a_healthy_slot_alone(wal: WalSlot, kafka_bootstrap: str) -> None:
     before = wal.status()
     done = slot_cli(*recover_args(wal, kafka_bootstrap))

@@ -141,12 +141,19 @@ def test_missing_slot_says_what_to_do() -> None:
     with pytest.raises(SlotMissingError, match="does not exist") as caught:
         slots.check_slot(None, "relay", "app")
     assert "never creates a slot" in str(caught.value)
+    # The commands that do it, not the manual procedure from before `outbox slot recover`.
+    assert "`outbox slot create`" in str(caught.value)
+    assert "`outbox slot recover`" in str(caught.value)
+    assert "--on-slot-loss recover" in str(caught.value)
+    assert "polling source" not in str(caught.value)
 
 
 def test_invalidated_slot_says_what_happened() -> None:
     with pytest.raises(SlotInvalidatedError, match="max_slot_wal_keep_size") as caught:
         slots.check_slot(status(wal_status="lost"), "relay", "app")
     assert "0/C8" in str(caught.value)  # events after the confirmed position are gone
+    assert "`outbox slot recover`" in str(caught.value)
+    assert "polling source" not in str(caught.value)
 
 
 def test_slot_in_use_names_the_other_process() -> None:
@@ -173,8 +180,9 @@ def published(columns: tuple[str, ...] | None = None,
 
 def test_publication_checks() -> None:
     table = ("public", "outbox")
-    with pytest.raises(PublicationMissingError):
+    with pytest.raises(PublicationMissingError, match="`outbox slot create`") as missing:
         slots.check_publication(None, "relay", table)
+    assert "relay.wal.source.setup" not in str(missing.value)
     empty = slots.PublicationInfo("relay", False, True, ())
     assert slots.check_publication(empty, "relay", None) is empty  # table-less mode
     with pytest.raises(PublicationMismatchError, match="ADD TABLE public.outbox"):

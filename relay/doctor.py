@@ -275,6 +275,7 @@ POLL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
     ("parked", "INSERT", True),
     ("parked", "SELECT", True),
     ("parked", "UPDATE", True),
+    ("shards", "SELECT", True),  # a sharded outbox only: the relays read the shard count
 )
 # What the WAL relay does with the tables: deletes the rows it published (DELETE needs SELECT
 # for its WHERE; with keep_published it marks them first: UPDATE (published_at, commit_lsn),
@@ -306,11 +307,15 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
     access = {key: db.tables.get(name) for key, name in tables.items()}
     if any(a is None or not a.exists for a in access.values()):
         return None
+    shards = db.tables.get(names.shards_table)
+    if shards is not None and shards.exists:  # a sharded outbox (outbox migrate up --shards)
+        tables["shards"], access["shards"] = names.shards_table, shards
     missing: dict[str, list[str]] = {}
     optional: list[str] = []
     for key, privilege, required in WAL_PRIVILEGES if options.wal else POLL_PRIVILEGES:
-        table_access = access[key]
-        assert table_access is not None
+        table_access = access.get(key)
+        if table_access is None:
+            continue
         if not getattr(table_access, privilege.lower()):
             if required:
                 missing.setdefault(tables[key], []).append(privilege)
@@ -621,7 +626,7 @@ def inspect_database(conn: psycopg.Connection[Any], options: DoctorOptions) -> D
     row = conn.execute(_query(names, "role"), {"schema": names.schema}).fetchone()
     assert row is not None
     role = RoleFacts(str(row[0]), *map(bool, row[1:]))
-    tables = read_tables(conn, names, [names.migrations_table])
+    tables = read_tables(conn, names, [names.migrations_table, names.shards_table])
     tracking = tables.get(names.migrations_table)
     states: tuple[migrations.MigrationState, ...] | None = None
     if role.schema_usage and (tracking is None or not tracking.exists or tracking.select):

@@ -407,7 +407,13 @@ def check_shards(config: PollConfig) -> PollConfig:
     relay taking the table's lead and others holding shards would publish rows twice at once."""
     names = config.names
     with connect(config.db_url) as conn:
-        count = migrate.shard_count(conn, names)
+        try:
+            count = migrate.shard_count(conn, names)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise FatalRelayError(
+                f"role {conn.info.user} may not read {names.schema}.{names.shards_table}, "
+                "where a sharded outbox keeps its shard count: run deploy/roles.sql again "
+                "after sharding (it grants the polling role SELECT on it)") from exc
     if config.sharded and count is None:
         raise FatalRelayError(
             f"--shards: table {names.schema}.{names.table} is not sharded; run "

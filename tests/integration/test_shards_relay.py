@@ -371,3 +371,28 @@ def test_a_relay_without_shards_on_a_sharded_outbox_and_the_reverse_are_refused(
                          "--kafka", kafka_bootstrap)
     assert sharded.returncode == 1
     assert "--shards: table public.outbox is not sharded" in sharded.stderr
+
+
+def test_roles_given_before_sharding_are_caught_by_doctor_and_named_by_the_relay(
+    db_url: str, pg_admin_url: str, kafka_bootstrap: str
+) -> None:
+    # deploy/roles.sql run at set-up, the outbox sharded later: the polling role may not read
+    # the shards table until the script runs again (docs/operations.md, "Sharded outbox").
+    with roles_for(db_url, pg_admin_url) as roles:
+        with psycopg.connect(db_url) as conn:
+            migrate.up(conn, SchemaNames(), shards=4)
+        url = roles.url("relay_poll")
+        doctor = outbox_cli("doctor", "--db", url, "--kafka", kafka_bootstrap,
+                            "--source", "postgres-poll")
+        assert doctor.returncode == 1, doctor.stdout
+        assert "lacks SELECT on public.outbox_shards" in doctor.stdout
+        relay = outbox_cli("relay", "--source", "postgres-poll", "--shards", "--db", url,
+                           "--kafka", kafka_bootstrap)
+        assert relay.returncode == 1
+        assert "may not read public.outbox_shards" in relay.stderr
+        assert "deploy/roles.sql" in relay.stderr
+        with psycopg.connect(db_url) as conn:
+            conn.execute(f"GRANT SELECT ON outbox_shards TO {roles.name('relay_poll')}")
+        again = outbox_cli("doctor", "--db", url, "--kafka", kafka_bootstrap,
+                           "--source", "postgres-poll")
+        assert again.returncode == 0, again.stdout

@@ -87,9 +87,6 @@ def command(
     commands about one entity, and their replies, in order. `aggregate_type` defaults to
     `command_type`; `headers` are the command's own (not the ones this module sets).
     """
-    # The consumer's rule for topic names (imported here: the writer's import stays light).
-    from outbox.consumer.settings import valid_topic
-
     if not isinstance(command_type, str) or not command_type:
         raise InvalidEventError(f"command_type must be a non-empty string, got {command_type!r}")
     reply_to = options.get("reply_to")
@@ -99,13 +96,9 @@ def command(
     if not isinstance(destination, str) or not destination:
         raise InvalidEventError(
             f"destination must be a non-empty topic name, got {destination!r}")
-    # Refused by Kafka, the command (or its reply) would be parked by a relay, after the
-    # sender's transaction committed: said now instead.
-    for option, topic in (("destination", destination), ("reply_to", reply_to)):
-        if topic is not None and not valid_topic(topic):
-            raise InvalidEventError(
-                f"{option} {topic!r} is not a valid Kafka topic name (letters, digits, '.', "
-                "'_', '-'; at most 249)")
+    _check_topic("destination", destination)
+    if reply_to is not None:
+        _check_topic("reply_to", reply_to)
     command_id = uuid7()
     own = _own_headers(options.get("headers"))
     own[MESSAGE_TYPE] = COMMAND
@@ -124,6 +117,18 @@ def command(
         content_type=options.get("content_type"),
         id=command_id,
     )
+
+
+def _check_topic(option: str, topic: str) -> None:
+    """Refused by Kafka, a command (or its reply) would be parked by a relay after the sender's
+    (or the handler's) transaction committed: said before anything is written instead."""
+    # The consumer's rule for topic names (imported here: the writer's import stays light).
+    from outbox.consumer.settings import valid_topic
+
+    if not valid_topic(topic):
+        raise InvalidEventError(
+            f"{option} {topic!r} is not a valid Kafka topic name (letters, digits, '.', '_', "
+            "'-'; at most 249)")
 
 
 @overload
@@ -216,6 +221,9 @@ def check_command(message: Message) -> None:
             f"message {message.id} of type {message.event_type!r} is not a command (no header "
             f"{MESSAGE_TYPE}: {COMMAND}); send commands with outbox.commands.send"
         )
+    reply_to = message.headers.get(REPLY_TO)
+    if reply_to is not None:
+        _check_topic("reply_to", reply_to)
 
 
 # -- what a reply handler receives ----------------------------------------------------------

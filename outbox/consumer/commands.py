@@ -37,6 +37,7 @@ from outbox import mongo as outbox_mongo
 from outbox import sql_blocks
 from outbox.consumer.errors import RejectMessage
 from outbox.consumer.message import Message
+from outbox.consumer.settings import valid_topic
 from outbox.errors import ConfigurationError, InvalidEventError, SchemaMissingError
 from outbox.event import Event
 from outbox.writer import Outbox
@@ -132,9 +133,11 @@ class CommandRoutes:
 
     def has_failure_reply(self, message: Message) -> bool:
         """Whether a dead-lettered `message` needs a failure reply first: a command handled
-        here that names a reply topic."""
+        here that names a reply topic (one Kafka takes: a reply to any other would be parked
+        by this service's relay; the dead letter says why instead)."""
+        reply_to = message.headers.get(wire.REPLY_TO)
         return (message.event_type in self._outboxes and wire.is_command(message)
-                and bool(message.headers.get(wire.REPLY_TO)))
+                and bool(reply_to) and valid_topic(str(reply_to)))
 
     def failure_reply(self, handle: Any, message: Message, reason: str) -> Any:
         """Write the failure reply of a dead-lettered command in `handle`'s transaction; an

@@ -193,6 +193,24 @@ def test_an_event_that_is_not_a_command_is_dead_lettered_at_once_without_reply()
     assert h.replies() == []
 
 
+def test_a_command_from_elsewhere_with_a_reply_topic_kafka_refuses_is_dead_lettered_at_once(
+) -> None:
+    # Its reply would be parked by this service's relay, after the handler's transaction
+    # committed; outbox.commands.send refuses such a topic, other producers may not.
+    h = Harness()
+    handled: list[Any] = []
+    h.consumer.command("AuthorizeCard", outbox=MemoryOutbox())(
+        lambda s, m: handled.append(m))
+    command = Event("AuthorizeCard", "1", "AuthorizeCard", {"n": 1}, topic="a", headers={
+        "message_type": "command", "command_type": "AuthorizeCard",
+        "correlation_id": "1", "reply_to": "billing replies"})
+    report = h.run([as_received(command)])
+    assert report.outcomes == {0: Outcome.DEAD_LETTER}
+    assert "reply_to 'billing replies' is not a valid Kafka topic name" in \
+        report.dead_letters[0].reason
+    assert handled == [] and h.replies() == []
+
+
 def test_reply_handlers_get_the_command_id_and_waiters_wake_after_the_commit() -> None:
     h = Harness()
     got: list[commands.Reply] = []

@@ -16,7 +16,7 @@ import psycopg
 import typer
 
 from outbox import migrate as migrations
-from outbox.cli_errors import explain, fail
+from outbox.cli_errors import explain, fail, not_empty
 from outbox.conninfo import libpq_url
 from outbox.errors import OutboxError
 from outbox.names import SchemaNames
@@ -34,7 +34,7 @@ app.add_typer(migrate_app, name="migrate")
 
 DbOption = Annotated[
     str,
-    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True, callback=not_empty,
                  help="PostgreSQL URL of the application's database."),
 ]
 SchemaOption = Annotated[

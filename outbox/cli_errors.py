@@ -22,3 +22,12 @@ def explain(exc: BaseException) -> str:
 def fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {redact(message)}", err=True)
     raise typer.Exit(code)
+
+
+def not_empty(value: str | None) -> str | None:
+    """An option's callback: refuse an empty URL before anything connects. `--db "$URL"` with
+    the variable unset is empty, and libpq would take it for the local server's default
+    database (the login user's), which a command could then change."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty (an unset variable?): give the database URL")
+    return value

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 
-from outbox.cli_errors import explain, fail
+from outbox.cli_errors import explain, fail, not_empty
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.kafka_safety import parse_kafka_settings
 from outbox.names import SchemaNames
@@ -95,7 +95,7 @@ def inbox_purge(
         help="Delete dedup rows older than this (7d, 12h, 1d12h, ...). Keep it above the "
              "topics' retention, or a redelivered message may apply twice.")],
     db: Annotated[str | None, typer.Option(
-        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True, callback=not_empty,
         help="PostgreSQL URL of the consumer's database.")] = None,
     mongo: Annotated[str | None, typer.Option(
         "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,

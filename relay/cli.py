@@ -24,7 +24,7 @@ from outbox.cli import (
 from outbox.cli import (
     main as outbox_main,
 )
-from outbox.cli_errors import fail
+from outbox.cli_errors import fail, not_empty
 from outbox.conninfo import redact
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.names import SchemaNames
@@ -61,7 +61,7 @@ def relay_command(
         envvar="OUTBOX_SOURCE", show_envvar=True,
         help="postgres-poll | postgres-wal | mongo-poll | mongo-stream")] = "postgres-poll",
     db: Annotated[str | None, typer.Option(
-        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True, callback=not_empty,
         help="PostgreSQL URL (postgres-* sources).")] = None,
     mongo: Annotated[str | None, typer.Option(
         "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
@@ -224,7 +224,7 @@ app.add_typer(parked_app, name="parked")
 
 ParkedDbOption = Annotated[
     str | None,
-    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+    typer.Option("--db", envvar="OUTBOX_DB_URL", show_envvar=True, callback=not_empty,
                  help="PostgreSQL URL (postgres-* sources)."),
 ]
 ParkedMongoOption = Annotated[
@@ -633,7 +633,7 @@ def shards_resize(
 @app.command("replay")
 def replay_command(
     db: Annotated[str | None, typer.Option(
-        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True, callback=not_empty,
         help="PostgreSQL URL of the database whose outbox table keeps published events.")] = None,
     kafka: Annotated[str | None, typer.Option(
         "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,

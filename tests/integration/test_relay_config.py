@@ -117,3 +117,26 @@ def test_a_malformed_db_url_is_refused_without_printing_its_password(
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error: ")
     assert "Secret-7" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["replay", "--all", "--dry-run"],
+    ["slot", "recover", "--kafka", "127.0.0.1:1"],
+    ["shards", "resize", "--shards", "2"],
+    ["migrate", "up"],
+    ["status"],
+    ["parked", "list"],
+    ["relay", "--kafka", "127.0.0.1:1"],
+    ["inbox", "purge", "--older-than", "7d"],
+])
+def test_an_empty_db_url_is_refused_rather_than_taken_for_the_local_default(
+    command: list[str]
+) -> None:
+    # `--db "$ADMIN_URL"` with the variable unset: libpq would connect to the local server's
+    # default database as the login user, and e.g. migrate it.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOX_", "PG"))}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", *command, "--db", ""],
+                            capture_output=True, text=True, env=clean, timeout=60)
+    assert result.returncode != 0
+    assert "--db" in result.stderr and "is empty" in result.stderr, result.stderr
+    assert "socket" not in result.stderr  # no attempt to connect

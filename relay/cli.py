@@ -205,15 +205,13 @@ def relay_command(
         )
 
     settings = guarded(build)
+    guarded(lambda: logs.check(log_level, log_format))
     if print_config:
         import json
 
         typer.echo(json.dumps(settings.redacted(), indent=2))
         return
-    try:
-        logs.setup(log_level, log_format)
-    except ValueError as exc:
-        fail(str(exc))
+    logs.setup(log_level, log_format)
     relay_main.tune_garbage_collector()
     guarded(lambda: relay_main.run(settings))
 
@@ -718,7 +716,7 @@ def replay_command(
             kafka_settings=parse_kafka_settings(kafka_setting or []),
             allow_unsafe_kafka_settings=allow_unsafe_kafka_settings))
         guarded(publisher.producer_settings)
-    logs.setup("INFO", log_format)
+    guarded(lambda: logs.setup("INFO", log_format))
     config = guarded(lambda: replay.check(config))
     if publisher is None:
         typer.echo(guarded(lambda: replay.dry_run(config)).summary())

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from outbox.conninfo import redact
+from outbox.errors import ConfigurationError
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is a field.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -44,12 +45,22 @@ class HumanFormatter(logging.Formatter):
         return redact(line)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def check(level: str = "INFO", fmt: str = "auto") -> None:
+    """Refuse a log level or format by the option's name (at start-up, before --print-config)."""
+    if str(level).upper() not in LEVELS:
+        raise ConfigurationError(f"--log-level {level!r}: choose {', '.join(LEVELS)}")
+    if fmt not in ("json", "human", "auto"):
+        raise ConfigurationError(f"--log-format {fmt!r}: choose json, human or auto")
+
+
 def setup(level: str = "INFO", fmt: str = "auto") -> None:
     """Install one stderr handler on the root logger. fmt: json, human, or auto (tty: human)."""
+    check(level, fmt)
     if fmt == "auto":
         fmt = "human" if sys.stderr.isatty() else "json"
-    if fmt not in ("json", "human"):
-        raise ValueError(f"log format {fmt!r}: choose json, human or auto")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root = logging.getLogger()

@@ -64,6 +64,8 @@ def test_secrets_come_from_files_and_are_redacted(tmp_path: Path) -> None:
         (["--topic-template", "{tenant}"], "tenant"),
         (["--poll-interval", "soon"], "not a duration"),
         (["--keep-published", "0s"], "keep_published=0s must be a positive duration"),
+        (["--log-level", "LOUD"], "--log-level 'LOUD': choose DEBUG, INFO, WARNING, ERROR"),
+        (["--log-format", "xml", "--print-config"], "--log-format 'xml': choose json, human"),
         (["--source", "postgres-wal", "--keep-published", "0"],
          "keep_published=0s must be a positive duration"),
         (["--source", "mongo-poll", "--mongo", "mongodb://h/db"], "needs collections"),

@@ -336,6 +336,7 @@ def test_cli_dry_run_sends_nothing_then_the_replay_prints_events_sent_per_topic(
      "is not before --until"),
     (["--all", "--table", "missing"], "table(s) missing, missing_parked missing"),
     (["--all", "--to-topic", "no spaces"], "is not a valid Kafka topic name"),
+    (["--all", "--log-format", "xml"], "--log-format 'xml': choose json, human or auto"),
     (["--all", "--kafka-setting", "no.such.setting=1"],
      'kafka settings: No such configuration property: "no.such.setting"'),
 ])

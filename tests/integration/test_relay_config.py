@@ -64,6 +64,12 @@ def test_secrets_come_from_files_and_are_redacted(tmp_path: Path) -> None:
         (["--topic-template", "{tenant}"], "tenant"),
         (["--poll-interval", "soon"], "not a duration"),
         (["--keep-published", "0s"], "keep_published=0s must be a positive duration"),
+        # The header would come after the event's own: a consumer reading the last one would
+        # take the relay run for the event's number, version, trace or command fields.
+        (["--relay-id-header", "sequence"], "relay_id_header='sequence': the toolkit's own"),
+        (["--relay-id-header", "traceparent"], "relay_id_header='traceparent'"),
+        (["--relay-id-header", "reply_to"], "relay_id_header='reply_to'"),
+        (["--relay-id-header", "dlq.error"], "relay_id_header='dlq.error'"),
         (["--log-level", "LOUD"], "--log-level 'LOUD': choose DEBUG, INFO, WARNING, ERROR"),
         (["--log-format", "xml", "--print-config"], "--log-format 'xml': choose json, human"),
         (["--source", "postgres-wal", "--keep-published", "0"],

@@ -15,8 +15,12 @@ from typing import Any, Generic, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from outbox import commands
+from outbox.contracts.registry import VERSION_HEADER
 from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
+from outbox.sequences import SEQUENCE_HEADER
+from outbox.tracing import TRACE_HEADERS
 from relay.core.holds import KeyHolds
 from relay.core.ports import Delivery, OnDelivered, OnDelivery, Sink, SinkFactory
 from relay.sinks.kafka.settings import admin_settings, batch_limit, producer_settings, valid_topic
@@ -55,6 +59,13 @@ SIZE_ERRORS = frozenset(
 TEMPLATE_FIELDS = ("aggregate_type", "aggregate_id", "event_type")
 DEFAULT_TOPIC_TEMPLATE = "{aggregate_type}"
 RESERVED_HEADERS = ("id", "event_type", "aggregate_type", "content_type")
+# Headers that the writer, the consumer or replay give a meaning to: a relay id header of one of
+# these names would follow the event's own and could be read in its place (the last one wins).
+TOOLKIT_HEADERS = frozenset({
+    SEQUENCE_HEADER, VERSION_HEADER, *TRACE_HEADERS, commands.MESSAGE_TYPE, commands.COMMAND_TYPE,
+    commands.REPLY_TO, commands.CORRELATION_ID, commands.REPLY_OUTCOME, commands.FAILURE_REASON,
+    "replayed"})  # relay/replay.py's header
+DEAD_LETTER_PREFIX = "dlq."  # outbox/consumer/dead_letters.py
 # Topic names checked per publisher; templates over aggregate ids could make many.
 _MAX_TOPICS_REMEMBERED = 4096
 _UNSEEN: Any = object()
@@ -73,11 +84,16 @@ class PublisherConfig:
 
     def __post_init__(self) -> None:
         check_topic_template(self.topic_template)
-        if self.relay_id_header is not None and (
-                not self.relay_id_header or self.relay_id_header in RESERVED_HEADERS):
+        header = self.relay_id_header
+        if header is not None and (not header or header in RESERVED_HEADERS):
             raise ConfigurationError(
-                f"relay_id_header={self.relay_id_header!r}: give a header name other than "
+                f"relay_id_header={header!r}: give a header name other than "
                 f"{', '.join(sorted(RESERVED_HEADERS))}")
+        if header is not None and (header in TOOLKIT_HEADERS
+                                   or header.startswith(DEAD_LETTER_PREFIX)):
+            raise ConfigurationError(
+                f"relay_id_header={header!r}: the toolkit's own header of that name would be "
+                "read as the relay run's; give another name (e.g. outbox-relay)")
 
     def producer_settings(self) -> dict[str, str]:
         return producer_settings(

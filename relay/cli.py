@@ -730,6 +730,9 @@ def replay_command(
     if not report.complete:
         fail("the replay did not finish: run it again (events are sent again; consumers skip "
              "those they applied)")
+    if report.refused:
+        fail(f"{report.refused} event(s) refused by Kafka were not replayed (the log's "
+             "event_parked lines give each one's position and reason)")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import threading
 import uuid
 from collections import Counter
@@ -426,3 +427,26 @@ def test_a_sharded_outbox_replays_what_its_sharded_relay_kept(
     assert sorted(m.id for m in replayed(reader.drain(quiet=1.0))) == sorted(
         str(e.id) for e in events)
     reader.close()
+
+
+def test_events_kafka_refuses_make_the_replay_exit_non_zero(
+    db_url: str, kafka_bootstrap: str, topic: str
+) -> None:
+    # A script that replays must learn that some events did not go out.
+    events = [outbox.Event(aggregate_type="Order", aggregate_id="1", event_type="OrderCreated",
+                           payload={"n": n, "pad": secrets.token_urlsafe(3000 * n)},
+                           topic=topic)  # random: compression cannot bring it under the limit
+              for n in range(2)]
+    publish_and_keep(db_url, kafka_bootstrap, topic, events)
+    small = unique_topic("replay-small")
+    create_topics(kafka_bootstrap, small, config={"max.message.bytes": "1500"})
+    result = outbox_cli("replay", "--db", db_url, "--kafka", kafka_bootstrap, "--all",
+                        "--to-topic", small)
+    assert result.stdout.startswith("replayed 1 of 2 event(s)"), result.stdout + result.stderr
+    assert "1 refused by Kafka" in result.stdout
+    assert result.returncode == 1
+    assert "1 event(s) refused by Kafka were not replayed" in result.stderr
+    logged = [json.loads(line) for line in result.stderr.splitlines()
+              if '"event_parked"' in line]
+    assert [(line["replay"], "too large" in line["reason"].lower()) for line in logged] == [
+        (True, True)], logged

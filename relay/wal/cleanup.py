@@ -1,4 +1,5 @@
-"""The WAL relay's upkeep of the outbox table: the rows of published transactions leave it.
+"""The WAL relay's bookkeeping once Kafka acknowledged: the rows of published transactions
+leave the outbox table, and the position is recorded (relay/wal/position.py).
 
 The WAL relay reads events from the log, not from the table, so nothing else would ever remove
 their rows: the table, its indexes and `outbox status`'s backlog would grow forever. Once Kafka
@@ -6,27 +7,35 @@ acknowledged every event of a transaction, its rows are deleted (or, with keep_p
 marked, and deleted once older than that), by transaction id, in chunks, on a connection and a
 thread of their own so that streaming does not wait for them.
 
-The slot is confirmed past a transaction only after its rows are gone. A crash in between sends
-the transaction again from the slot (the log still holds it; the rows are not needed), which is
-at least once; the other order could leave rows that nothing deletes.
+The position is written by the statement that removes the last chunk (one round trip), or alone
+where there are no rows to remove (table-less mode, a table without txid): once per batch of
+transactions (GATHER_SECONDS), not per event. The slot is confirmed past a transaction only
+after its rows are gone and the position is committed. A crash in between sends the transaction
+again from the slot (the log still holds it; the rows are not needed), which is at least once;
+the other order could leave rows that nothing deletes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
+from relay.wal.lsn import format_lsn
+from relay.wal.pgoutput import pg_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +45,31 @@ MAX_XIDS = 10_000
 GATHER_SECONDS = 0.1
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where positions are read: the slot, and the server's identity (IDENTIFY_SYSTEM)."""
+
+    slot: str
+    system: str
+    timeline: int
+
+
 class TableCleaner:
-    """Deletes (or marks) the rows of acknowledged transactions; `cleaned_lsn` is how far the
-    slot may be confirmed. `done` is called by the relay's thread, the work runs on another."""
+    """Deletes (or marks) the rows of acknowledged transactions (unless `remove_rows` is off)
+    and records the position; `cleaned_lsn` is how far the slot may be confirmed. `done` is
+    called by the relay's thread, the work runs on another."""
 
     def __init__(
-        self, db_url: str, names: SchemaNames, keep_published: dt.timedelta | None = None
+        self, db_url: str, names: SchemaNames, origin: Origin,
+        keep_published: dt.timedelta | None = None, *, remove_rows: bool = True,
     ) -> None:
         self.db_url = db_url
         self.names = names
+        self.origin = origin
         self.keep_published = keep_published
-        self._queue: deque[tuple[list[int], int]] = deque()
+        self.remove_rows = remove_rows
+        # (transaction ids, the last one's end LSN and commit time in microseconds)
+        self._queue: deque[tuple[list[int], int, int]] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._failure: BaseException | None = None
@@ -60,10 +83,11 @@ class TableCleaner:
             target=self._run, args=(conn,), name="outbox-table-cleaner", daemon=True)
         self._thread.start()
 
-    def done(self, xids: list[int], end_lsn: int) -> None:
-        """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`."""
+    def done(self, xids: list[int], end_lsn: int, commit_time_us: int) -> None:
+        """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`
+        and committed at `commit_time_us` (pgoutput's microseconds)."""
         with self._wake:
-            self._queue.append((xids, end_lsn))
+            self._queue.append((xids, end_lsn, commit_time_us))
             if len(self._queue) == 1:
                 self._wake.notify()
 
@@ -74,10 +98,12 @@ class TableCleaner:
             return
         if isinstance(failure, psycopg.errors.InsufficientPrivilege):
             table = f"{self.names.schema}.{self.names.table}"
+            positions = f"{self.names.schema}.{self.names.position_table}"
             raise FatalRelayError(
-                f"the WAL relay's role may not remove published rows from {table}: "
-                f"{redact(str(failure))}; grant it DELETE (and UPDATE (published_at) for "
-                "--keep-published) on the table, as deploy/roles.sql does") from failure
+                f"the WAL relay's role may not remove published rows from {table} or record "
+                f"its position in {positions}: {redact(str(failure))}; grant it DELETE (and "
+                "UPDATE (published_at) for --keep-published) on the table, and SELECT, INSERT, "
+                "UPDATE on the position table, as deploy/roles.sql does") from failure
         raise SourceUnavailableError(
             f"removing published rows failed: {redact(str(failure))}") from failure
 
@@ -94,7 +120,7 @@ class TableCleaner:
     # -- the cleaner's thread --------------------------------------------------------------------
 
     def _run(self, conn: psycopg.Connection[Any]) -> None:
-        keep = self.keep_published
+        keep = self.keep_published if self.remove_rows else None
         # Kept rows are purged on time even while nothing new is published.
         wait = expire_interval(keep) if keep is not None else None
         last_expire = 0.0
@@ -104,11 +130,11 @@ class TableCleaner:
                     batch = self._take(wait)
                     if batch is None:
                         return
-                    xids = [xid for item_xids, _ in batch for xid in item_xids]
-                    if xids:
-                        self._remove(conn, xids)
                     if batch:
-                        self.cleaned_lsn = batch[-1][1]
+                        xids = [xid for item_xids, _, _ in batch for xid in item_xids]
+                        _, end_lsn, commit_time_us = batch[-1]
+                        self._remove_and_record(conn, xids, end_lsn, commit_time_us)
+                        self.cleaned_lsn = end_lsn
                     if keep is not None and time.monotonic() - last_expire >= expire_interval(keep):
                         purge_expired(conn, self.names, keep)
                         last_expire = time.monotonic()
@@ -117,7 +143,7 @@ class TableCleaner:
             log.debug("table cleaner stopped", extra={"event": "cleaner_failed",
                                                       "error": redact(str(exc))})
 
-    def _take(self, wait: float | None) -> list[tuple[list[int], int]] | None:
+    def _take(self, wait: float | None) -> list[tuple[list[int], int, int]] | None:
         """The queued transactions, up to MAX_XIDS (none after `wait` seconds without any);
         None once closing with nothing queued."""
         with self._wake:
@@ -137,16 +163,39 @@ class TableCleaner:
                 count += len(item[0])
             return batch
 
-    def _remove(self, conn: psycopg.Connection[Any], xids: list[int]) -> None:
+    def _remove_and_record(self, conn: psycopg.Connection[Any], xids: list[int], end_lsn: int,
+                           commit_time_us: int) -> None:
+        origin = self.origin
+        params: dict[str, Any] = {
+            "slot": origin.slot, "lsn": format_lsn(end_lsn), "system": origin.system,
+            "timeline": origin.timeline, "commit_at": pg_timestamp(commit_time_us),
+            "chunk": CHUNK_ROWS}
+        if not (xids and self.remove_rows):
+            conn.execute(_statements(self.names, mark=bool(self.keep_published))[0],
+                         params)
+            return
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
-        txids = full_txids(xids, int(row[0]) if row else 0)
-        name = "mark_transactions" if self.keep_published else "delete_transactions"
-        statement = queries.query("published.sql", name, self.names)
+        params["txids"] = full_txids(xids, int(row[0]) if row else 0)
+        statement = _statements(self.names, mark=bool(self.keep_published))[1]
         while True:
-            count = conn.execute(statement, {"txids": txids}).rowcount
+            found = conn.execute(statement, params).fetchone()
+            count = int(found[0]) if found else 0
             self.removed += count
             if count < CHUNK_ROWS:
-                return
+                return  # this statement recorded the position
+
+
+
+@functools.cache
+def _statements(names: SchemaNames, *, mark: bool) -> tuple[sql.Composed, sql.Composed]:
+    """(record the position; remove a chunk of rows and, if it was the last, record)."""
+    record = queries.compose("position.sql", "record", names, condition=sql.SQL(""))
+    remove = queries.query(
+        "published.sql", "mark_transactions" if mark else "delete_transactions", names)
+    last_record = queries.compose("position.sql", "record", names, condition=queries.query(
+        "position.sql", "last_chunk", names))
+    return record, queries.compose("position.sql", "remove_and_record", names,
+                                   remove=remove, record=last_record)
 
 
 def _connect(db_url: str) -> psycopg.Connection[Any]:

@@ -10,7 +10,7 @@ table, by the relay core (like the polling relay); those committed after it come
 slot. Nothing falls between. Rows sent but not yet removed when the slot was lost are sent
 again: duplicates, bounded by the relay's in-flight events; never a loss.
 
-While a recovery runs it is recorded in the database (relay/wal/positions.py): a recovery that
+While a recovery runs it is recorded in the database (relay/wal/recovery_state.py): a recovery that
 dies half-way leaves a new slot behind whose consistent point lies after unpublished rows, so
 no relay streams from it until a recovery ran to the end (it then drops and recreates it).
 Table-less mode (events only in the WAL) has no table to recover from: refused.
@@ -49,6 +49,7 @@ from relay.wal.errors import (
     SlotRecoveryPendingError,
 )
 from relay.wal.lsn import format_lsn, parse_lsn
+from relay.wal.position import Remembered
 from relay.wal.relay import WalRelayConfig
 from relay.wal.stream import replication_connection
 
@@ -350,11 +351,12 @@ class HealingRelay:
     streams on. Every other error goes to the supervisor as usual."""
 
     def __init__(self, config: WalRelayConfig, publisher: PublisherConfig, stats: RelayStats,
-                 limits: TopicLimits | None) -> None:
+                 limits: TopicLimits | None, remembered: Remembered | None = None) -> None:
         self.config = config
         self.publisher = publisher
         self.stats = stats
         self.limits = limits
+        self.remembered = remembered
 
     def run(self, stop: threading.Event) -> None:
         from relay.wal.relay import wal_relay
@@ -362,7 +364,8 @@ class HealingRelay:
         slot = self.config.source.slot
         while not stop.is_set():
             try:
-                wal_relay(self.config, self.publisher, self.stats, self.limits).run(stop)
+                wal_relay(self.config, self.publisher, self.stats, self.limits,
+                          self.remembered).run(stop)
                 return
             except LOST_SLOT as exc:
                 log.error("replication slot %s lost: recovering it from the outbox table", slot,

@@ -26,9 +26,9 @@ from relay.published import backlog_gauges
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.wal import recovery_state, slots
+from relay.wal import position, recovery_state, slots
 from relay.wal.budget import SlotBudget
-from relay.wal.cleanup import TableCleaner
+from relay.wal.cleanup import Origin, TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
 from relay.wal.errors import (
     SlotInUseError,
@@ -66,8 +66,10 @@ class WalRelayConfig:
 class WalRelaySource:
     """The WAL source (relay/core/ports.py `Source`): pgoutput changes of the outbox, in commit
     order. A transaction is a group of the watermark (relay/core/watermark.py): the slot is
-    confirmed up to the newest transaction done with all before it, and in table mode only
-    once its rows are removed from the outbox table (relay/wal/cleanup.py)."""
+    confirmed up to the newest transaction done with all before it, once the position is
+    recorded and, in table mode, its rows are removed from the outbox table
+    (relay/wal/cleanup.py). Transactions acknowledged before, as recorded or `remembered` by
+    this process, are skipped when the server sends them again (relay/wal/position.py)."""
 
     name = "postgres-wal"
     # Observed per transaction when it is done (see confirm): cheaper than per event.
@@ -75,9 +77,12 @@ class WalRelaySource:
     read_waits = True  # on the replication stream
     after_failure = "the relay restarts from the slot's confirmed position"
 
-    def __init__(self, config: WalRelayConfig, stats: RelayStats) -> None:
+    def __init__(self, config: WalRelayConfig, stats: RelayStats,
+                 remembered: position.Remembered | None = None) -> None:
         self.config = config
         self.stats = stats
+        self.remembered = remembered if remembered is not None else position.Remembered()
+        self.skipped = 0  # events of transactions acknowledged before, not sent again
         self.cadence = Cadence(room=1, max_in_flight=config.max_in_flight, ack_interval=0.0,
                                shutdown_timeout=config.shutdown_timeout)
         self.caught_up = False
@@ -111,6 +116,7 @@ class WalRelaySource:
             with source, psycopg.connect(libpq_url(self.config.db_url), autocommit=True) as conn:
                 self._source, self._conn = source, conn
                 self.stats.source_connected = self.stats.leader = True
+                self._skip_acknowledged(conn)
                 self._cleaner = self._start_cleaner(conn)
                 if self._budget is not None:
                     self._budget.check(conn)  # a slot over budget already is reported at once
@@ -137,19 +143,38 @@ class WalRelaySource:
                 "not finish: streaming from the slot now would skip events. Run `outbox slot "
                 "recover` (or the relay with --on-slot-loss recover)")
 
-    def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
-        """The remover of published rows, unless there is no table (table-less mode) or its
-        rows carry no transaction id to find them by (a mapped layout, e.g. Debezium's, whose
-        writers delete their rows themselves)."""
+    def _skip_acknowledged(self, conn: psycopg.Connection[Any]) -> None:
+        """Skip what the server sends again although Kafka has it: the transactions up to the
+        position recorded for the slot, or remembered from this process's earlier runs."""
+        identity = self.source.stream.identity
+        recorded = position.recorded(conn, self.config.names, self.config.source.slot)
+        below = position.skip_below(identity, recorded, self.remembered.position)
+        slot_at = self.source.stream.slot_at_start.confirmed_flush_lsn or 0
+        self.source.decoder.skip_below = below
+        if below > slot_at:
+            log.info("skipping the transactions up to %s, acknowledged before: the slot "
+                     "resumes at %s", format_lsn(below), format_lsn(slot_at), extra={
+                         "event": "wal_skip_acknowledged", "slot": self.config.source.slot,
+                         "skip_below": format_lsn(below), "slot_at": format_lsn(slot_at)})
+
+    def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner:
+        """The recorder of the position, and remover of published rows unless there is no table
+        (table-less mode) or its rows carry no transaction id to find them by (a mapped layout,
+        e.g. Debezium's, whose writers delete their rows themselves)."""
         table = self.config.source.table
-        if table is None:
-            return None
-        columns = slots.table_columns(conn, (self.config.source.schema, table))
-        if "txid" not in columns:
-            log.warning("published rows stay in the outbox table: it has no txid column", extra={
-                "event": "table_not_cleaned", "table": f"{self.config.source.schema}.{table}"})
-            return None
-        cleaner = TableCleaner(self.config.db_url, self.config.names, self.config.keep_published)
+        remove_rows = table is not None
+        if table is not None:
+            columns = slots.table_columns(conn, (self.config.source.schema, table))
+            if "txid" not in columns:
+                log.warning("published rows stay in the outbox table: it has no txid column",
+                            extra={"event": "table_not_cleaned",
+                                   "table": f"{self.config.source.schema}.{table}"})
+                remove_rows = False
+        identity = self.source.stream.identity
+        cleaner = TableCleaner(
+            self.config.db_url, self.config.names,
+            Origin(self.config.source.slot, identity.system_id, identity.timeline),
+            self.config.keep_published, remove_rows=remove_rows)
         cleaner.start()
         return cleaner
 
@@ -167,6 +192,8 @@ class WalRelaySource:
                 sent += 1
             elif isinstance(item, WalCommit):
                 self.transactions.close(item)
+                if item.skipped:
+                    self.skipped += item.skipped
             elif isinstance(item, WalRejected):
                 # Not an event of any transaction's count: parked at once, by its raw change.
                 parked.park_raw(self.conn, self.config.names,
@@ -191,25 +218,30 @@ class WalRelaySource:
 
     def confirm(self, *, final: bool) -> None:
         """Hand done transactions to the cleaner, then confirm the slot up to what is safe:
-        done, and in table mode its rows removed."""
+        done, the position recorded, and in table mode its rows removed."""
         done = self.transactions.pop_done()
-        cleaner, confirm = self._cleaner, 0
+        cleaner = while_open(self._cleaner)
         if done:
             last = done[-1].position
             assert last is not None  # closed groups have their commit
+            xids = []
             for transaction in done:
                 commit = transaction.position
-                if transaction.events and commit is not None:
+                assert commit is not None
+                if transaction.events:
                     self.stats.delivered_transaction(
                         transaction.events, commit.commit_time_us / 1e6 + PG_EPOCH_UNIX)
-            if cleaner is None:
-                confirm = last.end_lsn
-            else:
-                cleaner.done([t.position.xid for t in done if t.events and t.position],
-                             last.end_lsn)
-        if cleaner is not None:
-            cleaner.check()
-            confirm = cleaner.cleaned_lsn
+                    xids.append(commit.xid)
+                elif commit.skipped:
+                    # Acknowledged by an earlier run, whose cleaner may not have removed its
+                    # rows yet: removing them again is harmless, leaving them is not.
+                    xids.append(commit.xid)
+            cleaner.done(xids, last.end_lsn, last.commit_time_us)
+            identity = self.source.stream.identity
+            self.remembered.note(position.Position(
+                last.end_lsn, identity.system_id, identity.timeline))
+        cleaner.check()
+        confirm = cleaner.cleaned_lsn
         if self._budget is not None:
             self._budget.check(self.conn)
         source = self.source
@@ -235,7 +267,7 @@ class WalRelaySource:
             self._cleaner.close(self.config.shutdown_timeout, finish=True)
             self.confirm(final=True)
         log.info("WAL relay stopped", extra={
-            "event": "relay_stopped", "unacknowledged": unacknowledged,
+            "event": "relay_stopped", "unacknowledged": unacknowledged, "skipped": self.skipped,
             "confirmed": format_lsn(self.source.acknowledged_lsn)})
 
     def abandon(self, *, blocked: bool) -> None:
@@ -251,10 +283,11 @@ class WalRelaySource:
 
 def wal_relay(
     config: WalRelayConfig, publisher_config: PublisherConfig, stats: RelayStats,
-    topic_limits: TopicLimits | None = None,
+    topic_limits: TopicLimits | None = None, remembered: position.Remembered | None = None,
 ) -> RelayCore[Group[WalCommit]]:
-    """The WAL relay: the core driving a WalRelaySource into the Kafka sink."""
-    return RelayCore(WalRelaySource(config, stats),
+    """The WAL relay: the core driving a WalRelaySource into the Kafka sink. `remembered`:
+    the process's memory of what was acknowledged, shared by its runs."""
+    return RelayCore(WalRelaySource(config, stats, remembered),
                      kafka_sink(publisher_config, stats, topic_limits), stats)
 
 
@@ -274,6 +307,7 @@ def check_setup(config: WalRelayConfig) -> None:
             parked_table = catalog.qualified(conn, config.names, config.names.parked_table)
             parked_exists = catalog.table_exists(conn, parked_table)
             missing = _missing_cleanup_rights(conn, config) if parked_exists else None
+            unrecordable = _position_problem(conn, config) if parked_exists else None
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
     if not parked_exists:
@@ -285,6 +319,23 @@ def check_setup(config: WalRelayConfig) -> None:
         raise FatalRelayError(
             f"the WAL relay's role may not {missing}: it removes the rows it published from the "
             "outbox table; grant it as deploy/roles.sql does")
+    if unrecordable:
+        raise FatalRelayError(unrecordable)
+
+
+def _position_problem(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
+    """Why the relay could not record its position (relay/wal/position.py), or None."""
+    table = catalog.qualified(conn, config.names, config.names.position_table)
+    columns = catalog.column_types(conn, table) if catalog.table_exists(conn, table) else {}
+    if "acknowledged_system" not in columns:
+        setup = migrate.command(config.names, config.source.columns.layout)
+        return (f"table {table} is missing or out of date: run `{setup}` first (the WAL relay "
+                "records there how far Kafka acknowledged)")
+    for privilege in ("SELECT", "INSERT", "UPDATE"):
+        if not catalog.may(conn, table, privilege):
+            return (f"the WAL relay's role may not {privilege} {table}: it records there how "
+                    "far Kafka acknowledged; grant it as deploy/roles.sql does")
+    return None
 
 
 def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:

@@ -5,7 +5,10 @@ that does not belong to the slot's server never hides an event."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,16 +16,16 @@ import pytest
 import outbox
 from relay.wal import slots
 from relay.wal.lsn import format_lsn
-from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, frozen, unique_topic
 from tests.support.ledger import Ledger
-from tests.support.relays import RelayThread
+from tests.support.relays import RelayThread, wait_for
 from tests.support.wal import (
     WalSlot,
     recorded_position,
     server_identity,
     write_and_commit,
 )
-from tests.support.writers import SequencedWriter
+from tests.support.writers import PacedWriter, SequencedWriter
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +122,92 @@ def wal_and_reader(
     reader = TopicReader(kafka_bootstrap, topic)
     yield WalSlot.create(db_url), reader
     reader.close()
+
+
+# -- after a server restart (private servers: they are restarted or frozen) ------------------------
+
+
+@pytest.mark.fault
+def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
+    private_postgres: tuple[Any, str], kafka_bootstrap: str, topic: str
+) -> None:
+    server, db_url = private_postgres
+    wal = WalSlot.create(db_url)
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    reader = TopicReader(kafka_bootstrap, topic)
+    writer.write_many(db_url, keys=4, per_key=250)  # 1,000 events in 100 transactions
+    with RelayThread(wal.settings(kafka_bootstrap)):
+        end = write_and_commit(db_url, writer, writer.events("k0", 10))
+        reader.read_ids(ledger.committed_ids, timeout=60)
+        wal.wait_confirmed(end, 30)
+    server.stop()  # pg_ctl stop -m fast
+    server.start()
+    # PostgreSQL 15 resumes the slot from its position on disk, before what was confirmed:
+    # it sends those transactions again, and the new relay knows them from the recorded row.
+    assert wal.confirmed() < end, "the slot kept its position: nothing would be sent again"
+    with RelayThread(wal.settings(kafka_bootstrap)):
+        after = write_and_commit(db_url, writer, writer.events("k1", 10))
+        reader.read_ids(ledger.committed_ids, timeout=60)
+        wal.wait_confirmed(after, 30)
+    verdict = ledger.check(reader.drain(quiet=1.0))
+    reader.close()
+    verdict.assert_holds()
+    assert verdict.dup == 0
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+def test_a_server_restart_after_a_frozen_broker_resends_only_what_was_not_acknowledged(
+    private_postgres: tuple[Any, str], private_kafka: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The user's case: writers at ~250 events/s, the broker frozen for seconds, then
+    `pg_ctl restart -m fast`; the relay (one process) reconnects by itself."""
+    server, db_url = private_postgres
+    bootstrap = private_kafka.start()["OUTBOX_KAFKA_BOOTSTRAP"]
+    topic = unique_topic("walrestart")
+    create_topics(bootstrap, topic, partitions=3)
+    wal = WalSlot.create(db_url)
+    ledger = Ledger()
+    writer = SequencedWriter(topic, ledger)
+    reader = TopicReader(bootstrap, topic)
+    caplog.set_level(logging.INFO, logger="relay")
+    relay = RelayThread(wal.settings(bootstrap)).start()
+    paced = PacedWriter(db_url, writer, per_second=250)
+    try:
+        paced.start()
+        wait_for(lambda: paced.events >= 1_000, 30, "4 s of writing")
+        with frozen(private_kafka):
+            frozen_at = paced.events
+            wait_for(lambda: paced.events >= frozen_at + 2_000, 30, "8 s of writing")
+        thawed_at = paced.events
+        wait_for(lambda: paced.events >= thawed_at + 250, 30, "1 s of writing")
+        paced.stop()  # no commit is in doubt while the server restarts
+        # Everything up to the recorded position is in Kafka; read before the restart, it can
+        # only be behind what the relay knows.
+        acknowledged = recorded_position(db_url, wal.slot)
+        confirmed = wal.confirmed()
+        server.stop()
+        server.start()
+        resumed = wal.confirmed()
+        paced.start()
+        wait_for(lambda: paced.events >= thawed_at + 750, 30, "2 s of writing")
+        paced.stop()
+        reader.read_ids(ledger.committed_ids, timeout=120)
+        assert relay.alive, "the relay process did not survive the restart"
+    finally:
+        relay.stop()
+    messages = reader.drain(quiet=1.0)
+    verdict = ledger.check(messages)
+    reader.close()
+    verdict.assert_holds()
+    assert any(getattr(r, "event", None) == "relay_restart" for r in caplog.records)
+    assert acknowledged is not None and acknowledged.lsn is not None
+    # Sent again only from transactions not acknowledged at the restart.
+    below = set().union(*(ids for ids, upper in paced.transactions if upper <= acknowledged.lsn))
+    resent = {i for i, n in Counter(m.id for m in messages).items() if n > 1}
+    assert not resent & below
+    print(f"server restart after a frozen broker: {len(ledger.committed_ids)} events, "
+          f"dup={verdict.dup}; recorded {format_lsn(acknowledged.lsn)}, slot confirmed "
+          f"{format_lsn(confirmed)} before the restart and {format_lsn(resumed)} after; "
+          f"{len(below)} events at or below the recorded position")

@@ -136,16 +136,22 @@ def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
     ledger = Ledger()
     writer = SequencedWriter(topic, ledger)
     reader = TopicReader(kafka_bootstrap, topic)
-    writer.write_many(db_url, keys=4, per_key=250)  # 1,000 events in 100 transactions
-    with RelayThread(wal.settings(kafka_bootstrap)):
-        end = write_and_commit(db_url, writer, writer.events("k0", 10))
-        reader.read_ids(ledger.committed_ids, timeout=60)
-        wal.wait_confirmed(end, 30)
-    server.stop()  # pg_ctl stop -m fast
-    server.start()
-    # PostgreSQL 15 resumes the slot from its position on disk, before what was confirmed:
-    # it sends those transactions again, and the new relay knows them from the recorded row.
-    assert wal.confirmed() < end, "the slot kept its position: nothing would be sent again"
+    went_back = []
+    for _ in range(3):  # until the server has sent something again (see below)
+        writer.write_many(db_url, keys=4, per_key=250)  # 1,000 events in 100 transactions
+        with RelayThread(wal.settings(kafka_bootstrap)):
+            end = write_and_commit(db_url, writer, writer.events("k0", 10))
+            reader.read_ids(ledger.committed_ids, timeout=60)
+            wal.wait_confirmed(end, 30)
+        server.stop()  # pg_ctl stop -m fast
+        server.start()
+        # PostgreSQL 15 resumes the slot from its position on disk, which is behind what was
+        # confirmed unless the slot happened to be written after the last confirmation: then
+        # it sends those transactions again, and the next relay knows them from the row.
+        went_back.append(wal.confirmed() < end)
+        if went_back[-1]:
+            break
+    assert any(went_back), "the slot never went back: nothing was sent again"
     with RelayThread(wal.settings(kafka_bootstrap)):
         after = write_and_commit(db_url, writer, writer.events("k1", 10))
         reader.read_ids(ledger.committed_ids, timeout=60)

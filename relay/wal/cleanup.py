@@ -7,12 +7,12 @@ acknowledged every event of a transaction, its rows are deleted (or, with keep_p
 marked, and deleted once older than that), by transaction id, in chunks, on a connection and a
 thread of their own so that streaming does not wait for them.
 
-The position is written by the statement that removes the last chunk (one round trip), or alone
-where there are no rows to remove (table-less mode, a table without txid): once per batch of
-transactions (GATHER_SECONDS), not per event. The slot is confirmed past a transaction only
-after its rows are gone and the position is committed. A crash in between sends the transaction
-again from the slot (the log still holds it; the rows are not needed), which is at least once;
-the other order could leave rows that nothing deletes.
+The position is written by the statement that removes the last chunk (one round trip), once per
+batch of transactions (GATHER_SECONDS), not per event; without rows to remove (table-less mode, a
+table without txid) the relay's thread records it itself (relay/wal/relay.py). The slot is
+confirmed past a transaction only after its rows are gone and the position is committed. A crash
+in between sends the transaction again from the slot (the log still holds it; the rows are not
+needed), which is at least once; the other order could leave rows that nothing deletes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -34,8 +33,8 @@ from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
-from relay.wal.lsn import format_lsn
-from relay.wal.pgoutput import pg_timestamp
+from relay.wal import position
+from relay.wal.position import Origin
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +44,19 @@ MAX_XIDS = 10_000
 GATHER_SECONDS = 0.1
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where positions are read: the slot, and the server's identity (IDENTIFY_SYSTEM)."""
-
-    slot: str
-    system: str
-    timeline: int
-
-
 class TableCleaner:
-    """Deletes (or marks) the rows of acknowledged transactions (unless `remove_rows` is off)
-    and records the position; `cleaned_lsn` is how far the slot may be confirmed. `done` is
-    called by the relay's thread, the work runs on another."""
+    """Deletes (or marks) the rows of acknowledged transactions and records the position;
+    `cleaned_lsn` is how far the slot may be confirmed. `done` is called by the relay's thread,
+    the work runs on another."""
 
     def __init__(
         self, db_url: str, names: SchemaNames, origin: Origin,
-        keep_published: dt.timedelta | None = None, *, remove_rows: bool = True,
+        keep_published: dt.timedelta | None = None,
     ) -> None:
         self.db_url = db_url
         self.names = names
         self.origin = origin
         self.keep_published = keep_published
-        self.remove_rows = remove_rows
         # (transaction ids, the last one's end LSN and commit time in microseconds)
         self._queue: deque[tuple[list[int], int, int]] = deque()
         self._wake = threading.Condition()
@@ -120,7 +109,7 @@ class TableCleaner:
     # -- the cleaner's thread --------------------------------------------------------------------
 
     def _run(self, conn: psycopg.Connection[Any]) -> None:
-        keep = self.keep_published if self.remove_rows else None
+        keep = self.keep_published
         # Kept rows are purged on time even while nothing new is published.
         wait = expire_interval(keep) if keep is not None else None
         last_expire = 0.0
@@ -165,18 +154,14 @@ class TableCleaner:
 
     def _remove_and_record(self, conn: psycopg.Connection[Any], xids: list[int], end_lsn: int,
                            commit_time_us: int) -> None:
-        origin = self.origin
-        params: dict[str, Any] = {
-            "slot": origin.slot, "lsn": format_lsn(end_lsn), "system": origin.system,
-            "timeline": origin.timeline, "commit_at": pg_timestamp(commit_time_us),
-            "chunk": CHUNK_ROWS}
-        if not (xids and self.remove_rows):
-            conn.execute(_statements(self.names, mark=bool(self.keep_published))[0],
-                         params)
+        if not xids:
+            position.record(conn, self.names, self.origin, end_lsn, commit_time_us)
             return
+        params = position.record_params(self.origin, end_lsn, commit_time_us)
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
         params["txids"] = full_txids(xids, int(row[0]) if row else 0)
-        statement = _statements(self.names, mark=bool(self.keep_published))[1]
+        params["chunk"] = CHUNK_ROWS
+        statement = _remove_and_record(self.names, mark=bool(self.keep_published))
         while True:
             found = conn.execute(statement, params).fetchone()
             count = int(found[0]) if found else 0
@@ -187,15 +172,14 @@ class TableCleaner:
 
 
 @functools.cache
-def _statements(names: SchemaNames, *, mark: bool) -> tuple[sql.Composed, sql.Composed]:
-    """(record the position; remove a chunk of rows and, if it was the last, record)."""
-    record = queries.compose("position.sql", "record", names, condition=sql.SQL(""))
+def _remove_and_record(names: SchemaNames, *, mark: bool) -> sql.Composed:
+    """Remove a chunk of rows and, if it was the last, record the position."""
     remove = queries.query(
         "published.sql", "mark_transactions" if mark else "delete_transactions", names)
     last_record = queries.compose("position.sql", "record", names, condition=queries.query(
         "position.sql", "last_chunk", names))
-    return record, queries.compose("position.sql", "remove_and_record", names,
-                                   remove=remove, record=last_record)
+    return queries.compose("position.sql", "remove_and_record", names,
+                           remove=remove, record=last_record)
 
 
 def _connect(db_url: str) -> psycopg.Connection[Any]:

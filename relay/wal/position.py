@@ -24,14 +24,17 @@ The rule, where a mistake would lose events rather than duplicate them:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox.names import SchemaNames
 from relay import queries
-from relay.wal.lsn import parse_lsn
+from relay.wal.lsn import format_lsn, parse_lsn
+from relay.wal.pgoutput import pg_timestamp
 from relay.wal.stream import SystemIdentity
 
 
@@ -79,3 +82,34 @@ def recorded(conn: psycopg.Connection[Any], names: SchemaNames, slot: str) -> Po
     if row is None or row[0] is None or row[2] is None or row[3] is None:
         return None
     return Position(parse_lsn(row[0]), str(row[2]), int(row[3]), row[1])
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where positions are read: the slot, and the server's identity (IDENTIFY_SYSTEM)."""
+
+    slot: str
+    system: str
+    timeline: int
+
+    @classmethod
+    def of(cls, slot: str, identity: SystemIdentity) -> Origin:
+        return cls(slot, identity.system_id, identity.timeline)
+
+
+def record_params(origin: Origin, end_lsn: int, commit_time_us: int) -> dict[str, Any]:
+    """The parameters of position.sql's `record`: the transaction ending at `end_lsn`,
+    committed at `commit_time_us` (pgoutput's microseconds), is acknowledged."""
+    return {"slot": origin.slot, "lsn": format_lsn(end_lsn), "system": origin.system,
+            "timeline": origin.timeline, "commit_at": pg_timestamp(commit_time_us)}
+
+
+def record(conn: psycopg.Connection[Any], names: SchemaNames, origin: Origin, end_lsn: int,
+           commit_time_us: int) -> None:
+    """Record the position (autocommit: committed when this returns)."""
+    conn.execute(_record_statement(names), record_params(origin, end_lsn, commit_time_us))
+
+
+@functools.cache
+def _record_statement(names: SchemaNames) -> sql.Composed:
+    return queries.compose("position.sql", "record", names, condition=sql.SQL(""))

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
 from relay.wal import position, recovery_state, slots
 from relay.wal.budget import SlotBudget
-from relay.wal.cleanup import Origin, TableCleaner
+from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
 from relay.wal.errors import (
     SlotInUseError,
@@ -90,6 +91,11 @@ class WalRelaySource:
         self._source: WalSource | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._cleaner: TableCleaner | None = None
+        # Without a cleaner (no rows to remove) the position is recorded here, at most once
+        # per status interval: the last done transaction not recorded yet, and what was.
+        self._unrecorded: WalCommit | None = None
+        self._recorded = 0
+        self._record_at = 0.0
         self._budget = SlotBudget(
             config.source.slot, config.max_slot_wal, stats,
             give_up=config.on_slot_loss == "recover") if config.max_slot_wal else None
@@ -157,26 +163,25 @@ class WalRelaySource:
                          "event": "wal_skip_acknowledged", "slot": self.config.source.slot,
                          "skip_below": format_lsn(below), "slot_at": format_lsn(slot_at)})
 
-    def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner:
-        """The recorder of the position, and remover of published rows unless there is no table
-        (table-less mode) or its rows carry no transaction id to find them by (a mapped layout,
-        e.g. Debezium's, whose writers delete their rows themselves)."""
+    def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
+        """The remover of published rows (which records the position with them), unless there
+        is no table (table-less mode) or its rows carry no transaction id to find them by (a
+        mapped layout, e.g. Debezium's, whose writers delete their rows themselves)."""
         table = self.config.source.table
-        remove_rows = table is not None
-        if table is not None:
-            columns = slots.table_columns(conn, (self.config.source.schema, table))
-            if "txid" not in columns:
-                log.warning("published rows stay in the outbox table: it has no txid column",
-                            extra={"event": "table_not_cleaned",
-                                   "table": f"{self.config.source.schema}.{table}"})
-                remove_rows = False
-        identity = self.source.stream.identity
-        cleaner = TableCleaner(
-            self.config.db_url, self.config.names,
-            Origin(self.config.source.slot, identity.system_id, identity.timeline),
-            self.config.keep_published, remove_rows=remove_rows)
+        if table is None:
+            return None
+        columns = slots.table_columns(conn, (self.config.source.schema, table))
+        if "txid" not in columns:
+            log.warning("published rows stay in the outbox table: it has no txid column", extra={
+                "event": "table_not_cleaned", "table": f"{self.config.source.schema}.{table}"})
+            return None
+        cleaner = TableCleaner(self.config.db_url, self.config.names, self._origin(),
+                               self.config.keep_published)
         cleaner.start()
         return cleaner
+
+    def _origin(self) -> position.Origin:
+        return position.Origin.of(self.config.source.slot, self.source.stream.identity)
 
     def held_keys(self) -> KeyHolds:
         return parked.held_keys(self.conn, self.config.names)
@@ -220,7 +225,7 @@ class WalRelaySource:
         """Hand done transactions to the cleaner, then confirm the slot up to what is safe:
         done, the position recorded, and in table mode its rows removed."""
         done = self.transactions.pop_done()
-        cleaner = while_open(self._cleaner)
+        cleaner = self._cleaner
         if done:
             last = done[-1].position
             assert last is not None  # closed groups have their commit
@@ -236,17 +241,36 @@ class WalRelaySource:
                     # Acknowledged by an earlier run, whose cleaner may not have removed its
                     # rows yet: removing them again is harmless, leaving them is not.
                     xids.append(commit.xid)
-            cleaner.done(xids, last.end_lsn, last.commit_time_us)
+            if cleaner is not None:
+                cleaner.done(xids, last.end_lsn, last.commit_time_us)
+            else:
+                self._unrecorded = last
             identity = self.source.stream.identity
             self.remembered.note(position.Position(
                 last.end_lsn, identity.system_id, identity.timeline))
-        cleaner.check()
-        confirm = cleaner.cleaned_lsn
+        if cleaner is not None:
+            cleaner.check()
+            confirm = cleaner.cleaned_lsn
+        else:
+            confirm = self._record(final)
         if self._budget is not None:
             self._budget.check(self.conn)
         source = self.source
         if confirm > source.acknowledged_lsn:
             source.acknowledge(confirm)
+
+    def _record(self, final: bool) -> int:
+        """Without a cleaner: record the newest done transaction (at the status interval, and
+        at the end), on this thread; returns how far the position is recorded. One short
+        statement a second: a thread of its own would cost the drain more than it saves."""
+        commit = self._unrecorded
+        now = time.monotonic()
+        if commit is not None and (final or now >= self._record_at):
+            position.record(self.conn, self.config.names, self._origin(), commit.end_lsn,
+                            commit.commit_time_us)
+            self._recorded, self._unrecorded = commit.end_lsn, None
+            self._record_at = now + self.config.source.status_interval
+        return self._recorded
 
     def where(self, token: Group[WalCommit]) -> Mapping[str, object]:
         return {}

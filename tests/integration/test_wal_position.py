@@ -128,13 +128,15 @@ def wal_and_reader(
 
 
 @pytest.mark.fault
+@pytest.mark.parametrize("table_less", [False, True], ids=["table", "table-less"])
 def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
-    private_postgres: tuple[Any, str], kafka_bootstrap: str, topic: str
+    private_postgres: tuple[Any, str], kafka_bootstrap: str, topic: str, table_less: bool
 ) -> None:
     server, db_url = private_postgres
-    wal = WalSlot.create(db_url)
+    wal = WalSlot.create(db_url, table_less=table_less)
     ledger = Ledger()
-    writer = SequencedWriter(topic, ledger)
+    writer = SequencedWriter(
+        topic, ledger, outbox.Outbox(mode="message") if table_less else outbox.Outbox())
     reader = TopicReader(kafka_bootstrap, topic)
     went_back = []
     for _ in range(3):  # until the server has sent something again (see below)

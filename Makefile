@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 # ruff skips git-ignored files it finds itself, so lint names them: they are linted as any module.
 GENERATED := outbox/consumer/runner.py outbox/consumer/stores.py
 
-.PHONY: install lint test test-unit sync-code demo bench stack-up stack-down stack-status clean
+.PHONY: install lint test test-unit sync-code demo bench browser stack-up stack-down stack-status clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: $(STAMP) sync-code
 test: $(STAMP) sync-code
 	$(PY) -m ruff check . $(GENERATED)
 	$(PY) -m mypy
+	@# The console's browser test needs chromium: installed here as root on Debian (like the
+	@# PostgreSQL server binaries); elsewhere, or if apt fails, that one test skips saying why.
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) --no-print-directory browser || true; fi
 	@if $(PY) -m deploy.local status >/dev/null 2>&1; then started=0; else started=1; fi; \
 	$(PY) -m deploy.local up || exit 1; \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
@@ -37,6 +40,18 @@ test: $(STAMP) sync-code
 
 test-unit: $(STAMP) sync-code
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The operator console's browser test (tests/integration/test_console.py) drives Debian's
+# chromium through chromedriver; without them it is skipped, saying so. `test` runs it only as
+# root (CI); a developer's `make test` never asks for sudo.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver are installed"; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  $$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y \
+	    --no-install-recommends chromium chromium-driver; \
+	fi
 
 # The synchronous consumer (outbox/consumer/runner.py, stores.py) is generated from the asyncio
 # one (aio.py, aio_stores.py): rewritten here when an edit made them stale (lint and the tests run

@@ -122,9 +122,11 @@ def migrate_sql(
 
 # Sub-commands that live in their own modules are registered here, one line each.
 from outbox.consumer_cli import dlq_app, inbox_app  # noqa: E402 - sub-apps registered below
+from outbox.contracts.cli import asyncapi_command  # noqa: E402
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(inbox_app, name="inbox")
+app.command("asyncapi")(asyncapi_command)
 
 
 def main() -> None:

@@ -122,10 +122,18 @@ def relay_command(
              "with --on-slot-loss recover it then drops its slot and recovers.")] = None,
     metrics_port: Annotated[int | None, typer.Option(
         envvar="OUTBOX_METRICS_PORT", show_envvar=True,
-        help="Serve /metrics, /healthz and /readyz on this port.")] = None,
+        help="Serve /metrics, /healthz, /readyz and the operator console (/) on this port.",
+    )] = None,
     metrics_host: Annotated[str, typer.Option(
         envvar="OUTBOX_METRICS_HOST", show_envvar=True,
         help="Address of the metrics port (0.0.0.0 in containers).")] = "127.0.0.1",
+    console_token: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_CONSOLE_TOKEN", show_envvar=True,
+        help="Lets the console redrive parked events for requests with this token (at least "
+             "16 characters); without it the console is read-only.")] = None,
+    console_token_file: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_CONSOLE_TOKEN_FILE", show_envvar=True,
+        help="File whose first line is the console token (a mounted secret).")] = None,
     stall_timeout: Annotated[str, typer.Option(
         envvar="OUTBOX_STALL_TIMEOUT", show_envvar=True,
         help="/readyz fails when events are in flight and none was acknowledged for this "
@@ -140,9 +148,17 @@ def relay_command(
     from outbox.kafka_safety import parse_kafka_settings
     from relay import logs
     from relay import main as relay_main
-    from relay.settings import RelaySettings, parse_duration, parse_size
+    from relay.settings import RelaySettings, parse_duration, parse_size, read_token_file
 
     def build() -> RelaySettings:
+        token = console_token
+        if console_token_file is not None:
+            token = read_token_file(console_token_file, "console_token_file")
+            # OUTBOX_CONSOLE_TOKEN_FILE also fills OUTBOX_CONSOLE_TOKEN (config_files.py):
+            # the same token twice is fine, two different ones are a mistake.
+            if console_token is not None and console_token != token:
+                raise ConfigurationError(
+                    "console_token and console_token_file are both given: keep one")
         return RelaySettings(
             source=source,
             db_url=db,
@@ -169,6 +185,7 @@ def relay_command(
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
             stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
+            console_token=token,
         )
 
     settings = guarded(build)
@@ -561,6 +578,110 @@ def slot_recover(
         typer.echo(f"slot {slot} is healthy and no recovery is pending: nothing to recover")
         return
     typer.echo(report.summary())
+
+
+@app.command("replay")
+def replay_command(
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL of the database whose outbox table keeps published events.")] = None,
+    kafka: Annotated[str | None, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers (not needed with --dry-run).")] = None,
+    aggregate_type: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_AGGREGATE_TYPE", show_envvar=True,
+        help="Only events of this aggregate type.")] = None,
+    aggregate_id: Annotated[list[str] | None, typer.Option(
+        envvar="OUTBOX_REPLAY_AGGREGATE_IDS", show_envvar=True,
+        help="Only events of this aggregate id (repeatable).")] = None,
+    event_id: Annotated[list[str] | None, typer.Option(
+        envvar="OUTBOX_REPLAY_EVENT_IDS", show_envvar=True,
+        help="Only the event with this id (UUID, repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_SINCE", show_envvar=True,
+        help="Only events created at or after this ISO 8601 time (UTC without an offset).",
+    )] = None,
+    until: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_UNTIL", show_envvar=True,
+        help="Only events created before this ISO 8601 time (UTC without an offset).")] = None,
+    to_topic: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_TO_TOPIC", show_envvar=True,
+        help="Send every event to this topic instead of its own.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", envvar="OUTBOX_REPLAY_DRY_RUN", show_envvar=True,
+        help="Print how many events would be sent per topic; send nothing.")] = False,
+    everything: Annotated[bool, typer.Option(
+        "--all", envvar="OUTBOX_REPLAY_ALL", show_envvar=True,
+        help="Replay every retained event (refused without a filter otherwise).")] = False,
+    mongo: Annotated[str | None, typer.Option(
+        "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+        help="MongoDB, without --db: refused (the Mongo sources keep no published events).",
+    )] = None,
+    kafka_setting: KafkaSettingOption = None,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
+    topic_template: Annotated[str, typer.Option(
+        envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
+        help="The relay's --topic-template: the topic of events without one of their own.",
+    )] = "{aggregate_type}",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
+    log_format: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_FORMAT", show_envvar=True, help="json | human | auto")] = "auto",
+) -> None:
+    """Republish retained (--keep-published) events that match, per key in their original
+    commit order, with the same event ids and a header `replayed: true`. Safe to interrupt and
+    run again: events are sent again, and idempotent consumers skip what they applied."""
+    import threading
+
+    from outbox.columns import ColumnMapping
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay import logs, replay
+    from relay.daemon import stop_on_signals
+    from relay.sinks.kafka.sink import PublisherConfig, topic_limits_for
+
+    if mongo is not None and db is None:
+        fail("outbox replay --mongo: the MongoDB sources keep no published events (each is "
+             "pulled from its document's list once Kafka acknowledged it, and there is no "
+             "--keep-published for them), so there is nothing to replay from; replay from "
+             "Kafka itself (consumer offsets, or a topic with longer retention)")
+    if db is None:
+        fail("--db (OUTBOX_DB_URL) is required")
+    url: str = db
+
+    def configure() -> replay.ReplayConfig:
+        wanted = replay.ReplayFilter.parse(
+            aggregate_type=aggregate_type, aggregate_ids=aggregate_id, event_ids=event_id,
+            since=since, until=until, everything=everything)
+        return replay.ReplayConfig(
+            db_url=url, filter=wanted, names=SchemaNames(schema, table),
+            columns=ColumnMapping.for_layout(columns), to_topic=to_topic,
+            topic_template=topic_template)
+
+    config = guarded(configure)
+    publisher = None
+    if not dry_run:
+        if not kafka:
+            fail("--kafka (OUTBOX_KAFKA_BOOTSTRAP) is required, unless --dry-run")
+        publisher = guarded(lambda: PublisherConfig(
+            bootstrap_servers=kafka or "", topic_template=topic_template,
+            kafka_settings=parse_kafka_settings(kafka_setting or []),
+            allow_unsafe_kafka_settings=allow_unsafe_kafka_settings))
+        guarded(publisher.producer_settings)
+    logs.setup("INFO", log_format)
+    config = guarded(lambda: replay.check(config))
+    if publisher is None:
+        typer.echo(guarded(lambda: replay.dry_run(config)).summary())
+        return
+    sending: PublisherConfig = publisher
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        report = guarded(lambda: replay.replay(config, sending, stop,
+                                               topic_limits=topic_limits_for(sending)))
+    typer.echo(report.summary())
+    if not report.complete:
+        fail("the replay did not finish: run it again (events are sent again; consumers skip "
+             "those they applied)")
 
 
 def main() -> None:

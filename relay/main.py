@@ -53,8 +53,11 @@ def run(settings: RelaySettings, stop: threading.Event | None = None) -> None:
         raise FatalRelayError(f"cannot start: {exc}") from exc
     server = None
     if settings.metrics_port is not None:
+        from relay.console.app import console_for
+
         server = MetricsServer(stats, settings.metrics_port, settings.metrics_host,
-                               stall_timeout=settings.stall_timeout).start()
+                               stall_timeout=settings.stall_timeout,
+                               console=console_for(settings, stats)).start()
     try:
         with stop_on_signals(stop):
             supervise(factory, stop, stats=stats)

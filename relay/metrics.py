@@ -8,7 +8,8 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -19,7 +20,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from relay.stats import RelayStats
+from outbox.conninfo import redact
+from relay.stats import THROUGHPUT_INTERVAL, RelayStats
+
+if TYPE_CHECKING:
+    from relay.console.app import Answer, Console
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +70,23 @@ class RelayCollector(Collector):
             "acknowledgement.")
         latency.add_metric([], s.latency.cumulative(), sum_value=s.latency.total)
         yield latency
-        for name, probe in list(s.gauges.items()):
-            try:
-                value = probe()
-            except Exception as exc:  # a scrape must not fail because one probe did
-                log.warning("metric probe failed", extra={
-                    "event": "probe_failed", "probe": name, "error": str(exc)})
-                continue
-            if value is not None:
-                yield GaugeMetricFamily(f"outbox_{name}", name.replace("_", " ") + ".",
-                                        value=value)
+        for name, value in read_gauges(s).items():
+            yield GaugeMetricFamily(f"outbox_{name}", name.replace("_", " ") + ".", value=value)
+
+
+def read_gauges(stats: RelayStats) -> dict[str, float]:
+    """The source's gauges now (backlog, slot...): those that answered, by name."""
+    values: dict[str, float] = {}
+    for name, probe in list(stats.gauges.items()):
+        try:
+            value = probe()
+        except Exception as exc:  # a scrape must not fail because one probe did
+            log.warning("metric probe failed", extra={
+                "event": "probe_failed", "probe": name, "error": redact(str(exc))})
+            continue
+        if value is not None:
+            values[name] = value
+    return values
 
 
 def readiness(stats: RelayStats, stall_seconds: float) -> tuple[bool, dict[str, Any]]:
@@ -99,18 +111,40 @@ def readiness(stats: RelayStats, stall_seconds: float) -> tuple[bool, dict[str, 
     return stats.source_connected and stats.broker_connected and not stalled, detail
 
 
+# A redrive form is a few hundred bytes; anything much larger is not one.
+MAX_FORM_BYTES = 8192
+# The console's pages load nothing from elsewhere and run no script.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 class MetricsServer:
-    """Serves /metrics, /healthz (the process answers) and /readyz on 127.0.0.1 or `host`."""
+    """Serves /metrics, /healthz (the process answers), /readyz and, with a `console`, the
+    operator console (`/`, `/redrive`) on 127.0.0.1 or `host`."""
 
     def __init__(
         self, stats: RelayStats, port: int, host: str = "0.0.0.0", *, stall_timeout: float,
+        console: Console | None = None, sample_interval: float = THROUGHPUT_INTERVAL,
     ) -> None:
         registry = CollectorRegistry()
         registry.register(RelayCollector(stats))
+        self.stats = stats
+        self.sample_interval = sample_interval
+        self._stopped = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/metrics":
+                if console is not None and self.path.split("?")[0] in ("/", "/redrive"):
+                    url = urlsplit(self.path)
+                    answer = console.page() if url.path == "/" else console.redrive_form(
+                        dict(parse_qsl(url.query)))
+                    self._answer(answer)
+                elif self.path == "/metrics":
                     self._send(200, generate_latest(registry), "text/plain; version=0.0.4")
                 elif self.path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
@@ -121,9 +155,30 @@ class MetricsServer:
                 else:
                     self._send(404, b"not found\n", "text/plain")
 
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
+            def do_POST(self) -> None:
+                if console is None or self.path != "/redrive":
+                    self._send(404, b"not found\n", "text/plain")
+                    return
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_FORM_BYTES:
+                    self._send(413, b"form too large\n", "text/plain")
+                    return
+                form = dict(parse_qsl(self.rfile.read(length).decode("utf-8", "replace")))
+                self._answer(console.redrive(form, self.headers.get("Authorization")))
+
+            def _answer(self, answer: Answer) -> None:
+                self._send(answer.status, answer.html.encode(), "text/html; charset=utf-8",
+                           CONSOLE_HEADERS)
+
+            def _send(self, code: int, body: bytes, content_type: str,
+                      headers: dict[str, str] | None = None) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -136,14 +191,25 @@ class MetricsServer:
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics", daemon=True)
+        self._sampler = threading.Thread(target=self._sample, name="throughput", daemon=True)
+
+    def _sample(self) -> None:
+        """The events/s chart's clock: one sample of the delivered total per interval."""
+        while True:
+            self.stats.throughput.sample(self.stats.delivered_total, time.monotonic())
+            if self._stopped.wait(self.sample_interval):
+                return
 
     def start(self) -> MetricsServer:
         self._thread.start()
+        self._sampler.start()
         log.info("metrics and health endpoints listening", extra={
             "event": "metrics_listening", "port": self.port})
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+        self._sampler.join(5)

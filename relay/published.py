@@ -17,6 +17,11 @@ from relay import queries
 
 # Rows per statement when deleting or marking: short locks, bounded WAL per transaction.
 CHUNK_ROWS = 10_000
+# Chunks of expired rows purged per turn of a relay: about half a second of the server's time (a
+# chunk took ~50 ms, 1M rows ~5 s, on the shared 2-core test machine, 2026-12-08), so new events
+# wait at most that long behind a large purge (retention shortened, or after an outage); the
+# next turn goes on with the rest. See docs/performance.md (retention).
+PURGE_CHUNKS_PER_TURN = 10
 XID_SPACE = 1 << 32
 
 
@@ -26,15 +31,21 @@ def expire_interval(keep: dt.timedelta) -> float:
     return min(60.0, keep.total_seconds() / 2)
 
 
-def purge_expired(conn: psycopg.Connection[Any], names: SchemaNames, keep: dt.timedelta) -> int:
-    """Delete the rows published longer than `keep` ago, chunk by chunk; returns how many."""
-    purged = 0
-    while True:
+def purge_expired(
+    conn: psycopg.Connection[Any], names: SchemaNames, keep: dt.timedelta,
+    max_chunks: int | None = None,
+) -> tuple[int, bool]:
+    """Delete the rows published longer than `keep` ago, chunk by chunk, at most `max_chunks`
+    chunks; returns how many, and whether every expired row is gone."""
+    purged, chunks = 0, 0
+    while max_chunks is None or chunks < max_chunks:
         deleted = conn.execute(
             queries.query("published.sql", "delete_expired", names), {"keep": keep}).rowcount
         purged += deleted
+        chunks += 1
         if deleted < CHUNK_ROWS:
-            return purged
+            return purged, True
+    return purged, False
 
 
 def full_txids(xids: list[int], xmax: int) -> list[str]:

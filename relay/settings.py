@@ -6,6 +6,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from outbox.columns import ColumnMapping
@@ -45,6 +46,31 @@ def parse_duration(text: str, setting: str) -> dt.timedelta:
 
 SECRET_FIELDS = ("db_url", "mongo_url")
 
+# A console token guards writes over HTTP: long enough not to be guessed.
+MIN_CONSOLE_TOKEN = 16
+
+
+def check_console_token(token: str, metrics_port: int | None) -> None:
+    if metrics_port is None:
+        raise ConfigurationError(
+            "console_token needs metrics_port: the console is served on the metrics port")
+    if len(token) < MIN_CONSOLE_TOKEN or token != token.strip():
+        raise ConfigurationError(
+            f"console_token must be at least {MIN_CONSOLE_TOKEN} characters, without "
+            "surrounding blanks (e.g. `openssl rand -hex 24`)")
+
+
+def read_token_file(path: str, setting: str) -> str:
+    """A secret kept in a file (a mounted secret), stripped as `OUTBOX_*_FILE` secrets are
+    (outbox/config_files.py)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigurationError(f"{setting}={path!r} cannot be read: {exc.strerror}") from exc
+    if not token:
+        raise ConfigurationError(f"{setting}={path!r} is empty")
+    return token
+
 
 @dataclass(frozen=True)
 class RelaySettings:
@@ -77,6 +103,8 @@ class RelaySettings:
     metrics_host: str = "127.0.0.1"
     # /readyz: a relay with work in flight and no acknowledgement for this long is stalled.
     stall_timeout: float = 60.0
+    # The console on the metrics port redrives parked events only for requests with this token.
+    console_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -93,6 +121,8 @@ class RelaySettings:
             raise ConfigurationError(f"stall_timeout={self.stall_timeout} must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigurationError(f"metrics_port={self.metrics_port} is not a TCP port")
+        if self.console_token is not None:
+            check_console_token(self.console_token, self.metrics_port)
         SchemaNames(self.schema, self.table)  # validates the names
         ColumnMapping.for_layout(self.columns)  # validates the layout's name
         source.refuse_others(self)
@@ -127,6 +157,8 @@ class RelaySettings:
             value = getattr(self, item.name)
             if item.name in SECRET_FIELDS and value:
                 value = redact(str(value))
+            elif item.name == "console_token" and value:
+                value = "***"
             elif item.name == "kafka_settings":
                 value = {k: ("***" if "password" in k or "secret" in k else v)
                          for k, v in value.items()}

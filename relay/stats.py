@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,32 @@ class Histogram:
         return buckets
 
 
+# The console's events/s chart: delivered events per 5 s over the last 5 minutes.
+THROUGHPUT_INTERVAL = 5.0
+THROUGHPUT_SLOTS = 60
+
+
+class Throughput:
+    """Events delivered per interval over the last minutes, for the console's chart.
+
+    Sampled by a clock (the metrics server's), never per event: a sample is the running total
+    of deliveries the stats already keep, so the hot path pays nothing for the chart.
+    """
+
+    def __init__(self, slots: int = THROUGHPUT_SLOTS) -> None:
+        self._totals: deque[tuple[float, int]] = deque(maxlen=slots + 1)
+
+    def sample(self, total: int, now: float) -> None:
+        """The running total of deliveries at monotonic time `now`."""
+        self._totals.append((now, total))
+
+    def rates(self) -> list[float]:
+        """Events per second in each interval between samples, oldest first."""
+        samples = list(self._totals)
+        return [max(0, total - before) / (now - then) if now > then else 0.0
+                for (then, before), (now, total) in itertools.pairwise(samples)]
+
+
 @dataclass
 class RelayStats:
     """Written by the relay thread only; read (racily, which is fine for gauges) by scrapes."""
@@ -58,6 +85,12 @@ class RelayStats:
     slot_recoveries: int = 0
     slot_retained_bytes: int | None = None
     slot_over_budget: bool | None = None
+    throughput: Throughput = field(default_factory=Throughput)
+
+    @property
+    def delivered_total(self) -> int:
+        """Events acknowledged by Kafka since the relay started, all topics."""
+        return sum(list(self.published.values()))
 
     def delivered(self, topic: str, created_at: float | None) -> None:
         """One successful delivery report; `created_at` is the event's Unix time, if known."""

@@ -110,8 +110,14 @@ class ParkedEvents:
         for key in wanted:
             group = [(e, d) for e, d in entries if e.key == key and e.complete]
             self._requeue(group)
+            if not group:
+                continue
+            # Only the parked documents read above: a running relay may already have parked a
+            # re-queued event again (a new document under the same _id, with a new seq), and
+            # that one must stay.
             with translated("removing re-queued events from the parked collection"):
-                self.parked.delete_many({"_id": {"$in": [e.event_id for e, _ in group]}})
+                self.parked.delete_many({"$or": [{"_id": e.event_id, "seq": d.get("seq")}
+                                                 for e, d in group]})
             moved += [e.event_id for e, _ in group]
         return moved
 

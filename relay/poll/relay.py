@@ -30,7 +30,12 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
-from relay.published import backlog_gauges, expire_interval, purge_expired
+from relay.published import (
+    PURGE_CHUNKS_PER_TURN,
+    backlog_gauges,
+    expire_interval,
+    purge_expired,
+)
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -233,12 +238,14 @@ class PollSource:
         """Nothing to keep alive: the connections idle between statements."""
 
     def on_caught_up(self) -> None:
-        """Delete kept rows past their retention, at most once a minute (it scans the table)."""
+        """Delete kept rows past their retention, at most once a minute (it scans the table);
+        a large purge goes on over the next turns, new events first."""
         keep = self.config.keep_published
         if keep is None or time.monotonic() - self._last_expire < expire_interval(keep):
             return
-        purge_expired(self.conn, self.config.names, keep)
-        self._last_expire = time.monotonic()
+        _, finished = purge_expired(self.conn, self.config.names, keep, PURGE_CHUNKS_PER_TURN)
+        if finished:
+            self._last_expire = time.monotonic()
 
     def wait_for_more(self, stop: threading.Event) -> None:
         """Wait for a notification of new rows (or the poll interval, for a late commit)."""
@@ -375,6 +382,12 @@ def _mapped_columns(columns: ColumnMapping) -> dict[str, sql.Composable]:
         "oldest": sql.SQL("min({})").format(created_at) if columns.created_at is not None
         else sql.SQL("NULL::timestamptz"),
     }
+
+
+def event_select_list(columns: ColumnMapping) -> sql.Composable:
+    """The event columns of the table, as the page queries select them after position (what
+    `row_record` reads): for `outbox replay`, which reads published rows the same way."""
+    return _mapped_columns(columns)["event_columns"]
 
 
 def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:

@@ -36,3 +36,9 @@ SELECT pg_advisory_unlock(%(key)s)
 -- How far the slot's relay had acknowledged, as it recorded (relay/wal/relay.py).
 SELECT acknowledged_lsn::text, acknowledged_commit_at FROM {schema}.{position_table}
 WHERE slot = %(slot)s
+
+-- name: mark_recovered
+-- With keep_published, the rows a recovery published: marked with the new slot's consistent
+-- point as their commit order for `outbox replay` (relay/wal/recovery.py `CatchUpSource`).
+UPDATE {schema}.{table} SET published_at = now(), commit_lsn = %(lsn)s::pg_lsn
+WHERE position = ANY(%(positions)s)

@@ -4,8 +4,9 @@ leave the outbox table, and the position is recorded (relay/wal/position.py).
 The WAL relay reads events from the log, not from the table, so nothing else would ever remove
 their rows: the table, its indexes and `outbox status`'s backlog would grow forever. Once Kafka
 acknowledged every event of a transaction, its rows are deleted (or, with keep_published,
-marked, and deleted once older than that), by transaction id, in chunks, on a connection and a
-thread of their own so that streaming does not wait for them.
+marked with their commit LSN for `outbox replay`, and deleted once older than that), by
+transaction id, in chunks, on a connection and a thread of their own so that streaming does not
+wait for them.
 
 The position is written by the statement that removes the last chunk (one round trip), once per
 batch of transactions (GATHER_SECONDS), not per event; without rows to remove (table-less mode, a
@@ -27,13 +28,21 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
 from relay import queries
 from relay.errors import FatalRelayError, SourceUnavailableError
-from relay.published import CHUNK_ROWS, expire_interval, full_txids, purge_expired
+from relay.published import (
+    CHUNK_ROWS,
+    PURGE_CHUNKS_PER_TURN,
+    expire_interval,
+    full_txids,
+    purge_expired,
+)
 from relay.wal import position
+from relay.wal.lsn import format_lsn
 from relay.wal.position import Origin
 
 log = logging.getLogger(__name__)
@@ -57,8 +66,9 @@ class TableCleaner:
         self.names = names
         self.origin = origin
         self.keep_published = keep_published
-        # (transaction ids, the last one's end LSN and commit time in microseconds)
-        self._queue: deque[tuple[list[int], int, int]] = deque()
+        # (xid, commit LSN) of each transaction done; the end LSN and commit time (pgoutput's
+        # microseconds) of the last one
+        self._queue: deque[tuple[list[tuple[int, int]], int, int]] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._failure: BaseException | None = None
@@ -72,11 +82,11 @@ class TableCleaner:
             target=self._run, args=(conn,), name="outbox-table-cleaner", daemon=True)
         self._thread.start()
 
-    def done(self, xids: list[int], end_lsn: int, commit_time_us: int) -> None:
-        """Kafka acknowledged every event of these transactions, the last ending at `end_lsn`
-        and committed at `commit_time_us` (pgoutput's microseconds)."""
+    def done(self, commits: list[tuple[int, int]], end_lsn: int, commit_time_us: int) -> None:
+        """Kafka acknowledged every event of these transactions, (xid, commit LSN) each, the
+        last ending at `end_lsn` and committed at `commit_time_us` (pgoutput's microseconds)."""
         with self._wake:
-            self._queue.append((xids, end_lsn, commit_time_us))
+            self._queue.append((commits, end_lsn, commit_time_us))
             if len(self._queue) == 1:
                 self._wake.notify()
 
@@ -91,8 +101,9 @@ class TableCleaner:
             raise FatalRelayError(
                 f"the WAL relay's role may not remove published rows from {table} or record "
                 f"its position in {positions}: {redact(str(failure))}; grant it DELETE (and "
-                "UPDATE (published_at) for --keep-published) on the table, and SELECT, INSERT, "
-                "UPDATE on the position table, as deploy/roles.sql does") from failure
+                "UPDATE (published_at, commit_lsn) for --keep-published) on the table, and "
+                "SELECT, INSERT, UPDATE on the position table, as deploy/roles.sql does"
+            ) from failure
         raise SourceUnavailableError(
             f"removing published rows failed: {redact(str(failure))}") from failure
 
@@ -113,26 +124,29 @@ class TableCleaner:
         # Kept rows are purged on time even while nothing new is published.
         wait = expire_interval(keep) if keep is not None else None
         last_expire = 0.0
+        purging = False  # a large purge under way: its next turn comes without waiting
         try:
             with conn:
                 while True:
-                    batch = self._take(wait)
+                    batch = self._take(0.0 if purging else wait)
                     if batch is None:
                         return
                     if batch:
-                        xids = [xid for item_xids, _, _ in batch for xid in item_xids]
+                        commits = [commit for item, _, _ in batch for commit in item]
                         _, end_lsn, commit_time_us = batch[-1]
-                        self._remove_and_record(conn, xids, end_lsn, commit_time_us)
+                        self._remove_and_record(conn, commits, end_lsn, commit_time_us)
                         self.cleaned_lsn = end_lsn
                     if keep is not None and time.monotonic() - last_expire >= expire_interval(keep):
-                        purge_expired(conn, self.names, keep)
-                        last_expire = time.monotonic()
+                        _, finished = purge_expired(conn, self.names, keep, PURGE_CHUNKS_PER_TURN)
+                        purging = not finished
+                        if finished:
+                            last_expire = time.monotonic()
         except BaseException as exc:  # reported to the relay's thread by check()
             self._failure = exc
             log.debug("table cleaner stopped", extra={"event": "cleaner_failed",
                                                       "error": redact(str(exc))})
 
-    def _take(self, wait: float | None) -> list[tuple[list[int], int, int]] | None:
+    def _take(self, wait: float | None) -> list[tuple[list[tuple[int, int]], int, int]] | None:
         """The queued transactions, up to MAX_XIDS (none after `wait` seconds without any);
         None once closing with nothing queued."""
         with self._wake:
@@ -152,15 +166,19 @@ class TableCleaner:
                 count += len(item[0])
             return batch
 
-    def _remove_and_record(self, conn: psycopg.Connection[Any], xids: list[int], end_lsn: int,
-                           commit_time_us: int) -> None:
-        if not xids:
+    def _remove_and_record(self, conn: psycopg.Connection[Any], commits: list[tuple[int, int]],
+                           end_lsn: int, commit_time_us: int) -> None:
+        if not commits:
             position.record(conn, self.names, self.origin, end_lsn, commit_time_us)
             return
         params = position.record_params(self.origin, end_lsn, commit_time_us)
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
-        params["txids"] = full_txids(xids, int(row[0]) if row else 0)
+        txids = full_txids([xid for xid, _ in commits], int(row[0]) if row else 0)
+        params["txids"] = txids
         params["chunk"] = CHUNK_ROWS
+        if self.keep_published:
+            params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
+                                      for txid, (_, lsn) in zip(txids, commits, strict=True)})
         statement = _remove_and_record(self.names, mark=bool(self.keep_published))
         while True:
             found = conn.execute(statement, params).fetchone()

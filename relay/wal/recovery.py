@@ -143,9 +143,10 @@ class CatchUpSource(PollSource):
 
     def __init__(self, config: PollConfig, stats: RelayStats,
                  reader: psycopg.Connection[Any], stop: threading.Event,
-                 ended: threading.Event) -> None:
+                 ended: threading.Event, consistent_lsn: int = 0) -> None:
         super().__init__(config, stats)
         self._reader = reader
+        self._consistent_lsn = consistent_lsn
         self._stop = stop  # the daemon's (or the command's) stop
         self._ended = ended  # the core's stop: set when everything was read, or on `stop`
         self._after = 0
@@ -178,6 +179,17 @@ class CatchUpSource(PollSource):
                 send(row_record(row), row[0])
         self.caught_up = len(rows) < limit
         return len(rows)
+
+    def apply(self, delivered: list[int], refused: list[Refused]) -> None:
+        """As the polling relay; kept rows are marked with the new slot's consistent point as
+        their commit order (`outbox replay`): they committed before it, and after every row the
+        lost slot's relay had marked."""
+        if not (delivered and self.config.keep_published):
+            super().apply(delivered, refused)
+            return
+        super().apply([], refused)
+        self.conn.execute(queries.query("recovery.sql", "mark_recovered", self.config.names),
+                          {"positions": delivered, "lsn": format_lsn(self._consistent_lsn)})
 
     def keep_alive(self) -> None:
         self._check_stop()
@@ -305,7 +317,7 @@ def _catch_up(
                           keep_published=config.keep_published,
                           shutdown_timeout=config.shutdown_timeout)
         ended = threading.Event()
-        catch_up = CatchUpSource(poll, stats, reader, stop, ended)
+        catch_up = CatchUpSource(poll, stats, reader, stop, ended, consistent)
         before = dict(stats.published)
         parked_before = stats.parked
         RelayCore(catch_up, kafka_sink(publisher, stats, topic_limits), stats).run(ended)

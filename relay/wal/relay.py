@@ -229,20 +229,20 @@ class WalRelaySource:
         if done:
             last = done[-1].position
             assert last is not None  # closed groups have their commit
-            xids = []
+            commits = []  # (xid, commit LSN) of those whose rows leave the table
             for transaction in done:
                 commit = transaction.position
                 assert commit is not None
                 if transaction.events:
                     self.stats.delivered_transaction(
                         transaction.events, commit.commit_time_us / 1e6 + PG_EPOCH_UNIX)
-                    xids.append(commit.xid)
+                    commits.append((commit.xid, commit.commit_lsn))
                 elif commit.skipped:
                     # Acknowledged by an earlier run, whose cleaner may not have removed its
                     # rows yet: removing them again is harmless, leaving them is not.
-                    xids.append(commit.xid)
+                    commits.append((commit.xid, commit.commit_lsn))
             if cleaner is not None:
-                cleaner.done(xids, last.end_lsn, last.commit_time_us)
+                cleaner.done(commits, last.end_lsn, last.commit_time_us)
             else:
                 self._unrecorded = last
             identity = self.source.stream.identity
@@ -366,12 +366,18 @@ def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfi
     """What the role lacks to remove published rows (table mode), or None."""
     if config.source.table is None:
         return None
-    if "txid" not in slots.table_columns(conn, (config.source.schema, config.source.table)):
+    columns = slots.table_columns(conn, (config.source.schema, config.source.table))
+    if "txid" not in columns:
         return None  # nothing to find its rows by: they are left alone (see _cleaner)
     table = catalog.qualified(conn, config.names, config.names.table)
     wanted: list[tuple[str, str | None]] = [("DELETE", None)]
     if config.keep_published is not None:
-        wanted.append(("UPDATE", "published_at"))
+        if "commit_lsn" not in columns:
+            raise FatalRelayError(
+                f"table {table} has no column commit_lsn, which --keep-published marks (the "
+                "commit order `outbox replay` follows): run "
+                f"`{migrate.command(config.names, config.source.columns.layout)}` first")
+        wanted += [("UPDATE", "published_at"), ("UPDATE", "commit_lsn")]
     for privilege, column in wanted:
         if not catalog.may(conn, table, privilege, column):
             return f"{privilege} {table}" + (f" ({column})" if column else "")

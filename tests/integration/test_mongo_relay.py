@@ -98,6 +98,39 @@ def test_a_parked_entry_keeps_its_document_id_and_the_entry_itself(
     check(ledger, reader)
 
 
+@pytest.mark.parametrize("source", ["mongo-poll"])
+def test_retry_keeps_an_event_a_running_relay_parked_again_meanwhile(
+    source: str, db: Database[Document], mongo_db_url: str,  # noqa: F811
+    kafka_bootstrap: str, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`outbox parked retry` (and the console's redrive) while a relay runs: the relay may
+    re-queue, read and park an event again (same _id, new seq) before retry removes the parked
+    documents it read; the new one must stay, or the event is in neither place."""
+    from relay.mongo.parked import ParkedEvents
+
+    misrouted = outbox.Event(topic, "m", "Misrouted", {}, topic="not a valid topic!")
+    relay = start(source, db, settings(source, mongo_db_url, kafka_bootstrap))
+    try:
+        db.orders.insert_one(outbox_mongo.new_document({"_id": "m", "version": 0}, misrouted))
+        wait_for(lambda: db.outbox_parked.count_documents({}) == 1, 30, "parking")
+    finally:
+        relay.stop()
+    (first,) = db.outbox_parked.find()
+    store = ParkedEvents(MongoRelayConfig(url=mongo_db_url, collections=("orders",)))
+    requeue = store._requeue
+
+    def requeue_then_park_again(group: Any) -> None:
+        requeue(group)
+        db.outbox_parked.replace_one(  # what the running relay's store does when it parks
+            {"_id": first["_id"]}, {**first, "seq": first["seq"] + 1}, upsert=True)
+
+    monkeypatch.setattr(store, "_requeue", requeue_then_park_again)
+    with store:
+        assert len(store.retry([misrouted.id])) == 1
+    (kept,) = db.outbox_parked.find()
+    assert kept["seq"] == first["seq"] + 1, "the event parked again is kept"
+
+
 @pytest.mark.parametrize("source", ["mongo-stream"])
 def test_invalid_resume_token_falls_back_to_a_full_scan(
     source: str, db: Database[Document], mongo_db_url: str,  # noqa: F811

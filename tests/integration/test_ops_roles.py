@@ -162,6 +162,21 @@ def test_app_role_publishes_but_cannot_read_or_delete_events(roles: Roles) -> No
         assert conn.execute("SELECT id FROM outbox").fetchall() == [(event.id,)]
 
 
+def test_app_role_numbers_events_but_cannot_touch_the_consumers_numbers(roles: Roles) -> None:
+    sequenced = outbox.Outbox(sequence=True)
+    with roles.connect("app") as conn:
+        sequenced.publish(conn, outbox.Event("Order", "42", "OrderCreated", {}))
+        # Four events: the binary COPY path.
+        sequenced.publish(conn, *[outbox.Event("Order", "42", "OrderChanged", {})
+                                  for _ in range(4)])
+        conn.commit()
+        assert denied(conn, "DELETE FROM outbox_sequence")
+        assert denied(conn, "SELECT * FROM outbox_inbox_sequence")
+    with psycopg.connect(roles.db_url) as conn:
+        numbers = conn.execute("SELECT headers->>'sequence' FROM outbox ORDER BY position")
+        assert [n for (n,) in numbers] == ["1", "2", "3", "4", "5"]
+
+
 def test_app_role_writes_table_less_events_without_replication(roles: Roles) -> None:
     messages = outbox.Outbox(mode="message")
     with roles.connect("app") as conn:
@@ -285,7 +300,7 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
     assert parked == [(misrouted.id,)]
     recorded = recorded_position(roles.db_url, config.slot)  # written with the role's rights
     assert recorded is not None and recorded.lsn is not None and recorded.system is not None
-    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at) only
+    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at, commit_lsn) only
         assert denied(conn, "UPDATE outbox SET payload = ''")
         assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
@@ -319,8 +334,15 @@ def test_consumer_role_claims_and_purges_but_cannot_touch_the_outbox(roles: Role
             " ON CONFLICT DO NOTHING RETURNING event_id").fetchall()
         assert len(claimed) == 1
         conn.execute("DELETE FROM outbox_inbox WHERE consumer = 'billing'")
+        # ordering="sequence": the last applied number per aggregate, read and upserted.
+        conn.execute(
+            "INSERT INTO outbox_inbox_sequence AS s VALUES ('billing', 'Order', '1', 1)"
+            " ON CONFLICT (consumer, aggregate_type, aggregate_id)"
+            " DO UPDATE SET last_sequence = excluded.last_sequence")
+        conn.execute("SELECT last_sequence FROM outbox_inbox_sequence FOR UPDATE")
         conn.commit()
         assert denied(conn, "SELECT * FROM outbox")
+        assert denied(conn, "SELECT * FROM outbox_sequence")
         assert denied(conn, "DELETE FROM outbox_parked")
 
 

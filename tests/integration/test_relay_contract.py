@@ -11,11 +11,9 @@ test_wal_relay.py, test_mongo_relay.py).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
 import logging
-import os
 import random
 import signal
 import subprocess
@@ -27,17 +25,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka.admin import (  # type: ignore[attr-defined]
-    AdminClient,
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    ResourceType,
-)
 
 import outbox
 from relay.settings import RelaySettings
-from tests.support.kafka import TopicReader, create_topics, unique_topic
+from tests.support.kafka import (
+    TopicReader,
+    create_topics,
+    incompressible,
+    raise_topic_limit,
+    unique_topic,
+)
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 from tests.support.sources import (
@@ -333,19 +330,6 @@ def test_unpublishable_events_are_parked_with_a_reason_while_others_flow(
 def outbox_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "relay.cli", "parked", *args],
                           capture_output=True, text=True, timeout=120)
-
-
-def incompressible(size: int) -> str:
-    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
-
-
-def raise_topic_limit(kafka: str, topic: str, limit: int) -> None:
-    admin = AdminClient({"bootstrap.servers": kafka})
-    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
-        ConfigEntry("max.message.bytes", str(limit),
-                    incremental_operation=AlterConfigOpType.SET)])
-    for future in admin.incremental_alter_configs([resource]).values():
-        future.result(timeout=30)
 
 
 @pytest.mark.parametrize("source", sources_with("parking"), indirect=True)

@@ -10,6 +10,9 @@ import uuid
 import psycopg
 import pytest
 
+from relay.wal import slots
+from tests.support.relays import wait_for
+
 pytestmark = pytest.mark.integration
 
 
@@ -46,4 +49,7 @@ def test_pgoutput_slot_streams_one_insert_through_a_replication_connection(db_ur
     columns = struct.unpack_from(">h", inserts[0], 6)[0]
     assert columns == 2 and b"hello from the WAL" in inserts[0]
     with psycopg.connect(db_url, autocommit=True) as conn:
+        # The walsender ends a moment after its client closed: a busy server may still hold it.
+        wait_for(lambda: not ((s := slots.slot_status(conn, slot)) and s.active), 30,
+                 f"slot {slot} to be released")
         conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -12,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,21 @@ def create_topics(
             return
         time.sleep(0.1)
     raise TimeoutError(f"topics {names} have no leader after 30 s")
+
+
+def raise_topic_limit(kafka: str, topic: str, limit: int) -> None:
+    """Set the topic's max.message.bytes (the operator fixing the cause of parked events)."""
+    admin = AdminClient({"bootstrap.servers": kafka})
+    resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", str(limit),
+                    incremental_operation=AlterConfigOpType.SET)])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+
+
+def incompressible(size: int) -> str:
+    """About `size` bytes of text that the producer's compression cannot shrink."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
 
 
 class TopicReader:

@@ -81,11 +81,8 @@ def test_a_position_of_another_server_or_beyond_this_ones_wal_hides_nothing(
                 " acknowledged_timeline = excluded.acknowledged_timeline",
                 [wal.slot, lsn, wrong_system, wrong_timeline])
         writer.write_many(wal.db_url, keys=3, per_key=10)
-        with RelayThread(wal.settings(kafka_bootstrap)):
-            reader.read_ids(ledger.committed_ids, timeout=30)
-    verdict = ledger.check(reader.drain(quiet=0.5))
-    verdict.assert_holds()
-    assert verdict.dup == 0
+        relay_until_delivered(wal, kafka_bootstrap, reader, ledger)
+    assert_each_once(reader, ledger)
 
 
 def test_a_slot_dropped_and_created_again_streams_everything_after_an_old_position(
@@ -108,8 +105,17 @@ def test_a_slot_dropped_and_created_again_streams_everything_after_an_old_positi
         created = slots.create_slot(conn, wal.slot)
     assert created > end
     writer.write_many(wal.db_url, keys=3, per_key=10)
+    relay_until_delivered(wal, kafka_bootstrap, reader, ledger)
+    assert_each_once(reader, ledger)
+
+
+def relay_until_delivered(wal: WalSlot, kafka_bootstrap: str, reader: TopicReader,
+                          ledger: Ledger) -> None:
     with RelayThread(wal.settings(kafka_bootstrap)):
         reader.read_ids(ledger.committed_ids, timeout=30)
+
+
+def assert_each_once(reader: TopicReader, ledger: Ledger) -> None:
     verdict = ledger.check(reader.drain(quiet=0.5))
     verdict.assert_holds()
     assert verdict.dup == 0

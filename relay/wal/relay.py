@@ -199,6 +199,7 @@ class WalRelaySource:
                 self.transactions.close(item)
                 if item.skipped:
                     self.skipped += item.skipped
+                    self.stats.wal_skipped += item.skipped
             elif isinstance(item, WalRejected):
                 # Not an event of any transaction's count: parked at once, by its raw change.
                 parked.park_raw(self.conn, self.config.names,

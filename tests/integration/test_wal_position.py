@@ -136,7 +136,8 @@ def wal_and_reader(
 @pytest.mark.fault
 @pytest.mark.parametrize("table_less", [False, True], ids=["table", "table-less"])
 def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
-    private_postgres: tuple[Any, str], kafka_bootstrap: str, topic: str, table_less: bool
+    private_postgres: tuple[Any, str], kafka_bootstrap: str, topic: str, table_less: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, db_url = private_postgres
     wal = WalSlot.create(db_url, table_less=table_less)
@@ -160,6 +161,7 @@ def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
         if went_back[-1]:
             break
     assert any(went_back), "the slot never went back: nothing was sent again"
+    caplog.set_level(logging.INFO, logger="relay.wal.relay")
     with RelayThread(wal.settings(kafka_bootstrap)):
         after = write_and_commit(db_url, writer, writer.events("k1", 10))
         reader.read_ids(ledger.committed_ids, timeout=60)
@@ -168,6 +170,10 @@ def test_a_relay_started_after_a_server_restart_skips_what_it_had_acknowledged(
     reader.close()
     verdict.assert_holds()
     assert verdict.dup == 0
+    # Not because nothing came again: the server did send them, and the relay skipped them.
+    assert any(getattr(r, "event", None) == "wal_skip_acknowledged" for r in caplog.records)
+    stopped = [r for r in caplog.records if getattr(r, "event", None) == "relay_stopped"]
+    assert stopped and vars(stopped[-1])["skipped"] > 0
 
 
 @pytest.mark.fault

@@ -5,8 +5,11 @@ PostgreSQL resends a slot from its position on disk, which can be older than the
 confirmed (before PostgreSQL 17 a logical slot's confirmed position reaches the disk only with a
 later checkpoint that has other reasons to write it, not at shutdown): after a server restart
 the relay would publish again every transaction it had confirmed since. It records how far it
-acknowledged (relay/wal/cleanup.py, before the slot is confirmed there) and remembers it across
-reconnects; a new stream skips the transactions that end at or before that point.
+acknowledged before the slot is confirmed there (relay/wal/cleanup.py with the removal of the
+rows, else relay/wal/relay.py once a second) and remembers it across reconnects; a new stream
+skips the transactions that end at or before that point (counted in `wal_skipped`). Skipped
+transactions still close their group in the watermark, and in table mode their rows are
+removed again (harmless if gone): a position remembered ahead of the cleaner leaves none.
 
 The rule, where a mistake would lose events rather than duplicate them:
 - a position is an acknowledged transaction's commit end LSN (or a recovered slot's consistent

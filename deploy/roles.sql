@@ -138,8 +138,9 @@ GRANT UPDATE (published_at, commit_lsn) ON :"schema".:"table" TO :"wal_role";
 -- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
 -- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";
--- Its row per slot in the position table: how far it acknowledged, and a slot recovery under
--- way (--on-slot-loss recover and `outbox slot recover` insert and update it).
+-- Its row per slot in the position table: how far Kafka acknowledged (the relay writes it before
+-- confirming its slot, and reads it at start to skip what the server sends again), and a slot
+-- recovery under way (--on-slot-loss recover and `outbox slot recover` insert and update it).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"position_table" TO :"wal_role";
 
 -- Both relays may read the migration bookkeeping, so `outbox doctor` run with the relay's own

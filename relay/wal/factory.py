@@ -9,6 +9,7 @@ from relay.daemon import Relay
 from relay.settings import RelaySettings
 from relay.sources import WAL_KAFKA_DEFAULTS
 from relay.stats import RelayStats
+from relay.wal.position import Remembered
 from relay.wal.relay import WalRelayConfig, check_setup, wal_gauges, wal_relay
 from relay.wal.source import WalSourceConfig
 
@@ -47,8 +48,10 @@ def gauges(config: WalRelayConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     wal, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    # What this process saw acknowledged, across the supervisor's restarts of the relay.
+    remembered = Remembered()
     if wal.on_slot_loss == "recover":
         from relay.wal.recovery import HealingRelay
 
-        return lambda: HealingRelay(wal, publisher, stats, limits)
-    return lambda: wal_relay(wal, publisher, stats, limits)
+        return lambda: HealingRelay(wal, publisher, stats, limits, remembered)
+    return lambda: wal_relay(wal, publisher, stats, limits, remembered)

@@ -49,6 +49,7 @@ from relay.wal.errors import (
     SlotRecoveryPendingError,
 )
 from relay.wal.lsn import format_lsn, parse_lsn
+from relay.wal.position import Remembered
 from relay.wal.relay import WalRelayConfig
 from relay.wal.stream import replication_connection
 
@@ -362,11 +363,12 @@ class HealingRelay:
     streams on. Every other error goes to the supervisor as usual."""
 
     def __init__(self, config: WalRelayConfig, publisher: PublisherConfig, stats: RelayStats,
-                 limits: TopicLimits | None) -> None:
+                 limits: TopicLimits | None, remembered: Remembered | None = None) -> None:
         self.config = config
         self.publisher = publisher
         self.stats = stats
         self.limits = limits
+        self.remembered = remembered
 
     def run(self, stop: threading.Event) -> None:
         from relay.wal.relay import wal_relay
@@ -374,7 +376,8 @@ class HealingRelay:
         slot = self.config.source.slot
         while not stop.is_set():
             try:
-                wal_relay(self.config, self.publisher, self.stats, self.limits).run(stop)
+                wal_relay(self.config, self.publisher, self.stats, self.limits,
+                          self.remembered).run(stop)
                 return
             except LOST_SLOT as exc:
                 log.error("replication slot %s lost: recovering it from the outbox table", slot,

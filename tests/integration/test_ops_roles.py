@@ -26,6 +26,7 @@ from relay.settings import RelaySettings
 from relay.wal import WalEvent, WalSource, WalSourceConfig, setup
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.relays import RelayThread, wait_for
+from tests.support.wal import recorded_position
 
 pytestmark = pytest.mark.integration
 
@@ -297,25 +298,32 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
         parked = conn.execute("SELECT id FROM outbox_parked").fetchall()
     assert kept == ((6,) if keep else (0,))
     assert parked == [(misrouted.id,)]
+    recorded = recorded_position(roles.db_url, config.slot)  # written with the role's rights
+    assert recorded is not None and recorded.lsn is not None and recorded.system is not None
     with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at, commit_lsn) only
         assert denied(conn, "UPDATE outbox SET payload = ''")
         assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
 
 
-def test_wal_relay_without_delete_on_the_outbox_fails_at_start_up(
-    roles: Roles, kafka_bootstrap: str
+@pytest.mark.parametrize(("privilege", "table", "message"), [
+    ("DELETE", "outbox", r"may not DELETE .*outbox.*deploy/roles.sql"),
+    ("INSERT", "outbox_relay_position",
+     r"may not INSERT .*outbox_relay_position.*acknowledged.*deploy/roles.sql"),
+], ids=["delete-outbox", "insert-position"])
+def test_wal_relay_without_its_rights_fails_at_start_up(
+    roles: Roles, kafka_bootstrap: str, privilege: str, table: str, message: str
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
     with psycopg.connect(roles.db_url, autocommit=True) as admin:
         setup(admin, config)
-        admin.execute(sql.SQL("REVOKE DELETE ON outbox FROM {}").format(
-            sql.Identifier(roles.name("relay_wal"))))
+        admin.execute(sql.SQL("REVOKE {} ON {} FROM {}").format(
+            sql.SQL(privilege), sql.Identifier(table), sql.Identifier(roles.name("relay_wal"))))
     settings = RelaySettings(
         source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
         slot=config.slot, publication=config.publication)
-    with pytest.raises(FatalRelayError, match=r"may not DELETE .*outbox.*deploy/roles.sql"):
+    with pytest.raises(FatalRelayError, match=message):
         relay_main.run(settings, threading.Event())
 
 

@@ -1,0 +1,196 @@
+"""The writers of `outbox verify`: events at an offered rate through outbox.publish, some
+transactions rolled back, one long transaction; every event recorded in the ledger."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+import outbox
+from outbox.conninfo import libpq_url, redact
+from relay.verify.ledger import Ledger
+
+EVENT_TYPE = "VerifyEvent"
+
+
+class KeyRing:
+    """The keys one writer owns (every `stride`-th from `first`), used round robin.
+
+    Writers own disjoint keys and number each key's events in the order they commit them, so the
+    per-key order check of the ledger is exact even with several writers at once.
+    """
+
+    def __init__(self, first: int, stride: int, keys: int) -> None:
+        self.keys = list(range(first, keys, stride)) or [first]
+        self.seqs = [0] * len(self.keys)
+        self._next = 0
+
+    def take(self, count: int) -> list[tuple[int, int]]:
+        """The next `count` (key, sequence number) pairs."""
+        made = []
+        for _ in range(count):
+            i = self._next % len(self.keys)
+            self._next += 1
+            made.append((self.keys[i], self.seqs[i]))
+            self.seqs[i] += 1
+        return made
+
+
+def per_transaction_for(rate: float) -> int:
+    """Events per transaction: one up to 250 events/s, then as many as keep 250 commits/s
+    (what four writer threads sustain next to a relay on a small machine)."""
+    return max(1, math.ceil(rate / 250))
+
+
+class Workload:
+    """`writers` threads on an open-loop schedule (a slow commit does not slow the offered
+    load), plus one long transaction. Thread-safe views for the run: `committed_snapshot`."""
+
+    def __init__(
+        self,
+        db_url: str,
+        topic: str,
+        *,
+        schema: str,
+        table: str,
+        rate: float,
+        duration: float,
+        writers: int,
+        keys: int,
+        rollback_every: int,
+        long_transaction: tuple[float, float],
+        stop: threading.Event,
+    ) -> None:
+        self.db_url = libpq_url(db_url)
+        self.topic = topic
+        self.rate = rate
+        self.duration = duration
+        self.writers = writers
+        self.keys = keys
+        self.rollback_every = rollback_every
+        self.long_transaction = long_transaction
+        self.stop = stop
+        self.ledger = Ledger()
+        self.errors: list[str] = []
+        self.per_transaction = per_transaction_for(rate)
+        self._lock = threading.Lock()
+        self._committed: list[str] = []  # in commit order, for the recovery figures
+        self._threads: list[threading.Thread] = []
+        self.started = 0.0
+        self.outbox = outbox.Outbox(schema=schema, table=table)
+
+    # -- views for the run (other threads) ----------------------------------------------------
+
+    def committed_count(self) -> int:
+        return len(self._committed)
+
+    def committed_snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self._committed)
+
+    def done(self) -> bool:
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._writer, i), name=f"verify-writer-{i}",
+                             daemon=True)
+            for i in range(self.writers)
+        ]
+        self._threads.append(threading.Thread(
+            target=self._guard, args=(self._long, self.writers), name="verify-long-transaction",
+            daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _guard(self, body: Callable[[int], None], index: int) -> None:
+        try:
+            body(index)
+        except Exception as exc:  # reported with the verdict: a writer failure voids the run
+            with self._lock:
+                self.errors.append(f"writer {index}: {redact(str(exc)) or type(exc).__name__}")
+
+    def _events(self, ring: KeyRing, count: int) -> list[outbox.Event]:
+        return [outbox.Event(EVENT_TYPE, f"k{key}", EVENT_TYPE, {"seq": seq}, topic=self.topic)
+                for key, seq in ring.take(count)]
+
+    def _record(self, events: list[outbox.Event], outcome: str) -> None:
+        with self._lock:
+            for event in events:
+                event_id, key, seq = str(event.id), event.aggregate_id, event.payload["seq"]
+                if outcome == "doubt":
+                    self.ledger.doubt(event_id, key, seq)
+                else:
+                    self.ledger.record(event_id, key, seq, outcome == "committed")
+                    if outcome == "committed":
+                        self._committed.append(event_id)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.db_url, connect_timeout=10)
+
+    def _writer(self, index: int) -> None:
+        # The long transaction's key (0) is its own; the writers share out the others.
+        ring = KeyRing(index + 1, self.writers, self.keys + 1)
+        tx_rate = self.rate / self.per_transaction
+        transactions = max(1, round(self.duration * tx_rate))
+        conn = self._connect()
+        try:
+            for number, slot in enumerate(range(index, transactions, self.writers), start=1):
+                due = self.started + slot / tx_rate
+                if self.stop.wait(max(0.0, due - time.monotonic())):
+                    return
+                events = self._events(ring, self.per_transaction)
+                rollback = self.rollback_every > 0 and number % self.rollback_every == 0
+                conn = self._write(conn, events, rollback)
+        finally:
+            conn.close()
+
+    def _write(
+        self, conn: psycopg.Connection[Any], events: list[outbox.Event], rollback: bool
+    ) -> psycopg.Connection[Any]:
+        """One transaction; a broken connection is replaced (its events recorded as they
+        ended: rolled back before COMMIT, in doubt during it)."""
+        try:
+            self.outbox.publish(conn, *events)
+        except psycopg.OperationalError:
+            self._record(events, "rolled back")
+            conn.close()
+            return self._connect()
+        if rollback:
+            conn.rollback()
+            self._record(events, "rolled back")
+            return conn
+        try:
+            conn.commit()
+        except psycopg.OperationalError:
+            self._record(events, "doubt")
+            conn.close()
+            return self._connect()
+        self._record(events, "committed")
+        return conn
+
+    def _long(self, index: int) -> None:
+        """Opens early, writes, commits late: its rows sit below many later commits."""
+        begin, end = self.long_transaction
+        if self.stop.wait(max(0.0, self.started + begin - time.monotonic())):
+            return
+        ring = KeyRing(0, 1, 1)
+        with self._connect() as conn:
+            events = self._events(ring, 5)
+            self.outbox.publish(conn, *events)
+            self.stop.wait(max(0.0, self.started + end - time.monotonic()))
+            # Committed even when the run is interrupted: the ledger then knows its events.
+            conn.commit()
+            self._record(events, "committed")

@@ -35,12 +35,14 @@ class Refused(Exception):
 @dataclass
 class Recovery:
     """One fault: from its end (restart, SIGCONT, sessions ended) until Kafka held every event
-    committed before that moment."""
+    committed before that moment and the first one committed after it (the relay is back, not
+    merely done with what it had read before the fault)."""
 
     fault: str
     at: float  # seconds after the writers started
     ended: float = 0.0  # monotonic
     pending: set[str] = field(default_factory=set)
+    next_index: int = 0  # the first event committed after the fault, in commit order
     took: float | None = None
     note: str = ""
 
@@ -154,10 +156,10 @@ class _Run:
         self.report = Report(plan, names)
         self.relay = ChildRelay(relay_environment(plan.source, db_url, bootstrap, names),
                                 workdir / "relay.log")
-        start, end = plan.long_transaction()
         self.workload = Workload(
-            db_url, names.topic, schema=names.schema, table=names.table, rate=plan.rate, duration=plan.duration, writers=plan.writers,
-            keys=plan.keys, rollback_every=plan.rollback_every, long_transaction=(start, end),
+            db_url, names.topic, schema=names.schema, table=names.table, rate=plan.rate,
+            duration=plan.duration, writers=plan.writers, keys=plan.keys,
+            rollback_every=plan.rollback_every, long_transaction=plan.long_transaction(),
             stop=stop)
         self.reader: TopicReader | None = None
         self.paused_until: float | None = None
@@ -167,9 +169,10 @@ class _Run:
 
     def _begin_recovery(self, fault: str, at: float, note: str = "") -> None:
         seen = self.reader.seen if self.reader else set()
-        pending = {i for i in self.workload.committed_snapshot() if i not in seen}
+        committed = self.workload.committed_snapshot()
+        pending = {i for i in committed if i not in seen}
         self.report.recoveries.append(
-            Recovery(fault, at, time.monotonic(), pending, None if pending else 0.0, note))
+            Recovery(fault, at, time.monotonic(), pending, len(committed), note=note))
 
     def _inject(self, fault: str, at: float) -> None:
         self.progress.note(f"  {at:5.1f} s  {fault}")
@@ -204,13 +207,19 @@ class _Run:
             self._begin_recovery(stopped.fault, stopped.at,
                                  f"stopped for {self.plan.stop_pause():.1f} s")
 
-    def _track_recoveries(self, now: float) -> None:
+    def _track_recoveries(self, now: float, *, final: bool = False) -> None:
+        """`final`: the writers are done and all is delivered; a fault with no event committed
+        after it recovered when its pending events arrived (already counted)."""
         seen = self.reader.seen if self.reader else set()
         for recovery in self.report.recoveries:
-            if recovery.took is None and recovery.ended:
-                recovery.pending = {i for i in recovery.pending if i not in seen}
-                if not recovery.pending:
-                    recovery.took = now - recovery.ended
+            if recovery.took is not None or not recovery.ended:
+                continue
+            recovery.pending = {i for i in recovery.pending if i not in seen}
+            if recovery.pending:
+                continue
+            following = self.workload.committed_at(recovery.next_index)
+            if (following is not None and following in seen) or final:
+                recovery.took = now - recovery.ended
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -261,7 +270,7 @@ class _Run:
                     self.progress.note(f"  {at:5.1f} s  writers done: {committed:,} events "
                                        "committed; waiting for the relay to deliver them")
                 if self._drained():
-                    self._track_recoveries(time.monotonic())
+                    self._track_recoveries(time.monotonic(), final=True)
                     return
                 if now - writing_done > plan.drain_timeout:
                     self.progress.note(f"  the relay did not deliver everything within "

@@ -89,6 +89,11 @@ class Workload:
     def committed_count(self) -> int:
         return len(self._committed)
 
+    def committed_at(self, index: int) -> str | None:
+        """The id of the `index`-th event committed (in commit order), if there is one yet."""
+        with self._lock:
+            return self._committed[index] if index < len(self._committed) else None
+
     def committed_snapshot(self) -> list[str]:
         with self._lock:
             return list(self._committed)

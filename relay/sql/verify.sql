@@ -6,6 +6,7 @@
 -- scratch tables in the schema (their owner has every right on them), and read, record and
 -- remove its rows of the migration bookkeeping when that table exists already.
 SELECT current_user::text,
+       pg_catalog.current_database()::text,
        r.rolsuper,
        r.rolreplication,
        n.oid IS NOT NULL,

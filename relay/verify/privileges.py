@@ -17,6 +17,7 @@ from relay import queries
 @dataclass(frozen=True)
 class VerifyFacts:
     role: str
+    database: str
     superuser: bool
     replication: bool
     schema_exists: bool
@@ -46,9 +47,9 @@ def gather(conn: psycopg.Connection[Any], names: SchemaNames) -> VerifyFacts:
     }
     slots_used, senders_used = conn.execute(
         queries.query("ops.sql", "replication_usage", names)).fetchone() or (0, 0)
-    flags = [bool(value) for value in row[1:]]
+    flags = [bool(value) for value in row[2:]]
     return VerifyFacts(
-        str(row[0]), superuser=flags[0], replication=flags[1], schema_exists=flags[2],
+        str(row[0]), str(row[1]), superuser=flags[0], replication=flags[1], schema_exists=flags[2],
         schema_usage=flags[3], schema_create=flags[4], database_create=flags[5],
         migrations_table_exists=flags[6], migrations_select=flags[7],
         migrations_insert=flags[8], migrations_delete=flags[9], settings=settings,
@@ -74,6 +75,14 @@ def missing(facts: VerifyFacts, names: SchemaNames, *, wal: bool) -> list[str]:
         found.append(
             f"role {facts.role} may not record and remove the scratch table's migrations: "
             f"GRANT SELECT, INSERT, DELETE ON {table} TO {role}")
+    if not facts.database_create:
+        # The migrations start with CREATE SCHEMA IF NOT EXISTS, which PostgreSQL checks
+        # against the database's CREATE right even when the schema exists.
+        what = "run the migrations (and create the scratch publication)" if wal else (
+            "run the migrations")
+        found.append(
+            f"role {facts.role} may not {what} for its scratch table: GRANT CREATE ON DATABASE "
+            f"{sql.Identifier(facts.database).as_string()} TO {role}")
     if not wal:
         return found
     if facts.settings.get("wal_level") != "logical":
@@ -82,9 +91,6 @@ def missing(facts: VerifyFacts, names: SchemaNames, *, wal: bool) -> list[str]:
     if not (facts.superuser or facts.replication):
         found.append(f"role {facts.role} lacks REPLICATION (to create and read a slot): "
                      f"ALTER ROLE {role} WITH REPLICATION")
-    if not facts.database_create:
-        found.append(f"role {facts.role} may not create the scratch publication: "
-                     f"GRANT CREATE ON DATABASE <this database> TO {role}")
     slots_total = int(facts.settings.get("max_replication_slots", "0"))
     if slots_total - facts.slots_used < 1:
         found.append(f"no free replication slot for the scratch slot: {facts.slots_used} of "

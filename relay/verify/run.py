@@ -125,7 +125,7 @@ class Report:
             else:
                 lines.append("verdict: FAIL")
                 lines += [f"  - {reason}" for reason in self.reasons()]
-                if self.relay_log is not None:
+                if self.relay_log is not None and self.relay_starts:
                     lines.append(f"  relay log kept at {self.relay_log}")
         return "\n".join(lines)
 

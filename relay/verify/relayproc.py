@@ -87,23 +87,33 @@ class ChildRelay:
             self.process.send_signal(signal.SIGCONT)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (the relay's clean stop, after SIGCONT should it be stopped), then SIGKILL."""
         if self.process is None:
             return None
         process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.send_signal(signal.SIGTERM)
-            try:
-                return process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        return process.wait(30)
+        return stop_process(process, timeout)
 
     def log_tail(self, lines: int = 15) -> str:
+        return tail(self.log_path, lines)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM (the relay's clean stop, after SIGCONT should it be stopped), SIGKILL after
+    `timeout`; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
         try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait(30)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file ("" if there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 

@@ -571,6 +571,7 @@ def verify_command(
     kafka: Annotated[str, typer.Option(
         "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
         help="Kafka bootstrap servers (verify creates and deletes a topic of its own).")],
+    kafka_setting: KafkaSettingOption = None,
     source: Annotated[str, typer.Option(
         envvar="OUTBOX_SOURCE", show_envvar=True,
         help="postgres-poll | postgres-wal (mongo-poll | mongo-stream: not yet).",
@@ -598,9 +599,10 @@ def verify_command(
     2 when it cannot run here (nothing is created then); 130 when interrupted."""
     import threading
 
+    from outbox.kafka_safety import parse_kafka_settings
     from relay.daemon import stop_on_signals
     from relay.settings import parse_duration
-    from relay.verify.plan import VerifyPlan, parse_faults
+    from relay.verify.plan import KafkaAccess, VerifyPlan, parse_faults
     from relay.verify.progress import Progress
     from relay.verify.run import EXIT_REFUSED, Refused, run
 
@@ -612,6 +614,7 @@ def verify_command(
             faults=parse_faults(faults),
             schema=schema,
         )
+        access = KafkaAccess(kafka, tuple(parse_kafka_settings(kafka_setting or []).items()))
     except OutboxError as exc:
         fail(str(exc), EXIT_REFUSED)
     del mongo  # the MongoDB sources are refused by VerifyPlan until they are supported
@@ -619,7 +622,7 @@ def verify_command(
     progress = Progress(every=2.0)
     with stop_on_signals(stop):
         try:
-            report = run(plan, db, kafka, progress, stop)
+            report = run(plan, db, access, progress, stop)
         except Refused as exc:
             fail(str(exc), EXIT_REFUSED)
     typer.echo(redact(report.render()))

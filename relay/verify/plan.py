@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
+from relay.sinks.kafka.settings import admin_settings, producer_settings
 
 SOURCES = ("postgres-poll", "postgres-wal")
 # Not yet: they need a scratch collection and writers of their own (docs/operations.md).
@@ -25,6 +27,37 @@ def parse_faults(text: str) -> tuple[str, ...]:
         raise ConfigurationError(
             f"--faults: unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
     return faults
+
+
+@dataclass(frozen=True)
+class KafkaAccess:
+    """How verify and its relay reach the brokers: the bootstrap servers and the relay's
+    librdkafka settings (TLS, SASL), validated as the relay validates them."""
+
+    bootstrap: str
+    settings: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for _, value in self.settings:
+            if any(c.isspace() for c in value):
+                raise ConfigurationError(
+                    "--kafka-setting: a value with spaces cannot be passed on to the relay")
+        self.producer()
+
+    def producer(self) -> dict[str, str]:
+        return producer_settings(self.bootstrap, dict(self.settings))
+
+    def client_config(self) -> dict[str, Any]:
+        """Connection and security settings for verify's admin client and topic reader."""
+        return {**admin_settings(self.producer(), dict(self.settings)), "log_level": 4}
+
+    def environment(self) -> dict[str, str]:
+        """The relay's variables for the same brokers."""
+        env = {"OUTBOX_KAFKA_BOOTSTRAP": self.bootstrap}
+        if self.settings:
+            # A multiple option's variable is split at whitespace (hence no spaces in values).
+            env["OUTBOX_KAFKA_SETTINGS"] = " ".join(f"{k}={v}" for k, v in self.settings)
+        return env
 
 
 @dataclass(frozen=True)

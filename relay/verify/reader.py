@@ -9,20 +9,21 @@ import uuid
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from relay.verify.plan import KafkaAccess
+
 
 class TopicReader:
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, kafka: KafkaAccess, topic: str) -> None:
         self.topic = topic
         self.delivered: list[str] = []  # every delivery, duplicates included
         self.seen: set[str] = set()
         self.unreadable = 0  # messages without an id header (not written by verify's writers)
         self.error: str | None = None
         self._consumer = Consumer({
-            "bootstrap.servers": bootstrap,
+            **kafka.client_config(),
             "group.id": f"outbox-verify-reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
-            "log_level": 4,
         })
         metadata = self._consumer.list_topics(topic, timeout=10)
         self._partitions = sorted(metadata.topics[topic].partitions)

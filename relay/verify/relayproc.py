@@ -12,11 +12,11 @@ from pathlib import Path
 import psycopg
 
 from outbox.conninfo import libpq_url
-from relay.verify.plan import ScratchNames
+from relay.verify.plan import KafkaAccess, ScratchNames
 
 
 def relay_environment(
-    source: str, db_url: str, bootstrap: str, names: ScratchNames
+    source: str, db_url: str, kafka: KafkaAccess, names: ScratchNames
 ) -> dict[str, str]:
     """The child's environment: the caller's, without any OUTBOX_* setting (those are for the
     application's relay: another table, a metrics port, a config file), plus the scratch
@@ -28,11 +28,11 @@ def relay_environment(
     env.update({
         "OUTBOX_SOURCE": source,
         "OUTBOX_DB_URL": url,
-        "OUTBOX_KAFKA_BOOTSTRAP": bootstrap,
         "OUTBOX_SCHEMA": names.schema,
         "OUTBOX_TABLE": names.table,
         "OUTBOX_LOG_FORMAT": "json",
         "OUTBOX_SHUTDOWN_TIMEOUT": "15",
+        **kafka.environment(),
     })
     if source == "postgres-wal":
         env.update({"OUTBOX_SLOT": names.slot, "OUTBOX_PUBLICATION": names.publication})

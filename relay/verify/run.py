@@ -13,9 +13,10 @@ from pathlib import Path
 import psycopg
 
 from outbox.conninfo import libpq_url, redact
+from relay.doctor import try_replication_connection
 from relay.verify import privileges
 from relay.verify.ledger import Verdict
-from relay.verify.plan import ScratchNames, VerifyPlan
+from relay.verify.plan import KafkaAccess, ScratchNames, VerifyPlan
 from relay.verify.progress import Progress
 from relay.verify.reader import TopicReader
 from relay.verify.relayproc import ChildRelay, relay_environment
@@ -130,7 +131,7 @@ class Report:
         return "\n".join(lines)
 
 
-def preflight(plan: VerifyPlan, db_url: str, bootstrap: str, names: ScratchNames) -> None:
+def preflight(plan: VerifyPlan, db_url: str, kafka: KafkaAccess, names: ScratchNames) -> None:
     """Raise Refused naming everything missing; creates nothing."""
     try:
         with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=10) as conn:
@@ -138,7 +139,12 @@ def preflight(plan: VerifyPlan, db_url: str, bootstrap: str, names: ScratchNames
     except psycopg.Error as exc:
         raise Refused(f"cannot connect to the database: {redact(str(exc).strip())}") from exc
     missing = privileges.missing(facts, names.schema_names, wal=plan.wal)
-    broker = check_broker(bootstrap)
+    if plan.wal and (facts.superuser or facts.replication):
+        # The role may replicate; pg_hba.conf may still refuse the relay's connection.
+        refused = try_replication_connection(db_url)
+        if refused:
+            missing.append(f"a replication connection to this database is refused: {refused}")
+    broker = check_broker(kafka)
     if broker:
         missing.append(broker)
     if missing:
@@ -149,12 +155,12 @@ def preflight(plan: VerifyPlan, db_url: str, bootstrap: str, names: ScratchNames
 class _Run:
     """The moving parts of one run and the loop that drives them (see `run`)."""
 
-    def __init__(self, plan: VerifyPlan, db_url: str, bootstrap: str, names: ScratchNames,
+    def __init__(self, plan: VerifyPlan, db_url: str, kafka: KafkaAccess, names: ScratchNames,
                  progress: Progress, stop: threading.Event, workdir: Path) -> None:
-        self.plan, self.db_url, self.bootstrap, self.names = plan, db_url, bootstrap, names
+        self.plan, self.db_url, self.kafka, self.names = plan, db_url, kafka, names
         self.progress, self.stop = progress, stop
         self.report = Report(plan, names)
-        self.relay = ChildRelay(relay_environment(plan.source, db_url, bootstrap, names),
+        self.relay = ChildRelay(relay_environment(plan.source, db_url, kafka, names),
                                 workdir / "relay.log")
         self.workload = Workload(
             db_url, names.topic, schema=names.schema, table=names.table, rate=plan.rate,
@@ -285,7 +291,7 @@ class _Run:
         if self.stop.is_set():
             report.interrupted = True
             return
-        self.reader = TopicReader(self.bootstrap, self.names.topic)
+        self.reader = TopicReader(self.kafka, self.names.topic)
         self.reader.start()
         self.relay.start()
         self.workload.start()
@@ -316,16 +322,17 @@ class _Run:
 
 
 def run(
-    plan: VerifyPlan, db_url: str, bootstrap: str, progress: Progress, stop: threading.Event,
+    plan: VerifyPlan, db_url: str, kafka: KafkaAccess, progress: Progress,
+    stop: threading.Event,
     names: ScratchNames | None = None,
 ) -> Report:
     """Preflight (Refused: nothing made), then the run; everything made is removed at the end,
     also when `stop` is set (SIGINT/SIGTERM) or something fails."""
     names = names or ScratchNames(schema=plan.schema)
-    preflight(plan, db_url, bootstrap, names)
+    preflight(plan, db_url, kafka, names)
     workdir = Path(tempfile.mkdtemp(prefix="outbox-verify-"))
-    scratch = Scratch(db_url, bootstrap, names, wal=plan.wal)
-    job = _Run(plan, db_url, bootstrap, names, progress, stop, workdir)
+    scratch = Scratch(db_url, kafka, names, wal=plan.wal)
+    job = _Run(plan, db_url, kafka, names, progress, stop, workdir)
     try:
         job.execute(scratch)
     except Exception as exc:

@@ -14,22 +14,23 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from relay import queries
-from relay.verify.plan import PREFIX, ScratchNames
+from relay.verify.plan import PREFIX, KafkaAccess, ScratchNames
 from relay.wal import SlotInUseError, WalSourceConfig, setup, teardown
 
 PARTITIONS = 3  # several partitions: per-key order is checked across a real spread of keys
 
 
-def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+def _admin(kafka: KafkaAccess) -> AdminClient:
+    return AdminClient(kafka.client_config())
 
 
-def check_broker(bootstrap: str, timeout: float = 10.0) -> str | None:
+def check_broker(kafka: KafkaAccess, timeout: float = 10.0) -> str | None:
     """None if the brokers answer, else why not."""
     try:
-        _admin(bootstrap).list_topics(timeout=timeout)
+        _admin(kafka).list_topics(timeout=timeout)
     except KafkaException as exc:
-        return f"Kafka at {bootstrap} does not answer: {exc.args[0] if exc.args else exc}"
+        return (f"Kafka at {kafka.bootstrap} does not answer: "
+                f"{exc.args[0] if exc.args else exc}")
     return None
 
 
@@ -37,9 +38,10 @@ class Scratch:
     """Creates the run's objects in order and remembers each one, so that `remove` takes away
     exactly what was made, however far creation got."""
 
-    def __init__(self, db_url: str, bootstrap: str, names: ScratchNames, *, wal: bool) -> None:
+    def __init__(self, db_url: str, kafka: KafkaAccess, names: ScratchNames, *, wal: bool
+                 ) -> None:
         self.db_url = libpq_url(db_url)
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.names = names
         self.wal = wal
         self.made: list[str] = []  # "topic", "tables", "migrations_table", "slot"
@@ -57,7 +59,7 @@ class Scratch:
 
     def create(self) -> None:
         # The topic first: a broker that refuses it leaves nothing behind in the database.
-        admin = _admin(self.bootstrap)  # kept: its futures fail if it is collected first
+        admin = _admin(self.kafka)  # kept: its futures fail if it is collected first
         futures = admin.create_topics(
             [NewTopic(self.names.topic, num_partitions=PARTITIONS, replication_factor=-1)],
             operation_timeout=30)
@@ -83,7 +85,7 @@ class Scratch:
                 self.made.append("slot")
 
     def _wait_for_leaders(self) -> None:
-        admin = _admin(self.bootstrap)
+        admin = _admin(self.kafka)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             topic = admin.list_topics(self.names.topic, timeout=10).topics.get(self.names.topic)
@@ -150,7 +152,7 @@ class Scratch:
                     conn.execute(q("drop_migrations_table"))
 
     def _remove_topic(self) -> None:
-        admin = _admin(self.bootstrap)
+        admin = _admin(self.kafka)
         for future in admin.delete_topics([self.names.topic], operation_timeout=30).values():
             future.result(timeout=60)
 

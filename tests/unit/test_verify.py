@@ -7,7 +7,7 @@ import pytest
 
 from outbox.errors import ConfigurationError
 from relay.verify.ledger import Ledger
-from relay.verify.plan import ScratchNames, VerifyPlan, parse_faults
+from relay.verify.plan import KafkaAccess, ScratchNames, VerifyPlan, parse_faults
 from relay.verify.privileges import VerifyFacts, missing
 from relay.verify.relayproc import relay_environment
 from relay.verify.run import EXIT_HELD, EXIT_INTERRUPTED, EXIT_NOT_HELD, Recovery, Report
@@ -150,13 +150,28 @@ def test_the_child_relay_reads_no_setting_of_the_apps_relay(
     monkeypatch.setenv("OUTBOX_CONFIG", "/etc/outbox/relay.toml")
     monkeypatch.setenv("OUTBOX_METRICS_PORT", "9100")
     names = ScratchNames(suffix="s1")
-    env = relay_environment("postgres-poll", "postgresql://u:p@h/db", "k:9092", names)
+    kafka = KafkaAccess("k:9092", (("security.protocol", "SASL_SSL"), ("sasl.username", "u")))
+    env = relay_environment("postgres-poll", "postgresql://u:p@h/db", kafka, names)
     assert env["OUTBOX_TABLE"] == "outbox_verify_s1"
     assert "OUTBOX_CONFIG" not in env and "OUTBOX_METRICS_PORT" not in env
     assert "OUTBOX_SLOT" not in env  # a poll relay warns about WAL settings
     assert "application_name=outbox-verify-relay-s1" in env["OUTBOX_DB_URL"]
-    wal = relay_environment("postgres-wal", "postgresql://u:p@h/db", "k:9092", names)
+    assert env["OUTBOX_KAFKA_BOOTSTRAP"] == "k:9092"
+    assert env["OUTBOX_KAFKA_SETTINGS"] == "security.protocol=SASL_SSL sasl.username=u"
+    wal = relay_environment("postgres-wal", "postgresql://u:p@h/db", KafkaAccess("k"), names)
     assert wal["OUTBOX_SLOT"] == wal["OUTBOX_PUBLICATION"] == "outbox_verify_s1"
+
+
+def test_kafka_settings_reach_verifys_clients_and_bad_ones_are_refused() -> None:
+    kafka = KafkaAccess("k:9092", (("security.protocol", "SSL"), ("linger.ms", "5")))
+    config = kafka.client_config()
+    assert config["bootstrap.servers"] == "k:9092"
+    assert config["security.protocol"] == "SSL"
+    assert "enable.idempotence" not in config  # producer guarantees mean nothing here
+    with pytest.raises(ConfigurationError, match="enable.idempotence"):
+        KafkaAccess("k:9092", (("enable.idempotence", "false"),))
+    with pytest.raises(ConfigurationError, match="spaces"):
+        KafkaAccess("k:9092", (("sasl.password", "a b"),))
 
 
 def test_the_report_passes_only_when_the_ledger_holds_and_nothing_went_wrong() -> None:

@@ -106,6 +106,7 @@ class VerifyPlan:
     writers: int = 4  # threads, each with its own connection and its own keys
     rollback_every: int = 10  # every n-th transaction of a writer rolls back
     drain_timeout: float = 120.0  # after writing: how long the relay may take to catch up
+    stall_timeout: float = 30.0  # ... and how long it may deliver nothing new meanwhile
 
     def __post_init__(self) -> None:
         if self.source in LATER_SOURCES:

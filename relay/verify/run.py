@@ -181,15 +181,18 @@ class _Run:
             Recovery(fault, at, time.monotonic(), pending, len(committed), note=note))
 
     def _inject(self, fault: str, at: float) -> None:
-        self.progress.note(f"  {at:5.1f} s  {fault}")
+        """Do the fault, then say so (a reader of the progress sees it done)."""
         if fault == "relay-kill":
             self.relay.kill()
             self.relay.start()
             self._begin_recovery(fault, at)
+            self.progress.note(f"  {at:5.1f} s  {fault}: killed and started again")
         elif fault == "relay-stop":
             self.relay.pause()
             self.paused_until = time.monotonic() + self.plan.stop_pause()
             self.report.recoveries.append(Recovery(fault, at))  # begins at SIGCONT
+            self.progress.note(f"  {at:5.1f} s  {fault}: stopped for "
+                               f"{self.plan.stop_pause():.1f} s")
         else:
             note = ""
             try:
@@ -203,6 +206,7 @@ class _Run:
             except psycopg.Error as exc:
                 note = f"skipped: {redact(str(exc).strip())}"
             self._begin_recovery(fault, at, note)
+            self.progress.note(f"  {at:5.1f} s  {fault}: {note}")
 
     def _resume_if_due(self, now: float) -> None:
         if self.paused_until is not None and now >= self.paused_until:
@@ -245,6 +249,7 @@ class _Run:
         assert self.reader is not None
         plan, workload, reader = self.plan, self.workload, self.reader
         writing_done: float | None = None
+        seen_count, last_delivery = 0, time.monotonic()
         while not self.stop.is_set():
             now = time.monotonic()
             at = now - workload.started
@@ -278,9 +283,15 @@ class _Run:
                 if self._drained():
                     self._track_recoveries(time.monotonic(), final=True)
                     return
+                if len(reader.seen) != seen_count:
+                    seen_count, last_delivery = len(reader.seen), now
                 if now - writing_done > plan.drain_timeout:
                     self.progress.note(f"  the relay did not deliver everything within "
                                        f"{plan.drain_timeout:g} s")
+                    return
+                if now - last_delivery > plan.stall_timeout:
+                    self.progress.note(f"  nothing new reached Kafka for {plan.stall_timeout:g} "
+                                       f"s with {committed - len(reader.seen):,} event(s) missing")
                     return
             self.stop.wait(0.1)
 

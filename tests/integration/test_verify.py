@@ -17,6 +17,7 @@ from psycopg import sql
 from relay.verify.plan import PREFIX
 from relay.verify.scratch import leftovers
 from tests.integration.test_ops_roles import Roles, roles_for
+from tests.support.relays import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.slow]
 
@@ -124,6 +125,42 @@ def test_sigint_stops_the_run_and_removes_everything(
     assert_nothing_left(empty_db_url, kafka_bootstrap, scratch_suffix(out))
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         assert conn.execute("SELECT to_regclass('public.outbox_migrations')").fetchone() == (None,)
+
+
+def test_committed_events_that_vanish_fail_the_run_as_lost(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    """Verify's verdict can fail: rows deleted behind the relay's back while it is stopped."""
+    process = subprocess.Popen(
+        verify_args(db_url, kafka_bootstrap, "--duration", "10s", "--rate", "200",
+                    "--faults", "relay-stop"),
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    table = None
+    try:
+        for line in process.stderr:
+            found = re.match(r"created table public\.(outbox_verify_\w+) ", line)
+            table = found[1] if found else table
+            if "relay-stop: stopped" in line:
+                break
+        assert table is not None
+        scratch = sql.Identifier(table)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            # Rows committed while the relay is stopped: it has not read them.
+            wait_for(lambda: (conn.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                scratch)).fetchone() or (0,))[0] >= 40, 5, "rows behind the stopped relay")
+            deleted = conn.execute(sql.SQL("DELETE FROM {}").format(scratch)).rowcount
+        out, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert deleted >= 40
+    assert process.returncode == 1, out + err
+    lost = int(re.search(r"lost\s+([\d,]+)", out)[1].replace(",", ""))  # type: ignore[index]
+    assert 0 < lost <= deleted
+    assert "verdict: FAIL" in out and "committed event(s) never delivered" in out
+    assert_nothing_left(db_url, kafka_bootstrap, scratch_suffix(out))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from relay.verify.progress import Progress
 from relay.verify.reader import TopicReader
 from relay.verify.relayproc import ChildRelay, relay_environment
 from relay.verify.scratch import Scratch, check_broker, terminate_relay
-from relay.verify.workload import Workload
+from relay.verify.workload import PostgresWorkload
 
 # A relay that ends on its own this often is not being verified but restarted.
 MAX_OWN_EXITS = 3
@@ -162,8 +162,8 @@ class _Run:
         self.report = Report(plan, names)
         self.relay = ChildRelay(relay_environment(plan.source, db_url, kafka, names),
                                 workdir / "relay.log")
-        self.workload = Workload(
-            db_url, names.topic, schema=names.schema, table=names.table, rate=plan.rate,
+        self.workload = PostgresWorkload(
+            db_url, names.schema, names.table, names.topic, rate=plan.rate,
             duration=plan.duration, writers=plan.writers, keys=plan.keys,
             rollback_every=plan.rollback_every, long_transaction=plan.long_transaction(),
             stop=stop)

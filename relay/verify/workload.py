@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 
@@ -16,6 +16,8 @@ from outbox.conninfo import libpq_url, redact
 from relay.verify.ledger import Ledger
 
 EVENT_TYPE = "VerifyEvent"
+
+H = TypeVar("H")  # a writer's connection (psycopg) or client (pymongo)
 
 
 class KeyRing:
@@ -29,6 +31,14 @@ class KeyRing:
         self.keys = list(range(first, keys, stride)) or [first]
         self.seqs = [0] * len(self.keys)
         self._next = 0
+
+    def take_same(self, count: int) -> list[tuple[int, int]]:
+        """The next key's next `count` sequence numbers (one document's events)."""
+        i = self._next % len(self.keys)
+        self._next += 1
+        first = self.seqs[i]
+        self.seqs[i] += count
+        return [(self.keys[i], seq) for seq in range(first, first + count)]
 
     def take(self, count: int) -> list[tuple[int, int]]:
         """The next `count` (key, sequence number) pairs."""
@@ -47,17 +57,15 @@ def per_transaction_for(rate: float) -> int:
     return max(1, math.ceil(rate / 250))
 
 
-class Workload:
+class Workload(Generic[H]):
     """`writers` threads on an open-loop schedule (a slow commit does not slow the offered
-    load), plus one long transaction. Thread-safe views for the run: `committed_snapshot`."""
+    load), plus one long transaction. Thread-safe views for the run: `committed_snapshot`.
+    A subclass writes to its database: `_open`, `_close`, `_write`, `_long_transaction`."""
 
     def __init__(
         self,
-        db_url: str,
         topic: str,
         *,
-        schema: str,
-        table: str,
         rate: float,
         duration: float,
         writers: int,
@@ -66,7 +74,6 @@ class Workload:
         long_transaction: tuple[float, float],
         stop: threading.Event,
     ) -> None:
-        self.db_url = libpq_url(db_url)
         self.topic = topic
         self.rate = rate
         self.duration = duration
@@ -82,7 +89,6 @@ class Workload:
         self._committed: list[str] = []  # in commit order, for the recovery figures
         self._threads: list[threading.Thread] = []
         self.started = 0.0
-        self.outbox = outbox.Outbox(schema=schema, table=table)
 
     # -- views for the run (other threads) ----------------------------------------------------
 
@@ -127,9 +133,13 @@ class Workload:
             with self._lock:
                 self.errors.append(f"writer {index}: {redact(str(exc)) or type(exc).__name__}")
 
+    # A transaction's events go to one key: MongoDB's are one document's (one atomic update).
+    one_key_per_transaction = False
+
     def _events(self, ring: KeyRing, count: int) -> list[outbox.Event]:
+        taken = ring.take_same(count) if self.one_key_per_transaction else ring.take(count)
         return [outbox.Event(EVENT_TYPE, f"k{key}", EVENT_TYPE, {"seq": seq}, topic=self.topic)
-                for key, seq in ring.take(count)]
+                for key, seq in taken]
 
     def _record(self, events: list[outbox.Event], outcome: str) -> None:
         with self._lock:
@@ -142,15 +152,12 @@ class Workload:
                     if outcome == "committed":
                         self._committed.append(event_id)
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.db_url, connect_timeout=10)
-
     def _writer(self, index: int) -> None:
         # The long transaction's key (0) is its own; the writers share out the others.
         ring = KeyRing(index + 1, self.writers, self.keys + 1)
         tx_rate = self.rate / self.per_transaction
         transactions = max(1, round(self.duration * tx_rate))
-        conn = self._connect()
+        handle = self._open()
         try:
             for number, slot in enumerate(range(index, transactions, self.writers), start=1):
                 due = self.started + slot / tx_rate
@@ -158,9 +165,53 @@ class Workload:
                     return
                 events = self._events(ring, self.per_transaction)
                 rollback = self.rollback_every > 0 and number % self.rollback_every == 0
-                conn = self._write(conn, events, rollback)
+                handle = self._write(handle, events, rollback)
         finally:
-            conn.close()
+            self._close(handle)
+
+    def _long(self, index: int) -> None:
+        """Opens early, writes, commits late: its rows sit below many later commits."""
+        begin, end = self.long_transaction
+        if self.stop.wait(max(0.0, self.started + begin - time.monotonic())):
+            return
+        events = self._events(KeyRing(0, 1, 1), 5)
+
+        def until_end() -> None:
+            # Committed even when the run is interrupted: the ledger then knows its events.
+            self.stop.wait(max(0.0, self.started + end - time.monotonic()))
+
+        self._record(events, self._long_transaction(events, until_end))
+
+    # -- the database's part ------------------------------------------------------------------
+
+    def _open(self) -> H:
+        raise NotImplementedError
+
+    def _close(self, handle: H) -> None:
+        raise NotImplementedError
+
+    def _write(self, handle: H, events: list[outbox.Event], rollback: bool) -> H:
+        """One transaction, recorded with `_record`; returns the handle to go on with."""
+        raise NotImplementedError
+
+    def _long_transaction(self, events: list[outbox.Event], wait: Callable[[], None]) -> str:
+        """Write `events` in a transaction, `wait()`, commit; the outcome for `_record`."""
+        raise NotImplementedError
+
+
+class PostgresWorkload(Workload[psycopg.Connection[Any]]):
+    """Events written with outbox.publish into the scratch table."""
+
+    def __init__(self, db_url: str, schema: str, table: str, topic: str, **plan: Any) -> None:
+        super().__init__(topic, **plan)
+        self.db_url = libpq_url(db_url)
+        self.outbox = outbox.Outbox(schema=schema, table=table)
+
+    def _open(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.db_url, connect_timeout=10)
+
+    def _close(self, handle: psycopg.Connection[Any]) -> None:
+        handle.close()
 
     def _write(
         self, conn: psycopg.Connection[Any], events: list[outbox.Event], rollback: bool
@@ -172,7 +223,7 @@ class Workload:
         except psycopg.OperationalError:
             self._record(events, "rolled back")
             conn.close()
-            return self._connect()
+            return self._open()
         if rollback:
             conn.rollback()
             self._record(events, "rolled back")
@@ -182,20 +233,13 @@ class Workload:
         except psycopg.OperationalError:
             self._record(events, "doubt")
             conn.close()
-            return self._connect()
+            return self._open()
         self._record(events, "committed")
         return conn
 
-    def _long(self, index: int) -> None:
-        """Opens early, writes, commits late: its rows sit below many later commits."""
-        begin, end = self.long_transaction
-        if self.stop.wait(max(0.0, self.started + begin - time.monotonic())):
-            return
-        ring = KeyRing(0, 1, 1)
-        with self._connect() as conn:
-            events = self._events(ring, 5)
+    def _long_transaction(self, events: list[outbox.Event], wait: Callable[[], None]) -> str:
+        with self._open() as conn:
             self.outbox.publish(conn, *events)
-            self.stop.wait(max(0.0, self.started + end - time.monotonic()))
-            # Committed even when the run is interrupted: the ledger then knows its events.
+            wait()
             conn.commit()
-            self._record(events, "committed")
+        return "committed"

@@ -565,20 +565,22 @@ def slot_recover(
 
 @app.command("verify")
 def verify_command(
-    db: Annotated[str, typer.Option(
-        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
-        help="PostgreSQL URL: the role needs the relay's rights and may create a table.")],
     kafka: Annotated[str, typer.Option(
         "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
         help="Kafka bootstrap servers (verify creates and deletes a topic of its own).")],
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL (postgres-* sources): the role needs the relay's rights and may "
+             "create a table.")] = None,
     kafka_setting: KafkaSettingOption = None,
     source: Annotated[str, typer.Option(
         envvar="OUTBOX_SOURCE", show_envvar=True,
-        help="postgres-poll | postgres-wal (mongo-poll | mongo-stream: not yet).",
+        help="postgres-poll | postgres-wal | mongo-poll | mongo-stream",
     )] = "postgres-poll",
     mongo: Annotated[str | None, typer.Option(
         "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
-        help="MongoDB URL naming the database (mongo-* sources, not yet supported).")] = None,
+        help="MongoDB URL (mongo-* sources): verify works in a scratch database of its own on "
+             "that server.")] = None,
     schema: SchemaOption = "public",
     duration: Annotated[str, typer.Option(
         envvar="OUTBOX_VERIFY_DURATION", show_envvar=True,
@@ -617,12 +619,15 @@ def verify_command(
         access = KafkaAccess(kafka, tuple(parse_kafka_settings(kafka_setting or []).items()))
     except OutboxError as exc:
         fail(str(exc), EXIT_REFUSED)
-    del mongo  # the MongoDB sources are refused by VerifyPlan until they are supported
+    url = mongo if plan.mongo else db
+    if not url:
+        fail(f"--source {plan.source} needs " + ("--mongo" if plan.mongo else "--db"),
+             EXIT_REFUSED)
     stop = threading.Event()
     progress = Progress(every=2.0)
     with stop_on_signals(stop):
         try:
-            report = run(plan, db, access, progress, stop)
+            report = run(plan, url, access, progress, stop)
         except Refused as exc:
             fail(str(exc), EXIT_REFUSED)
     typer.echo(redact(report.render()))

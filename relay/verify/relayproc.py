@@ -16,23 +16,30 @@ from relay.verify.plan import KafkaAccess, ScratchNames
 
 
 def relay_environment(
-    source: str, db_url: str, kafka: KafkaAccess, names: ScratchNames
+    source: str, url: str, kafka: KafkaAccess, names: ScratchNames
 ) -> dict[str, str]:
     """The child's environment: the caller's, without any OUTBOX_* setting (those are for the
     application's relay: another table, a metrics port, a config file), plus the scratch
     outbox's. Connection strings travel here, not in argv (visible in `ps`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    # The relay's sessions carry a name of their own: connection-drop finds them by it.
-    url = psycopg.conninfo.make_conninfo(
-        libpq_url(db_url), application_name=names.application_name)
     env.update({
         "OUTBOX_SOURCE": source,
-        "OUTBOX_DB_URL": url,
-        "OUTBOX_SCHEMA": names.schema,
-        "OUTBOX_TABLE": names.table,
         "OUTBOX_LOG_FORMAT": "json",
         "OUTBOX_SHUTDOWN_TIMEOUT": "15",
         **kafka.environment(),
+    })
+    if source.startswith("mongo-"):
+        from relay.verify.mongo import COLLECTION, scratch_url
+
+        env.update({"OUTBOX_MONGO_URL": scratch_url(url, names.table),
+                    "OUTBOX_COLLECTIONS": COLLECTION})
+        return env
+    env.update({
+        # The relay's sessions carry a name of their own: connection-drop finds them by it.
+        "OUTBOX_DB_URL": psycopg.conninfo.make_conninfo(
+            libpq_url(url), application_name=names.application_name),
+        "OUTBOX_SCHEMA": names.schema,
+        "OUTBOX_TABLE": names.table,
     })
     if source == "postgres-wal":
         env.update({"OUTBOX_SLOT": names.slot, "OUTBOX_PUBLICATION": names.publication})

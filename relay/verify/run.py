@@ -9,19 +9,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from outbox.conninfo import libpq_url, redact
 from relay.doctor import try_replication_connection
-from relay.verify import privileges
+from relay.verify import mongo, privileges
 from relay.verify.ledger import Verdict
 from relay.verify.plan import KafkaAccess, ScratchNames, VerifyPlan
 from relay.verify.progress import Progress
 from relay.verify.reader import TopicReader
 from relay.verify.relayproc import ChildRelay, relay_environment
 from relay.verify.scratch import Scratch, check_broker, terminate_relay
-from relay.verify.workload import PostgresWorkload
+from relay.verify.workload import PostgresWorkload, Workload
 
 # A relay that ends on its own this often is not being verified but restarted.
 MAX_OWN_EXITS = 3
@@ -88,8 +89,10 @@ class Report:
         faults = ", ".join(plan.faults) or "none"
         lines.append(f"outbox verify: {plan.source}, {plan.duration:g} s at {plan.rate:g} events/s,"
                      f" faults: {faults}")
-        lines.append(f"  scratch: table {self.names.schema}.{self.names.table}, topic "
-                     f"{self.names.topic}" + (f", slot {self.names.slot}" if plan.wal else ""))
+        where = (f"database {self.names.table}" if plan.mongo
+                 else f"table {self.names.schema}.{self.names.table}")
+        lines.append(f"  scratch: {where}, topic {self.names.topic}"
+                     + (f", slot {self.names.slot}" if plan.wal else ""))
         if self.interrupted:
             lines.append("interrupted: no verdict")
         v = self.verdict
@@ -131,8 +134,19 @@ class Report:
         return "\n".join(lines)
 
 
-def preflight(plan: VerifyPlan, db_url: str, kafka: KafkaAccess, names: ScratchNames) -> None:
+def preflight(plan: VerifyPlan, url: str, kafka: KafkaAccess, names: ScratchNames) -> None:
     """Raise Refused naming everything missing; creates nothing."""
+    missing = (mongo.preflight(url, stream=plan.source == "mongo-stream") if plan.mongo
+               else _postgres_missing(plan, url, names))
+    broker = check_broker(kafka)
+    if broker:
+        missing.append(broker)
+    if missing:
+        raise Refused("cannot verify here, nothing was created:\n"
+                      + "\n".join(f"  - {m}" for m in missing))
+
+
+def _postgres_missing(plan: VerifyPlan, db_url: str, names: ScratchNames) -> list[str]:
     try:
         with psycopg.connect(libpq_url(db_url), autocommit=True, connect_timeout=10) as conn:
             facts = privileges.gather(conn, names.schema_names)
@@ -144,29 +158,26 @@ def preflight(plan: VerifyPlan, db_url: str, kafka: KafkaAccess, names: ScratchN
         refused = try_replication_connection(db_url)
         if refused:
             missing.append(f"a replication connection to this database is refused: {refused}")
-    broker = check_broker(kafka)
-    if broker:
-        missing.append(broker)
-    if missing:
-        raise Refused("cannot verify here, nothing was created:\n"
-                      + "\n".join(f"  - {m}" for m in missing))
+    return missing
 
 
 class _Run:
     """The moving parts of one run and the loop that drives them (see `run`)."""
 
-    def __init__(self, plan: VerifyPlan, db_url: str, kafka: KafkaAccess, names: ScratchNames,
+    def __init__(self, plan: VerifyPlan, url: str, kafka: KafkaAccess, names: ScratchNames,
                  progress: Progress, stop: threading.Event, workdir: Path) -> None:
-        self.plan, self.db_url, self.kafka, self.names = plan, db_url, kafka, names
+        self.plan, self.db_url, self.kafka, self.names = plan, url, kafka, names
         self.progress, self.stop = progress, stop
         self.report = Report(plan, names)
-        self.relay = ChildRelay(relay_environment(plan.source, db_url, kafka, names),
+        self.relay = ChildRelay(relay_environment(plan.source, url, kafka, names),
                                 workdir / "relay.log")
-        self.workload = PostgresWorkload(
-            db_url, names.schema, names.table, names.topic, rate=plan.rate,
-            duration=plan.duration, writers=plan.writers, keys=plan.keys,
+        schedule: dict[str, Any] = dict(
+            rate=plan.rate, duration=plan.duration, writers=plan.writers, keys=plan.keys,
             rollback_every=plan.rollback_every, long_transaction=plan.long_transaction(),
             stop=stop)
+        self.workload: Workload[Any] = (
+            mongo.MongoWorkload(url, names, **schedule) if plan.mongo
+            else PostgresWorkload(url, names.schema, names.table, names.topic, **schedule))
         self.reader: TopicReader | None = None
         self.paused_until: float | None = None
         self.faults = plan.fault_times()
@@ -295,7 +306,7 @@ class _Run:
                     return
             self.stop.wait(0.1)
 
-    def execute(self, scratch: Scratch) -> None:
+    def execute(self, scratch: Scratch | mongo.MongoScratch) -> None:
         report = self.report
         scratch.create()
         self.progress.note(f"created {scratch.describe()}")
@@ -333,17 +344,19 @@ class _Run:
 
 
 def run(
-    plan: VerifyPlan, db_url: str, kafka: KafkaAccess, progress: Progress,
+    plan: VerifyPlan, url: str, kafka: KafkaAccess, progress: Progress,
     stop: threading.Event,
     names: ScratchNames | None = None,
 ) -> Report:
     """Preflight (Refused: nothing made), then the run; everything made is removed at the end,
-    also when `stop` is set (SIGINT/SIGTERM) or something fails."""
+    also when `stop` is set (SIGINT/SIGTERM) or something fails. `url`: the PostgreSQL
+    conninfo, or for the MongoDB sources the MongoDB URL."""
     names = names or ScratchNames(schema=plan.schema)
-    preflight(plan, db_url, kafka, names)
+    preflight(plan, url, kafka, names)
     workdir = Path(tempfile.mkdtemp(prefix="outbox-verify-"))
-    scratch = Scratch(db_url, kafka, names, wal=plan.wal)
-    job = _Run(plan, db_url, kafka, names, progress, stop, workdir)
+    scratch = (mongo.MongoScratch(url, kafka, names) if plan.mongo
+               else Scratch(url, kafka, names, wal=plan.wal))
+    job = _Run(plan, url, kafka, names, progress, stop, workdir)
     try:
         job.execute(scratch)
     except Exception as exc:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from outbox import migrate
@@ -32,6 +32,36 @@ def check_broker(kafka: KafkaAccess, timeout: float = 10.0) -> str | None:
         return (f"Kafka at {kafka.bootstrap} does not answer: "
                 f"{exc.args[0] if exc.args else exc}")
     return None
+
+
+def create_topic(kafka: KafkaAccess, topic: str) -> None:
+    """The scratch topic, once every partition has a leader (the first produce then works)."""
+    admin = _admin(kafka)  # kept: its futures fail if it is collected first
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=PARTITIONS, replication_factor=-1)],
+        operation_timeout=30)
+    for future in futures.values():
+        future.result(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = admin.list_topics(topic, timeout=10).topics.get(topic)
+        if found is not None and found.error is None and found.partitions and all(
+                p.leader >= 0 for p in found.partitions.values()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"topic {topic} has no leader after 30 s")
+
+
+def delete_topic(kafka: KafkaAccess, topic: str) -> None:
+    """Delete the topic; one that is not there (its creation failed) is fine."""
+    admin = _admin(kafka)
+    for future in admin.delete_topics([topic], operation_timeout=30).values():
+        try:
+            future.result(timeout=60)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if getattr(error, "code", lambda: None)() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
 
 
 class Scratch:
@@ -59,14 +89,8 @@ class Scratch:
 
     def create(self) -> None:
         # The topic first: a broker that refuses it leaves nothing behind in the database.
-        admin = _admin(self.kafka)  # kept: its futures fail if it is collected first
-        futures = admin.create_topics(
-            [NewTopic(self.names.topic, num_partitions=PARTITIONS, replication_factor=-1)],
-            operation_timeout=30)
-        for future in futures.values():
-            future.result(timeout=60)
-        self.made.append("topic")
-        self._wait_for_leaders()
+        self.made.append("topic")  # before: a topic made but without leaders is removed too
+        create_topic(self.kafka, self.names.topic)
         schema_names = self.names.schema_names
         with self.connect() as conn:
             tracking = queries.query("catalog.sql", "table_exists", schema_names)
@@ -83,17 +107,6 @@ class Scratch:
             if self.wal:
                 setup(conn, self._wal_config())  # drops its publication if the slot fails
                 self.made.append("slot")
-
-    def _wait_for_leaders(self) -> None:
-        admin = _admin(self.kafka)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            topic = admin.list_topics(self.names.topic, timeout=10).topics.get(self.names.topic)
-            if topic is not None and topic.error is None and topic.partitions and all(
-                    p.leader >= 0 for p in topic.partitions.values()):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"topic {self.names.topic} has no leader after 30 s")
 
     def _wal_config(self) -> WalSourceConfig:
         n = self.names
@@ -116,7 +129,7 @@ class Scratch:
         if "tables" in self.made:
             attempt(f"table {self.names.table}", self._remove_tables)
         if "topic" in self.made:
-            attempt(f"topic {self.names.topic}", self._remove_topic)
+            attempt(f"topic {self.names.topic}", lambda: delete_topic(self.kafka, self.names.topic))
         self.made.clear()
         return problems
 
@@ -150,11 +163,6 @@ class Scratch:
                 left = conn.execute(q("migrations_left")).fetchone()
                 if left is not None and left[0] == 0:
                     conn.execute(q("drop_migrations_table"))
-
-    def _remove_topic(self) -> None:
-        admin = _admin(self.kafka)
-        for future in admin.delete_topics([self.names.topic], operation_timeout=30).values():
-            future.result(timeout=60)
 
 
 def leftovers(conn: psycopg.Connection[Any], schema: str = "public") -> list[str]:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
+from pymongo import MongoClient
 
 from relay.verify.plan import PREFIX
 from relay.verify.scratch import leftovers
@@ -83,6 +84,25 @@ def test_verify_passes_under_relay_kill_and_stop_and_removes_its_objects(
     assert committed > 1000
     assert_nothing_left(db_url, kafka_bootstrap, scratch_suffix(out))
     assert app_outbox_rows(db_url) == 0  # the application's outbox was never written
+
+
+@pytest.mark.parametrize("source", ["mongo-poll", "mongo-stream"])
+def test_verify_passes_for_the_mongodb_sources_and_drops_its_database(
+    mongo_url: str, kafka_bootstrap: str, source: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "verify", "--source", source, "--mongo", mongo_url,
+         "--kafka", kafka_bootstrap, "--duration", "10s", "--rate", "100",
+         "--faults", "relay-kill,relay-stop"],
+        env=clean_env(), capture_output=True, text=True, timeout=240)
+    out = result.stdout
+    assert result.returncode == 0, f"{out}\n{result.stderr}"
+    assert "lost        0" in out and "phantom     0" in out and "order       kept" in out
+    assert "fault       relay-kill" in out and "fault       relay-stop" in out
+    suffix = scratch_suffix(out)
+    with MongoClient(mongo_url) as client:
+        assert f"{PREFIX}{suffix}" not in client.list_database_names()
+    assert f"outbox-verify-{suffix}" not in topics_of(kafka_bootstrap)
 
 
 def test_connection_drop_ends_the_relays_sessions(db_url: str, kafka_bootstrap: str) -> None:

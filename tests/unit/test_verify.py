@@ -7,6 +7,7 @@ import pytest
 
 from outbox.errors import ConfigurationError
 from relay.verify.ledger import Ledger
+from relay.verify.mongo import scratch_url
 from relay.verify.plan import KafkaAccess, ScratchNames, VerifyPlan, parse_faults
 from relay.verify.privileges import VerifyFacts, missing
 from relay.verify.relayproc import relay_environment
@@ -84,7 +85,6 @@ def test_a_long_run_repeats_the_faults() -> None:
 
 
 @pytest.mark.parametrize(("source", "duration", "rate", "message"), [
-    ("mongo-poll", 10.0, 10.0, "not supported yet"),
     ("mysql", 10.0, 10.0, "is not one of"),
     ("postgres-poll", 0.5, 10.0, "--duration"),
     ("postgres-poll", 10.0, 0.0, "--rate"),
@@ -92,6 +92,25 @@ def test_a_long_run_repeats_the_faults() -> None:
 def test_a_bad_plan_is_refused(source: str, duration: float, rate: float, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         VerifyPlan(source, duration, rate)
+
+
+def test_connection_drop_is_for_the_postgres_sources_only() -> None:
+    with pytest.raises(ConfigurationError, match="connection-drop .* does not apply to mongo"):
+        VerifyPlan("mongo-stream", 10.0, 10.0, ("relay-kill", "connection-drop"))
+    assert VerifyPlan("postgres-wal", 10.0, 10.0, ("connection-drop",)).faults
+
+
+def test_a_mongodb_long_transaction_ends_within_the_servers_limit() -> None:
+    start, end = VerifyPlan("mongo-poll", 600.0, 10.0).long_transaction()
+    assert end - start <= 30
+    assert VerifyPlan("postgres-poll", 600.0, 10.0).long_transaction() == (30.0, 450.0)
+
+
+def test_the_mongodb_scratch_database_replaces_the_urls_own() -> None:
+    url = "mongodb://u:p@h1:27017,h2:27017/orders?replicaSet=rs&tls=true"
+    assert scratch_url(url, "outbox_verify_x") == (
+        "mongodb://u:p@h1:27017,h2:27017/outbox_verify_x?replicaSet=rs&tls=true")
+    assert scratch_url("mongodb://h", "d") == "mongodb://h/d"
 
 
 def test_scratch_names_are_the_runs_own_and_never_the_apps() -> None:
@@ -160,6 +179,10 @@ def test_the_child_relay_reads_no_setting_of_the_apps_relay(
     assert env["OUTBOX_KAFKA_SETTINGS"] == "security.protocol=SASL_SSL sasl.username=u"
     wal = relay_environment("postgres-wal", "postgresql://u:p@h/db", KafkaAccess("k"), names)
     assert wal["OUTBOX_SLOT"] == wal["OUTBOX_PUBLICATION"] == "outbox_verify_s1"
+    mongo = relay_environment("mongo-stream", "mongodb://h/app", KafkaAccess("k"), names)
+    assert mongo["OUTBOX_MONGO_URL"] == "mongodb://h/outbox_verify_s1"
+    assert mongo["OUTBOX_COLLECTIONS"] == "aggregates"
+    assert "OUTBOX_DB_URL" not in mongo and "OUTBOX_TABLE" not in mongo
 
 
 def test_kafka_settings_reach_verifys_clients_and_bad_ones_are_refused() -> None:

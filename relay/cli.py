@@ -581,7 +581,9 @@ def verify_command(
         "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
         help="MongoDB URL (mongo-* sources): verify works in a scratch database of its own on "
              "that server.")] = None,
-    schema: SchemaOption = "public",
+    schema: Annotated[str, typer.Option(
+        envvar="OUTBOX_SCHEMA", show_envvar=True,
+        help="Schema of the scratch tables (postgres-* sources).")] = "public",
     duration: Annotated[str, typer.Option(
         envvar="OUTBOX_VERIFY_DURATION", show_envvar=True,
         help="How long the writers write (e.g. 60s, 5m).")] = "60s",
@@ -595,10 +597,11 @@ def verify_command(
              "ended with pg_terminate_backend).")] = "",
 ) -> None:
     """Prove the relay's guarantees on this database, role and broker: a scratch outbox table
-    and topic (removed afterwards, also on Ctrl-C), writers with rollbacks and a long
-    transaction, the relay as a child process under the faults asked for, and a ledger verdict.
-    Exit 0 only when nothing was lost, nothing phantom and per-key order was kept; 1 when not;
-    2 when it cannot run here (nothing is created then); 130 when interrupted."""
+    (MongoDB: database) and topic (removed afterwards, also on Ctrl-C), writers with rollbacks
+    and a long transaction, the relay as a child process under the faults asked for, and a
+    ledger verdict. Exit 0 only when nothing was lost, nothing phantom and per-key order was
+    kept; 1 when not; 2 when it cannot run here (nothing is created then); 130 when
+    interrupted."""
     import threading
 
     from outbox.kafka_safety import parse_kafka_settings

@@ -115,12 +115,14 @@ def test_connection_drop_ends_the_relays_sessions(db_url: str, kafka_bootstrap: 
     assert_nothing_left(db_url, kafka_bootstrap, scratch_suffix(result.stdout))
 
 
-def test_sigint_stops_the_run_and_removes_everything(
-    empty_db_url: str, kafka_bootstrap: str
+@pytest.mark.parametrize(("stop_signal", "source"), [
+    (signal.SIGINT, "postgres-wal"), (signal.SIGTERM, "postgres-poll")])
+def test_a_stop_signal_ends_the_run_and_removes_everything(
+    empty_db_url: str, kafka_bootstrap: str, stop_signal: signal.Signals, source: str
 ) -> None:
     """In a database without an outbox: the migration bookkeeping it made goes too."""
     process = subprocess.Popen(
-        verify_args(empty_db_url, kafka_bootstrap, "--source", "postgres-wal", "--duration",
+        verify_args(empty_db_url, kafka_bootstrap, "--source", source, "--duration",
                     "60s", "--rate", "100", "--faults", "relay-kill"),
         env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
@@ -133,7 +135,7 @@ def test_sigint_stops_the_run_and_removes_everything(
         assert seen and seen[-1].startswith("writing "), "".join(seen)
         with psycopg.connect(empty_db_url, autocommit=True) as conn:
             assert leftovers(conn), "the scratch objects exist while it runs"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         out, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

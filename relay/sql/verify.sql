@@ -42,8 +42,10 @@ FROM pg_catalog.pg_replication_slots
 WHERE slot_name = %(slot)s AND active_pid IS NOT NULL
 
 -- name: drop_tables
+-- Every table the migrations create for an outbox and its inbox (outbox/names.py).
 DROP TABLE IF EXISTS {schema}.{table}, {schema}.{parked_table}, {schema}.{position_table},
-    {schema}.{inbox_table}
+    {schema}.{sequence_table}, {schema}.{shards_table}, {schema}.{inbox_table},
+    {schema}.{inbox_sequence_table}
 
 -- name: drop_notify_function
 DROP FUNCTION IF EXISTS {schema}.{notify_function}()

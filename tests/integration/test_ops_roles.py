@@ -296,11 +296,16 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
     with psycopg.connect(roles.db_url) as conn:
         kept = conn.execute("SELECT count(*) FROM outbox").fetchone()
         parked = conn.execute("SELECT id FROM outbox_parked").fetchall()
+        topics = conn.execute(
+            "SELECT DISTINCT topic FROM outbox WHERE published_at IS NOT NULL ORDER BY 1"
+        ).fetchall()
     assert kept == ((6,) if keep else (0,))
     assert parked == [(misrouted.id,)]
+    # Each kept row names where its event went (the parked one: its own topic, as written).
+    assert topics == (sorted([(topic,), (misrouted.topic,)]) if keep else [])
     recorded = recorded_position(roles.db_url, config.slot)  # written with the role's rights
     assert recorded is not None and recorded.lsn is not None and recorded.system is not None
-    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at, commit_lsn) only
+    with roles.connect("relay_wal") as conn:  # DELETE, UPDATE (published_at, commit_lsn, topic)
         assert denied(conn, "UPDATE outbox SET payload = ''")
         assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
@@ -324,6 +329,22 @@ def test_wal_relay_without_its_rights_fails_at_start_up(
         source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
         slot=config.slot, publication=config.publication)
     with pytest.raises(FatalRelayError, match=message):
+        relay_main.run(settings, threading.Event())
+
+
+def test_wal_relay_keeping_rows_without_update_of_topic_fails_at_start_up(
+    roles: Roles, kafka_bootstrap: str
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
+    with psycopg.connect(roles.db_url, autocommit=True) as admin:
+        setup(admin, config)
+        admin.execute(sql.SQL("REVOKE UPDATE (topic) ON outbox FROM {}").format(
+            sql.Identifier(roles.name("relay_wal"))))
+    settings = RelaySettings(
+        source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
+        slot=config.slot, publication=config.publication, keep_published=dt.timedelta(days=1))
+    with pytest.raises(FatalRelayError, match=r"may not UPDATE .*outbox\" \(topic\).*roles.sql"):
         relay_main.run(settings, threading.Event())
 
 

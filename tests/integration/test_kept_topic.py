@@ -153,12 +153,3 @@ def _records(conn: psycopg.Connection[Any]) -> list[Any]:
     return [row_record(row) for row in conn.execute(
         "SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload,"
         " content_type, headers::text, created_at FROM outbox").fetchall()]
-
-
-@pytest.mark.parametrize(("template", "columns"), [
-    ("{event_type:.3}", ColumnMapping()),
-    ("{aggregate_id!r}", ColumnMapping()),
-    ("{aggregate_type}", ColumnMapping.debezium()),
-], ids=["format-spec", "conversion", "no-topic-column"])
-def test_what_sql_would_not_mirror_is_not_stored(template: str, columns: ColumnMapping) -> None:
-    assert topic_sql(template, columns) is None

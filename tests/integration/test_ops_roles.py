@@ -311,13 +311,17 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
 
 
-@pytest.mark.parametrize(("privilege", "table", "message"), [
-    ("DELETE", "outbox", r"may not DELETE .*outbox.*deploy/roles.sql"),
-    ("INSERT", "outbox_relay_position",
+@pytest.mark.parametrize(("privilege", "table", "keep", "message"), [
+    ("DELETE", "outbox", None, r"may not DELETE .*outbox.*deploy/roles.sql"),
+    ("INSERT", "outbox_relay_position", None,
      r"may not INSERT .*outbox_relay_position.*acknowledged.*deploy/roles.sql"),
-], ids=["delete-outbox", "insert-position"])
+    # --keep-published stores the topic each event was sent to in its kept row.
+    ("UPDATE (topic)", "outbox", dt.timedelta(days=1),
+     r"may not UPDATE .*outbox\" \(topic\).*deploy/roles.sql"),
+], ids=["delete-outbox", "insert-position", "update-topic-keep-published"])
 def test_wal_relay_without_its_rights_fails_at_start_up(
-    roles: Roles, kafka_bootstrap: str, privilege: str, table: str, message: str
+    roles: Roles, kafka_bootstrap: str, privilege: str, table: str, keep: dt.timedelta | None,
+    message: str,
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
@@ -327,24 +331,8 @@ def test_wal_relay_without_its_rights_fails_at_start_up(
             sql.SQL(privilege), sql.Identifier(table), sql.Identifier(roles.name("relay_wal"))))
     settings = RelaySettings(
         source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
-        slot=config.slot, publication=config.publication)
+        slot=config.slot, publication=config.publication, keep_published=keep)
     with pytest.raises(FatalRelayError, match=message):
-        relay_main.run(settings, threading.Event())
-
-
-def test_wal_relay_keeping_rows_without_update_of_topic_fails_at_start_up(
-    roles: Roles, kafka_bootstrap: str
-) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
-    with psycopg.connect(roles.db_url, autocommit=True) as admin:
-        setup(admin, config)
-        admin.execute(sql.SQL("REVOKE UPDATE (topic) ON outbox FROM {}").format(
-            sql.Identifier(roles.name("relay_wal"))))
-    settings = RelaySettings(
-        source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
-        slot=config.slot, publication=config.publication, keep_published=dt.timedelta(days=1))
-    with pytest.raises(FatalRelayError, match=r"may not UPDATE .*outbox\" \(topic\).*roles.sql"):
         relay_main.run(settings, threading.Event())
 
 

@@ -621,7 +621,9 @@ def slot_recover(
     kafka_setting: KafkaSettingOption = None,
     topic_template: Annotated[str, typer.Option(
         envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
-        help="The relay's --topic-template.")] = "{aggregate_type}",
+        help="The relay's --topic-template: where republished events go (with "
+             "--keep-published, stored in their kept rows).",
+    )] = "{aggregate_type}",
     slot: SlotOption = "outbox_relay",
     publication: PublicationOption = "outbox_relay",
     schema: SchemaOption = "public",
@@ -744,7 +746,8 @@ def replay_command(
     allow_unsafe_kafka_settings: AllowUnsafeOption = False,
     topic_template: Annotated[str, typer.Option(
         envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
-        help="The relay's --topic-template: the topic of events without one of their own.",
+        help="The relay's --topic-template then: the topic of kept events that store none (kept "
+             "by an earlier release, or by a template with a conversion or format spec).",
     )] = "{aggregate_type}",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",

@@ -277,7 +277,7 @@ POLL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
     ("parked", "UPDATE", True),
 )
 # What the WAL relay does with the tables: deletes the rows it published (DELETE needs SELECT
-# for its WHERE; with keep_published it marks them first: UPDATE (published_at, commit_lsn),
+# for its WHERE; with keep_published it marks them first: UPDATE (published_at, commit_lsn, topic),
 # column privileges, which deploy/roles.sql grants and start-up checks); parks events with
 # INSERT ... ON CONFLICT DO NOTHING; records how far Kafka acknowledged in its slot's row of the
 # position table (INSERT ... ON CONFLICT DO UPDATE, read back at start: SELECT).

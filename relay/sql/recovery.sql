@@ -39,6 +39,7 @@ WHERE slot = %(slot)s
 
 -- name: mark_recovered
 -- With keep_published, the rows a recovery published: marked with the new slot's consistent
--- point as their commit order for `outbox replay` (relay/wal/recovery.py `CatchUpSource`).
-UPDATE {schema}.{table} SET published_at = now(), commit_lsn = %(lsn)s::pg_lsn
+-- point as their commit order for `outbox replay` (relay/wal/recovery.py `CatchUpSource`),
+-- and the topic they were sent to ({set_topic}: relay/published.py kept_topic).
+UPDATE {schema}.{table} SET published_at = now(), commit_lsn = %(lsn)s::pg_lsn{set_topic}
 WHERE position = ANY(%(positions)s)

@@ -19,7 +19,6 @@ needed), which is at least once; the other order could leave rows that nothing d
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 import threading
 import time
@@ -61,11 +60,16 @@ class TableCleaner:
     def __init__(
         self, db_url: str, names: SchemaNames, origin: Origin,
         keep_published: dt.timedelta | None = None,
+        set_topic: sql.Composable | None = None,
     ) -> None:
         self.db_url = db_url
         self.names = names
         self.origin = origin
         self.keep_published = keep_published
+        # `set_topic`: what the mark stores as each kept row's topic (relay/published.py
+        # kept_topic); the statement is composed once.
+        self._statement = _remove_and_record(
+            names, bool(keep_published), set_topic if set_topic is not None else sql.SQL(""))
         # (xid, commit LSN) of each transaction done; the end LSN and commit time (pgoutput's
         # microseconds) of the last one
         self._queue: deque[tuple[list[tuple[int, int]], int, int]] = deque()
@@ -101,7 +105,7 @@ class TableCleaner:
             raise FatalRelayError(
                 f"the WAL relay's role may not remove published rows from {table} or record "
                 f"its position in {positions}: {redact(str(failure))}; grant it DELETE (and "
-                "UPDATE (published_at, commit_lsn) for --keep-published) on the table, and "
+                "UPDATE (published_at, commit_lsn, topic) for --keep-published) on the table, and "
                 "SELECT, INSERT, UPDATE on the position table, as deploy/roles.sql does"
             ) from failure
         raise SourceUnavailableError(
@@ -179,9 +183,8 @@ class TableCleaner:
         if self.keep_published:
             params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
                                       for txid, (_, lsn) in zip(txids, commits, strict=True)})
-        statement = _remove_and_record(self.names, mark=bool(self.keep_published))
         while True:
-            found = conn.execute(statement, params).fetchone()
+            found = conn.execute(self._statement, params).fetchone()
             count = int(found[0]) if found else 0
             self.removed += count
             if count < CHUNK_ROWS:
@@ -189,11 +192,11 @@ class TableCleaner:
 
 
 
-@functools.cache
-def _remove_and_record(names: SchemaNames, *, mark: bool) -> sql.Composed:
-    """Remove a chunk of rows and, if it was the last, record the position."""
-    remove = queries.query(
-        "published.sql", "mark_transactions" if mark else "delete_transactions", names)
+def _remove_and_record(names: SchemaNames, mark: bool, set_topic: sql.Composable) -> sql.Composed:
+    """Remove (or mark, setting `set_topic` too) a chunk of rows and, if it was the last,
+    record the position."""
+    remove = (queries.compose("published.sql", "mark_transactions", names, set_topic=set_topic)
+              if mark else queries.query("published.sql", "delete_transactions", names))
     last_record = queries.compose("position.sql", "record", names, condition=queries.query(
         "position.sql", "last_chunk", names))
     return queries.compose("position.sql", "remove_and_record", names,

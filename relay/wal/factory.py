@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from relay import sources
 from relay.daemon import Relay
+from relay.published import warn_topic_not_kept
 from relay.settings import RelaySettings
 from relay.sources import WAL_KAFKA_DEFAULTS
 from relay.stats import RelayStats
@@ -31,6 +32,7 @@ def config(settings: RelaySettings) -> WalRelayConfig:
         names=settings.names,
         shutdown_timeout=settings.shutdown_timeout,
         keep_published=settings.keep_published,
+        topic_template=settings.topic_template,
         on_slot_loss=settings.on_slot_loss,
         max_slot_wal=settings.max_slot_wal,
     )
@@ -39,6 +41,8 @@ def config(settings: RelaySettings) -> WalRelayConfig:
 def check(config: WalRelayConfig, source: sources.Source) -> WalRelayConfig:
     """The slot, the publication, the tables and the role's privileges."""
     check_setup(config)
+    if config.source.table is not None:
+        warn_topic_not_kept(config.topic_template, config.source.columns, config.keep_published)
     return config
 
 

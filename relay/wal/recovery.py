@@ -36,6 +36,7 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Refused, Sink
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.relay import PollConfig, PollSource, connect, row_record
+from relay.published import kept_topic
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -151,6 +152,9 @@ class CatchUpSource(PollSource):
         self._ended = ended  # the core's stop: set when everything was read, or on `stop`
         self._after = 0
         self.complete = False
+        self._mark = queries.compose(
+            "recovery.sql", "mark_recovered", config.names,
+            set_topic=kept_topic(config.topic_template, config.columns))
 
     @contextlib.contextmanager
     def open(self, stop: threading.Event) -> Iterator[bool]:
@@ -188,8 +192,8 @@ class CatchUpSource(PollSource):
             super().apply(delivered, refused)
             return
         super().apply([], refused)
-        self.conn.execute(queries.query("recovery.sql", "mark_recovered", self.config.names),
-                          {"positions": delivered, "lsn": format_lsn(self._consistent_lsn)})
+        self.conn.execute(self._mark, {"positions": delivered,
+                                       "lsn": format_lsn(self._consistent_lsn)})
 
     def keep_alive(self) -> None:
         self._check_stop()
@@ -315,6 +319,7 @@ def _catch_up(
         reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         poll = PollConfig(db_url=config.db_url, names=config.names, columns=source.columns,
                           keep_published=config.keep_published,
+                          topic_template=publisher.topic_template,
                           shutdown_timeout=config.shutdown_timeout)
         ended = threading.Event()
         catch_up = CatchUpSource(poll, stats, reader, stop, ended, consistent)

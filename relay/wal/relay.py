@@ -23,8 +23,8 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.core.watermark import Group, Watermark
 from relay.errors import FatalRelayError, SourceUnavailableError
-from relay.published import backlog_gauges
-from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.published import backlog_gauges, kept_topic
+from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink, topic_sql
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
 from relay.wal import position, recovery_state, slots
@@ -58,6 +58,8 @@ class WalRelayConfig:
     shutdown_timeout: float = 30.0
     # Published rows are deleted; with this, marked (published_at) and deleted once this old.
     keep_published: dt.timedelta | None = None
+    # The relay's topic template: kept rows store the topic their event was sent to.
+    topic_template: str = DEFAULT_TOPIC_TEMPLATE
     # A lost slot: "stop" the relay, or "recover" it (relay/wal/recovery.py).
     on_slot_loss: str = "stop"
     # Bytes of WAL the slot may retain before the relay reports it (relay/wal/budget.py).
@@ -175,8 +177,9 @@ class WalRelaySource:
             log.warning("published rows stay in the outbox table: it has no txid column", extra={
                 "event": "table_not_cleaned", "table": f"{self.config.source.schema}.{table}"})
             return None
-        cleaner = TableCleaner(self.config.db_url, self.config.names, self._origin(),
-                               self.config.keep_published)
+        cleaner = TableCleaner(
+            self.config.db_url, self.config.names, self._origin(), self.config.keep_published,
+            kept_topic(self.config.topic_template, self.config.source.columns))
         cleaner.start()
         return cleaner
 
@@ -379,6 +382,9 @@ def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfi
                 "commit order `outbox replay` follows): run "
                 f"`{migrate.command(config.names, config.source.columns.layout)}` first")
         wanted += [("UPDATE", "published_at"), ("UPDATE", "commit_lsn")]
+        if topic_sql(config.topic_template, config.source.columns) is not None:
+            assert config.source.columns.topic is not None
+            wanted.append(("UPDATE", config.source.columns.topic))
     for privilege, column in wanted:
         if not catalog.may(conn, table, privilege, column):
             return f"{privilege} {table}" + (f" ({column})" if column else "")

@@ -125,8 +125,9 @@ WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_tabl
 -- WAL relay: LOGIN REPLICATION is what streaming needs; pgoutput checks no table privilege.
 -- It removes the rows it published from the outbox (DELETE, which needs SELECT for its WHERE;
 -- the same SELECT lets this role run `outbox status` and `outbox doctor`), and with
--- --keep-published marks them first: UPDATE of the published_at and commit_lsn columns only
--- (commit_lsn: the commit order `outbox replay` follows, migrations/0005).
+-- --keep-published marks them first: UPDATE of the published_at, commit_lsn and topic columns
+-- only (commit_lsn: the commit order `outbox replay` follows, migrations/0005; topic: the topic
+-- the event was sent to, where `outbox replay` sends it again).
 -- Creating the publication (owner of the table) and the slot (REPLICATION) is a setup step run
 -- by an administrator (relay.wal.source.setup, docs/operations.md): the relay never creates a
 -- slot, so a lost slot stops it instead of silently skipping events.
@@ -134,12 +135,13 @@ WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_tabl
 -- stream the whole cluster's WAL (physical replication). Logical replication connections match
 -- the database's own pg_hba.conf lines, so give this role none of the `replication` lines.
 GRANT SELECT, DELETE ON :"schema".:"table" TO :"wal_role";
-GRANT UPDATE (published_at, commit_lsn) ON :"schema".:"table" TO :"wal_role";
+GRANT UPDATE (published_at, commit_lsn, topic) ON :"schema".:"table" TO :"wal_role";
 -- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
 -- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";
--- Its row per slot in the position table: how far it acknowledged, and a slot recovery under
--- way (--on-slot-loss recover and `outbox slot recover` insert and update it).
+-- Its row per slot in the position table: how far Kafka acknowledged (the relay writes it before
+-- confirming its slot, and reads it at start to skip what the server sends again), and a slot
+-- recovery under way (--on-slot-loss recover and `outbox slot recover` insert and update it).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"position_table" TO :"wal_role";
 
 -- Both relays may read the migration bookkeeping, so `outbox doctor` run with the relay's own

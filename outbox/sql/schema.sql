@@ -60,11 +60,13 @@ CREATE TABLE public.outbox_inbox (
 CREATE INDEX outbox_inbox_processed_at_idx ON public.outbox_inbox (processed_at);
 
 -- 0004: the WAL relay's acknowledged position per slot (written before the slot is confirmed),
--- and a slot recovery under way.
+-- the server and timeline it was read on, and a slot recovery under way.
 CREATE TABLE public.outbox_relay_position (
     slot                   text        PRIMARY KEY,
     acknowledged_lsn       pg_lsn,
     acknowledged_commit_at timestamptz,
+    acknowledged_system    text,
+    acknowledged_timeline  integer,
     recovery_started_at    timestamptz,
     updated_at             timestamptz NOT NULL DEFAULT now()
 );

@@ -14,6 +14,7 @@ from relay.poll.relay import (
     poll_gauges,
     polling_relay,
 )
+from relay.published import warn_topic_not_kept
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -26,6 +27,7 @@ def config(settings: RelaySettings) -> PollConfig:
         batch_size=settings.batch_size or PollConfig.batch_size,
         poll_interval=settings.poll_interval,
         keep_published=settings.keep_published,
+        topic_template=settings.topic_template,
         shutdown_timeout=settings.shutdown_timeout,
         columns=settings.column_mapping,
         sharded=settings.shards,
@@ -36,7 +38,9 @@ def config(settings: RelaySettings) -> PollConfig:
 def check(config: PollConfig, source: sources.Source) -> PollConfig:
     """The tables, the role's privileges, the type of a Debezium table's payload, and the
     shard count of a sharded outbox (which needs --shards)."""
-    return check_shards(check_schema(config))
+    checked = check_shards(check_schema(config))
+    warn_topic_not_kept(checked.topic_template, checked.columns, checked.keep_published)
+    return checked
 
 
 def gauges(config: PollConfig) -> sources.Gauges:

@@ -35,9 +35,10 @@ from relay.published import (
     PURGE_CHUNKS_PER_TURN,
     backlog_gauges,
     expire_interval,
+    kept_topic,
     purge_expired,
 )
-from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
 
@@ -59,6 +60,8 @@ class PollConfig:
     # Acknowledged rows are deleted in batches at least this often.
     ack_interval: float = 0.05
     keep_published: dt.timedelta | None = None
+    # The relay's topic template: kept rows store the topic their event was sent to.
+    topic_template: str = DEFAULT_TOPIC_TEMPLATE
     standby_interval: float = 2.0
     # On stop: how long to wait for outstanding deliveries before exiting without their ack.
     shutdown_timeout: float = 30.0
@@ -445,6 +448,9 @@ _MAPPED_QUERIES = frozenset(("fetch_late", "fetch_page", "park", "backlog"))
 
 def poll_query(config: PollConfig, name: str) -> sql.Composed:
     """Block `name` of relay/sql/poll.sql for the layout of this table."""
+    if name == "mark_published":
+        return queries.compose("poll.sql", name, config.names,
+                               set_topic=kept_topic(config.topic_template, config.columns))
     if config.columns.is_native or name not in _MAPPED_QUERIES:
         return queries.query("poll.sql", name, config.names)
     return queries.compose("poll.sql", f"{name}_mapped", config.names,

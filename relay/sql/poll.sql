@@ -37,7 +37,9 @@ COMMIT
 DELETE FROM {schema}.{table} WHERE position = ANY(%(positions)s)
 
 -- name: mark_published
-UPDATE {schema}.{table} SET published_at = now() WHERE position = ANY(%(positions)s)
+-- With keep_published; {set_topic} stores the topic the event was sent to, for `outbox replay`
+-- (relay/published.py kept_topic).
+UPDATE {schema}.{table} SET published_at = now(){set_topic} WHERE position = ANY(%(positions)s)
 
 -- name: park
 -- Moves an event that can never be published to the parked table, with the reason.

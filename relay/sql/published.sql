@@ -34,8 +34,9 @@ WHERE ctid = ANY(ARRAY(
 -- (migrations/0005), looked up in `lsn_of` (a JSON object: txid -> LSN). A lookup, not a join
 -- with the transactions: a join updated the rows out of their physical order, at three times
 -- the cost of the mark without it; this costs what that did (docs/performance.md, retention).
+-- {set_topic} stores the topic the event was sent to (relay/published.py kept_topic).
 UPDATE {schema}.{table}
-SET published_at = now(), commit_lsn = (%(lsn_of)s::jsonb ->> txid::text)::pg_lsn
+SET published_at = now(), commit_lsn = (%(lsn_of)s::jsonb ->> txid::text)::pg_lsn{set_topic}
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {schema}.{table}
     WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])

@@ -249,6 +249,19 @@ def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
 
 
 @pytest.mark.timeout(900)
+def test_plain_install_runs_outbox_verify_without_the_repository(
+    clean_venv: Path, empty_db_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """`outbox verify` needs nothing of tests/ or bench/: its relay child is the installed one."""
+    outbox_cli = clean_venv / "bin" / "outbox"
+    assert "--faults" in run(outbox_cli, "verify", "--help", cwd=tmp_path)
+    out = run(outbox_cli, "verify", "--db", empty_db_url, "--kafka", kafka_bootstrap,
+              "--duration", "4s", "--rate", "50", "--faults", "relay-kill", cwd=tmp_path)
+    assert "verdict: PASS" in out
+    assert "removed everything it created" in out
+
+
+@pytest.mark.timeout(900)
 def test_asyncio_extra_publishes_with_an_async_session(
     tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
 ) -> None:

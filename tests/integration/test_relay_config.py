@@ -136,6 +136,7 @@ def test_a_malformed_db_url_is_refused_without_printing_its_password(
     ["parked", "list"],
     ["relay", "--kafka", "127.0.0.1:1"],
     ["inbox", "purge", "--older-than", "7d"],
+    ["verify", "--kafka", "127.0.0.1:1"],
 ])
 def test_an_empty_db_url_is_refused_rather_than_taken_for_the_local_default(
     command: list[str]

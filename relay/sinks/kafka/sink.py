@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from psycopg import sql
 
 from outbox import commands
+from outbox.columns import ColumnMapping
 from outbox.contracts.registry import VERSION_HEADER
 from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
@@ -145,6 +147,34 @@ def topic_for(record: OutboxRecord, template: str) -> str:
         aggregate_id=record.aggregate_id,
         event_type=record.event_type,
     )
+
+
+def topic_sql(template: str, columns: ColumnMapping) -> sql.Composable | None:
+    """`topic_for` as an SQL expression over a row of `columns`' table: the topic the relay
+    sends the row's event to, which a relay keeping published rows stores in them (relay/
+    published.py `kept_topic`) so that `outbox replay` sends where the event went even after
+    the template changed. None when the table has no topic column to store it in (Debezium's
+    layout), or when the template converts or formats a field (`{aggregate_id!r}`,
+    `{event_type:.3}`), which SQL would not mirror exactly: replay then resolves the topic
+    with its own --topic-template, as for rows kept before. Composed once, at start-up."""
+    if columns.topic is None:
+        return None
+    parts: list[sql.Composable] = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if literal:
+            parts.append(sql.Literal(literal))
+        if name is None:
+            continue
+        if spec or conversion not in (None, "s") or name not in TEMPLATE_FIELDS:
+            return None
+        parts.append(sql.Identifier(getattr(columns, name)))
+    if not parts:
+        return None
+    # The row's own topic wins, as in topic_for (an empty one does not).
+    resolved = parts[0] if len(parts) == 1 else sql.SQL("concat({})").format(
+        sql.SQL(", ").join(parts))
+    return sql.SQL("coalesce(nullif({topic}, ''), {resolved})").format(
+        topic=sql.Identifier(columns.topic), resolved=resolved)
 
 
 def kafka_headers(record: OutboxRecord) -> list[tuple[str, str | bytes | None]]:

@@ -614,7 +614,7 @@ def shards_resize(
     transaction with the outbox locked (writers wait). Refused while a relay of it runs."""
     from outbox import migrate
     from relay.poll.relay import PollConfig
-    from relay.poll.shards import refuse_running_relays
+    from relay.shards import refuse_running_relays
 
     names = guarded(lambda: SchemaNames(schema, table))
     if shards is None:

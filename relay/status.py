@@ -248,8 +248,8 @@ def read_leader(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> 
 
 
 def read_shards(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Shards:
-    """Each shard's owner (its lease lock, relay/poll/shards.py) and backlog."""
-    from relay.poll.shards import read_locks, survey_of
+    """Each shard's owner (its lease lock, relay/shards.py) and backlog."""
+    from relay.shards import read_locks, survey_of
 
     locks = read_locks(conn, names, key)
     survey = survey_of(locks)

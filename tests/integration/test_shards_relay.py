@@ -1,4 +1,4 @@
-"""Several polling relays over a sharded outbox (relay/poll/shards.py): shards spread over the
+"""Several polling relays over a sharded outbox (relay/shards.py): shards spread over the
 live relays, move when one dies or joins, and no shard is ever published by two at once."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from outbox import migrate
 from outbox.names import SchemaNames
 from relay.poll.relay import PollConfig
-from relay.poll.shards import Survey, read_survey
 from relay.settings import RelaySettings
+from relay.shards import Survey, read_survey
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
 from tests.integration.test_relay_metrics import free_port, get, metric

@@ -1,4 +1,4 @@
-"""Sharded polling relays (relay/poll/shards.py): the decisions, without a server."""
+"""Sharded polling relays (relay/shards.py): the decisions, without a server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 
 from outbox.errors import ConfigurationError
 from relay.poll.relay import PollConfig
-from relay.poll.shards import RunStop, Survey, aim, survey_of, to_claim, why_rebalance
 from relay.settings import RelaySettings
+from relay.shards import RunStop, Survey, aim, survey_of, to_claim, why_rebalance
 
 
 def test_each_relay_aims_at_its_even_share_rounded_up() -> None:

@@ -1,7 +1,7 @@
 -- A sharded outbox (`outbox migrate up --shards N`; not applied otherwise): every row belongs to
 -- one of N shards by a stable hash of its aggregate_id, so each key lives in exactly one shard
 -- and several polling relays can each publish a disjoint set of shards, in per-key order
--- (relay/shards.py). {shards} is N, fixed here: changing it is a resize
+-- (relay/poll/shards.py). {shards} is N, fixed here: changing it is a resize
 -- (docs/operations.md, "Sharded outbox").
 
 -- N recorded in the database, one row per shard: the relay reads N from it, `outbox status`

@@ -41,3 +41,24 @@ WHERE ctid = ANY(ARRAY(
     WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])
     LIMIT 10000
 ))
+
+-- name: delete_transactions_sharded
+-- A WAL relay of a shard group (relay/wal/groups.py): only its shards' rows of the transactions;
+-- the other groups' rows of the same transactions are theirs to delete once they published them.
+DELETE FROM {schema}.{table}
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {schema}.{table}
+    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])
+      AND shard = ANY(%(shards)s::int[])
+    LIMIT 10000
+))
+
+-- name: mark_transactions_sharded
+UPDATE {schema}.{table}
+SET published_at = now(), commit_lsn = (%(lsn_of)s::jsonb ->> txid::text)::pg_lsn
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {schema}.{table}
+    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])
+      AND shard = ANY(%(shards)s::int[])
+    LIMIT 10000
+))

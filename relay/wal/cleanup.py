@@ -50,11 +50,14 @@ class TableCleaner:
     slot may be confirmed. `done` is called by the relay's thread, the work runs on another."""
 
     def __init__(
-        self, db_url: str, names: SchemaNames, keep_published: dt.timedelta | None = None
+        self, db_url: str, names: SchemaNames, keep_published: dt.timedelta | None = None,
+        shards: tuple[int, ...] | None = None,
     ) -> None:
         self.db_url = db_url
         self.names = names
         self.keep_published = keep_published
+        # A shard group's relay removes its shards' rows only (relay/wal/groups.py).
+        self.shards = shards
         # (xid, commit LSN) of each transaction done, and the end of the last one
         self._queue: deque[tuple[list[tuple[int, int]], int]] = deque()
         self._wake = threading.Condition()
@@ -155,12 +158,16 @@ class TableCleaner:
         row = conn.execute(queries.query("published.sql", "current_xmax", self.names)).fetchone()
         txids = full_txids([xid for xid, _ in commits], int(row[0]) if row else 0)
         params: dict[str, Any] = {"txids": txids}
+        sharded = ""
+        if self.shards is not None:
+            params["shards"], sharded = list(self.shards), "_sharded"
         if self.keep_published:
-            statement = queries.query("published.sql", "mark_transactions", self.names)
+            statement = queries.query("published.sql", f"mark_transactions{sharded}", self.names)
             params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
                                       for txid, (_, lsn) in zip(txids, commits, strict=True)})
         else:
-            statement = queries.query("published.sql", "delete_transactions", self.names)
+            statement = queries.query("published.sql", f"delete_transactions{sharded}",
+                                      self.names)
         while True:
             count = conn.execute(statement, params).rowcount
             self.removed += count

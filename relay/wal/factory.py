@@ -32,13 +32,15 @@ def config(settings: RelaySettings) -> WalRelayConfig:
         keep_published=settings.keep_published,
         on_slot_loss=settings.on_slot_loss,
         max_slot_wal=settings.max_slot_wal,
+        sharded=settings.shards,
+        shard_lease=settings.shard_lease,
     )
 
 
 def check(config: WalRelayConfig, source: sources.Source) -> WalRelayConfig:
-    """The slot, the publication, the tables and the role's privileges."""
-    check_setup(config)
-    return config
+    """The slot, the publication, the tables and the role's privileges; sharded, the shard
+    groups' slots (their counts are in the config returned)."""
+    return check_setup(config)
 
 
 def gauges(config: WalRelayConfig) -> sources.Gauges:
@@ -47,6 +49,10 @@ def gauges(config: WalRelayConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     wal, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    if wal.sharded:
+        from relay.wal.sharded import ShardedWalRelay
+
+        return lambda: ShardedWalRelay(wal, publisher, stats, limits)
     if wal.on_slot_loss == "recover":
         from relay.wal.recovery import HealingRelay
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -22,15 +20,15 @@ from relay.shards import Survey, read_survey
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
 from tests.integration.test_relay_metrics import free_port, get, metric
-from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
+from tests.support.shards import HEADER, Writers, assert_no_two_writers_at_once, segments
 from tests.support.writers import SequencedWriter
 
 pytestmark = pytest.mark.integration
 
 SHARDS = 12
-HEADER = "outbox-relay"
 LEASE = "3s"
 
 
@@ -67,67 +65,6 @@ def spread_over(db_url: str, relays: int) -> bool:
 def relay_args(db_url: str, bootstrap: str) -> list[str]:
     return ["--source", "postgres-poll", "--shards", "--db", db_url, "--kafka", bootstrap,
             "--shard-lease", LEASE, "--poll-interval", "0.5s", "--relay-id-header", HEADER]
-
-
-def segments(messages: list[Received]) -> dict[str, list[str]]:
-    """Per key, in partition order, the relay runs that wrote it, consecutive ones merged."""
-    runs: dict[str, list[str]] = defaultdict(list)
-    for message in messages:
-        assert message.key is not None
-        writer = message.headers[HEADER]
-        if not runs[message.key] or runs[message.key][-1] != writer:
-            runs[message.key].append(writer)
-    return runs
-
-
-def assert_no_two_writers_at_once(messages: list[Received]) -> None:
-    """A relay run publishes a key's messages in one stretch: once another run wrote the key,
-    the first never writes it again (it would if both published the key's shard at once)."""
-    for key, runs in segments(messages).items():
-        assert len(runs) == len(set(runs)), f"key {key}: relay runs interleaved: {runs}"
-
-
-class Writers:
-    """Threads publishing sequenced events of many keys until stopped."""
-
-    def __init__(self, db_url: str, topic: str, ledger: Ledger, threads: int = 3) -> None:
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._write, args=(db_url, topic, ledger, n))
-                         for n in range(threads)]
-
-    def _write(self, db_url: str, topic: str, ledger: Ledger, n: int) -> None:
-        writer = SequencedWriter(topic, ledger)
-        try:
-            with psycopg.connect(db_url) as conn:
-                i = 0
-                while not self.stop.is_set():
-                    # Keys of each thread its own (per-key sequences), 40 of them.
-                    writer.write(conn, writer.events(f"w{n}-k{i % 40}", 1)
-                                 + writer.events(f"w{n}-k{(i + 7) % 40}", 1))
-                    i += 1
-                    self.stop.wait(0.002)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Writers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        assert not self.errors, self.errors
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        relay.close()
 
 
 def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_share_a_shard(

@@ -22,6 +22,7 @@ from relay.wal import slots
 from relay.wal.groups import catalog_filter, group_name, group_shards, setup_groups
 from relay.wal.sharded import group_key
 from relay.wal.source import WalSourceConfig
+from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import outbox_cli
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
@@ -145,6 +146,22 @@ def test_one_relay_streams_every_group_deletes_each_groups_rows_and_status_shows
     assert [g["name"] for g in groups] == [group_name(slot, g) for g in range(GROUPS)]
     assert all(g["active"] and g["confirmed_flush_lsn"] for g in groups)
     assert machine["slot"] is None
+
+
+def test_the_wal_relay_role_runs_a_sharded_wal_relay(
+    db_url: str, slot: str, pg_admin_url: str, kafka_bootstrap: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    reader = TopicReader(kafka_bootstrap, topic)
+    try:
+        with roles_for(db_url, pg_admin_url) as roles, RelayThread(
+                settings(roles.url("relay_wal"), kafka_bootstrap, slot)):
+            SequencedWriter(topic, ledger).write_many(db_url, keys=24, per_key=3)
+            delivered = reader.read_ids(ledger.committed_ids)
+            wait_for(lambda: pending_rows(db_url) == 0, 60, "the role deleting what it published")
+        ledger.check(delivered).assert_holds()
+    finally:
+        reader.close()
 
 
 def test_three_wal_relays_one_killed_one_joining_lose_nothing_never_share_a_key(

@@ -11,7 +11,8 @@ identity) and a slot `<slot>_g<k>`. The relays lease groups as the polling relay
 owner streams on from the slot's confirmed position.
 
 G is recorded by the publications that exist: the relay and `outbox slot status` find
-`<publication>_g0` .. `_g<G-1>`. Decisions only here, and the catalog reads that find them.
+`<publication>_g0` .. `_g<G-1>`. Here: the dealing, names and filters (no I/O), and the admin
+steps that create, find and drop the groups.
 """
 
 from __future__ import annotations

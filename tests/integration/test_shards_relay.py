@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import psycopg
@@ -23,7 +22,15 @@ from tests.integration.test_relay_metrics import free_port, get, metric
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
-from tests.support.shards import HEADER, Writers, assert_no_two_writers_at_once, segments
+from tests.support.shards import (
+    HEADER,
+    Writers,
+    assert_no_two_writers_at_once,
+    evenly_spread,
+    segments,
+    starter,
+    wait_for_more,
+)
 from tests.support.writers import SequencedWriter
 
 pytestmark = pytest.mark.integration
@@ -53,13 +60,7 @@ def survey(db_url: str) -> Survey:
 
 
 def spread_over(db_url: str, relays: int) -> bool:
-    """Every shard owned, by `relays` sessions, none holding more than its even share."""
-    found = survey(db_url)
-    per_owner: dict[int, int] = defaultdict(int)
-    for pid in found.owners.values():
-        per_owner[pid] += 1
-    return (len(found.owners) == SHARDS and len(per_owner) == relays
-            and max(per_owner.values()) <= -(-SHARDS // relays))
+    return evenly_spread(survey(db_url), SHARDS, relays)
 
 
 def relay_args(db_url: str, bootstrap: str) -> list[str]:
@@ -74,11 +75,7 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
     ledger = Ledger()
     reader = TopicReader(kafka_bootstrap, topic)
 
-    def start(name: str) -> RelayProcess:
-        relay = RelayProcess(*relay_args(sharded_url, kafka_bootstrap),
-                             log=tmp_path / f"{name}.log").start()
-        processes.append(relay)
-        return relay
+    start = starter(processes, relay_args(sharded_url, kafka_bootstrap), tmp_path)
 
     try:
         first, second, third = start("a"), start("b"), start("c")
@@ -89,17 +86,14 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
             # The dead relay's shards move to the two others (its session ends at once; they
             # look every quarter of the lease).
             wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the 2 survivors")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
             fourth = start("d")
             wait_for(lambda: spread_over(sharded_url, 3), 60, "the joining relay gets shards")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
             # SIGTERM under load: the relay drains, releases its shards, the others take them.
             assert second.kill(signal.SIGTERM) == 0, second.log()[-2000:]
             wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the last 2")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
         delivered = reader.read_ids(ledger.committed_ids, timeout=120)
         delivered = reader.drain()
     finally:

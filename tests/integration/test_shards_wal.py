@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections import defaultdict
 from pathlib import Path
 
 import psycopg
@@ -27,7 +26,15 @@ from tests.integration.test_ops_status_doctor import outbox_cli
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
-from tests.support.shards import HEADER, Writers, assert_no_two_writers_at_once, segments
+from tests.support.shards import (
+    HEADER,
+    Writers,
+    assert_no_two_writers_at_once,
+    evenly_spread,
+    segments,
+    starter,
+    wait_for_more,
+)
 from tests.support.wal import unique_slot
 from tests.support.writers import SequencedWriter
 
@@ -65,13 +72,7 @@ def survey(db_url: str) -> Survey:
 
 
 def spread_over(db_url: str, relays: int) -> bool:
-    """Every group owned, by `relays` sessions, none holding more than its even share."""
-    found = survey(db_url)
-    per_owner: dict[int, int] = defaultdict(int)
-    for pid in found.owners.values():
-        per_owner[pid] += 1
-    return (len(found.owners) == GROUPS and len(per_owner) == relays
-            and max(per_owner.values()) <= -(-GROUPS // relays))
+    return evenly_spread(survey(db_url), GROUPS, relays)
 
 
 def relay_args(db_url: str, bootstrap: str, slot: str) -> list[str]:
@@ -171,11 +172,7 @@ def test_three_wal_relays_one_killed_one_joining_lose_nothing_never_share_a_key(
     ledger = Ledger()
     reader = TopicReader(kafka_bootstrap, topic)
 
-    def start(name: str) -> RelayProcess:
-        relay = RelayProcess(*relay_args(db_url, kafka_bootstrap, slot),
-                             log=tmp_path / f"{name}.log").start()
-        processes.append(relay)
-        return relay
+    start = starter(processes, relay_args(db_url, kafka_bootstrap, slot), tmp_path)
 
     try:
         first, second, third = start("a"), start("b"), start("c")
@@ -186,12 +183,10 @@ def test_three_wal_relays_one_killed_one_joining_lose_nothing_never_share_a_key(
             # Its groups' slots free at once (its sessions end); the others claim the groups
             # and stream on from each slot's confirmed position.
             wait_for(lambda: spread_over(db_url, 2), 60, "6 groups over the 2 survivors")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
             fourth = start("d")
             wait_for(lambda: spread_over(db_url, 3), 60, "the joining relay gets groups")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
         delivered = reader.read_ids(ledger.committed_ids, timeout=120)
         wait_for(lambda: pending_rows(db_url) == 0, 60, "every published row deleted")
         delivered = reader.drain()

@@ -5,17 +5,29 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from relay.shards import Survey
 from tests.support.kafka import Received
 from tests.support.ledger import Ledger
-from tests.support.relays import RelayProcess
+from tests.support.relays import RelayProcess, wait_for
 from tests.support.writers import SequencedWriter
 
 HEADER = "outbox-relay"
+
+
+def evenly_spread(survey: Survey, units: int, relays: int) -> bool:
+    """Every shard (WAL: shard group) of `units` owned, by `relays` sessions, none holding more
+    than its even share."""
+    per_owner: dict[int, int] = defaultdict(int)
+    for pid in survey.owners.values():
+        per_owner[pid] += 1
+    return (len(survey.owners) == units and len(per_owner) == relays
+            and max(per_owner.values()) <= -(-units // relays))
 
 
 def segments(messages: list[Received]) -> dict[str, list[str]]:
@@ -34,6 +46,25 @@ def assert_no_two_writers_at_once(messages: list[Received]) -> None:
     the first never writes it again (it would if both published the key's shard at once)."""
     for key, runs in segments(messages).items():
         assert len(runs) == len(set(runs)), f"key {key}: relay runs interleaved: {runs}"
+
+
+def wait_for_more(ledger: Ledger, events: int = 300) -> None:
+    """Until the writers have written `events` more (the relays' new spread publishing)."""
+    written = len(ledger.entries)
+    wait_for(lambda: len(ledger.entries) >= written + events, 60, "more events written")
+
+
+def starter(
+    processes: list[RelayProcess], args: list[str], logs: Path
+) -> Callable[[str], RelayProcess]:
+    """Starts relay processes with `args`, each logging to `<logs>/<name>.log`."""
+
+    def start(name: str) -> RelayProcess:
+        relay = RelayProcess(*args, log=logs / f"{name}.log").start()
+        processes.append(relay)
+        return relay
+
+    return start
 
 
 class Writers:

@@ -88,6 +88,9 @@ def _drain_with(ctx: Context, source: PostgresSource, events: int, relays: int) 
             start = accounting.snapshot()
             _wait_for_drain(ctx, processes, topic, events, label)
             end = accounting.snapshot()
+            # A small backlog can drain before a late relay even started: stopped then, it
+            # would die of SIGTERM instead of stopping cleanly.
+            _wait_started(processes)
         finally:
             exit_codes = [process.stop() for process in processes]
         verdict, first, last = read_back(ctx, topic, backlog.ledger)
@@ -135,3 +138,14 @@ def _wait_for_drain(
             time.sleep(0.2)
     finally:
         offsets.close()
+
+
+def _wait_started(processes: list[RelayProcess], timeout: float = 60.0) -> None:
+    """Until every relay has claimed shards or waits as a standby (its signal handlers are in
+    place by then)."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while time.monotonic() < deadline and process.alive() and not any(
+                f'"event": "{event}"' in process.log_tail(1000)
+                for event in ("shards_claimed", "relay_standby")):
+            time.sleep(0.1)

@@ -503,7 +503,6 @@ def slot_create(
     """Create the publication (the outbox table's event columns only) and the pgoutput slot;
     with --shard-groups G, G of each over a sharded outbox."""
     from outbox import migrate
-    from outbox.names import SchemaNames
     from relay.wal import format_lsn, setup
     from relay.wal.groups import group_name, setup_groups
 

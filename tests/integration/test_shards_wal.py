@@ -217,6 +217,9 @@ def test_without_groups_or_a_sharded_outbox_the_sharded_wal_relay_is_refused(
     db_url: str, kafka_bootstrap: str,
 ) -> None:
     name = unique_slot("shardwal")
+    refused = outbox_cli("slot", "create", "--db", db_url, "--slot", name, "--shard-groups", "3")
+    assert refused.returncode == 1
+    assert "--shard-groups: table public.outbox is not sharded" in refused.stderr
     relay = RelayThread(settings(db_url, kafka_bootstrap, name)).start()
     with pytest.raises(Exception, match=r"not sharded; run `outbox migrate up --db URL "
                                         r"--shards N`"):

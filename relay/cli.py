@@ -658,7 +658,7 @@ def shards_resize(
     from outbox import migrate
     from relay.poll.relay import PollConfig
     from relay.shards import refuse_running_relays
-    from relay.wal.sharded import group_key
+    from relay.wal.groups import group_key
 
     names = guarded(lambda: SchemaNames(schema, table))
     if shards is None:

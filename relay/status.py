@@ -12,7 +12,7 @@ import psycopg
 from outbox.names import SchemaNames
 from relay import queries
 from relay.wal import slots
-from relay.wal.groups import find_groups, group_name
+from relay.wal.groups import find_groups, group_key, group_name
 from relay.wal.lsn import format_lsn, parse_lsn
 
 
@@ -210,12 +210,13 @@ def gather(
         unavailable["parked"] = reason
 
     leader = read_leader(conn, names, leader_key)
+    groups = find_groups(conn, publication)
     shards = None
     if access.get(names.shards_table, TableAccess("", False)).exists:
         reason = why_unreadable(access.get(names.shards_table), names.schema, role) or (
             why_unreadable(access.get(names.table), names.schema, role))
         if reason is None:
-            shards = read_shards(conn, names, leader_key)
+            shards = read_shards(conn, names, leader_key, groups)
         else:
             unavailable["shards"] = reason
     current = current_wal_lsn(conn, names)
@@ -223,7 +224,7 @@ def gather(
                                                 wal_budget)
     group_reports = tuple(
         SlotReport(name, slots.slot_status(conn, name), current, wal_budget)
-        for name in (group_name(slot, group) for group in range(find_groups(conn, publication))))
+        for name in (group_name(slot, group) for group in range(groups)))
     if group_reports and slot_report is not None and slot_report.status is None:
         slot_report = None  # the groups' slots are the relays' own
     publication_report = PublicationReport(
@@ -257,16 +258,19 @@ def read_leader(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> 
     return Leader(int(row[0]), row[1], row[2], row[3]) if row else None
 
 
-def read_shards(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Shards:
-    """Each shard's owner (its lease lock, relay/shards.py) and backlog."""
+def read_shards(
+    conn: psycopg.Connection[Any], names: SchemaNames, key: int, groups: int = 0
+) -> Shards:
+    """Each shard's owner (its lease lock, relay/shards.py) and backlog. With WAL shard groups
+    (`groups`), a shard's owner is the holder of its group's lease (relay/wal/groups.py)."""
     from relay.shards import read_locks, survey_of
 
-    locks = read_locks(conn, names, key)
+    locks = read_locks(conn, names, group_key(names) if groups else key)
     survey = survey_of(locks)
     clients = {int(row[1]): row[2] for row in locks}
     reports = []
     for shard, pending, age in conn.execute(_query(names, "shard_backlog")).fetchall():
-        owner = survey.owners.get(int(shard))
+        owner = survey.owners.get(int(shard) % groups if groups else int(shard))
         reports.append(ShardReport(int(shard), owner, clients.get(owner) if owner else None,
                                    int(pending), float(age) if age is not None else None))
     return Shards(survey.relays, tuple(reports))

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from outbox.errors import ConfigurationError
+from outbox.names import SchemaNames
 from relay.wal.errors import PublicationMissingError
 
 if TYPE_CHECKING:
@@ -32,6 +34,13 @@ if TYPE_CHECKING:
 
 # What the row filter of a group's publication reads.
 SHARD_COLUMN = "shard"
+
+
+def group_key(names: SchemaNames) -> int:
+    """Advisory lock key of the outbox's shard groups: another than the polling relays' (whose
+    second keys are shards), so that a group's lease never reads as a shard's."""
+    name = f"outbox-relay-wal-groups:{names.schema}.{names.table}".encode()
+    return zlib.crc32(name) - 2**31
 
 
 def group_name(name: str, group: int) -> str:

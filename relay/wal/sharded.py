@@ -20,29 +20,21 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from typing import Any
 
 import psycopg
 
 from outbox.conninfo import libpq_url, redact
-from outbox.names import SchemaNames
 from relay.core.loop import RelayCore
 from relay.errors import SourceUnavailableError
 from relay.shards import CHECKS_PER_LEASE, RelayMembership, ShardLeases
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
+from relay.wal.groups import group_key
 from relay.wal.relay import WalRelayConfig, WalRelaySource
 
 log = logging.getLogger(__name__)
-
-
-def group_key(names: SchemaNames) -> int:
-    """Advisory lock key of the outbox's shard groups: another than the polling relays' (whose
-    second keys are shards), so that `outbox status` never shows a group as a shard's owner."""
-    name = f"outbox-relay-wal-groups:{names.schema}.{names.table}".encode()
-    return zlib.crc32(name) - 2**31
 
 
 class ShardedWalRelay:

@@ -18,8 +18,7 @@ from relay import sources
 from relay.settings import RelaySettings
 from relay.shards import Survey, read_survey
 from relay.wal import slots
-from relay.wal.groups import catalog_filter, group_name, group_shards, setup_groups
-from relay.wal.sharded import group_key
+from relay.wal.groups import catalog_filter, group_key, group_name, group_shards, setup_groups
 from relay.wal.source import WalSourceConfig
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import outbox_cli
@@ -150,6 +149,12 @@ def test_one_relay_streams_every_group_deletes_each_groups_rows_and_status_shows
     assert [g["name"] for g in groups] == [group_name(slot, g) for g in range(GROUPS)]
     assert all(g["active"] and g["confirmed_flush_lsn"] for g in groups)
     assert machine["slot"] is None
+    # Each shard's owner is its group's: here the one relay, for all 12.
+    shards = machine["shards"]
+    assert shards["relays"] == 1 and len(shards["shards"]) == SHARDS
+    assert len({s["owner_pid"] for s in shards["shards"]}) == 1 and all(
+        s["owner_pid"] for s in shards["shards"])
+    assert f"{SHARDS}, {SHARDS} owned, 1 relay(s) running" in table.stdout
 
 
 def test_the_wal_relay_role_runs_a_sharded_wal_relay(

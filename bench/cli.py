@@ -14,9 +14,10 @@ from bench import external, report, write_cost
 from bench.env import REPO, discover, loadavg, machine
 from bench.phases import Context, drain, latency, phase_database
 from bench.progress import Progress
+from bench.sharded import sharded_drain
 from bench.sources import SOURCES, MongoSource, PostgresSource
 
-PHASES = ("drain", "latency", "write", "consumer")
+PHASES = ("drain", "latency", "sharded", "write", "consumer")
 EPILOG = """\
 Services come from --db/--kafka/--mongo, else OUTBOX_DB_URL/OUTBOX_KAFKA_BOOTSTRAP/
 OUTBOX_MONGO_URL, else the local stack's .local/stack.env (`make bench` starts it). Each phase
@@ -24,6 +25,8 @@ makes its own database and topics and drops them. Exit status 1 when a ledger ch
 phase broke; a missed target is reported, not an error. See docs/performance.md.
 """
 QUICK_EVENTS = {"postgres": 2_000, "mongo": 500}
+# The sharded drain runs three drains per source (1, 2, 3 relays): a smaller backlog.
+SHARDED_EVENTS = 100_000
 
 
 def _csv(text: str) -> list[str]:
@@ -56,6 +59,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="processes writing the backlog (default 2)")
     parser.add_argument("--partitions", type=int, default=1,
                         help="partitions per topic (default 1)")
+    parser.add_argument("--sharded-events", type=int, default=None,
+                        help="backlog of each drain of the sharded phase (1, 2 and 3 relays; "
+                             "default 100,000; 2,000 with --quick)")
     parser.add_argument("--consumer-messages", type=int, default=None,
                         help="messages of the consumer-rate phase (default 50,000; 500 quick)")
     parser.add_argument("--relay-env", action="append", default=[], metavar="KEY=VALUE",
@@ -110,6 +116,11 @@ def _postgres(
     if "drain" in phases:
         result["drain"] = guarded(ctx.progress, f"{source.name} drain",
                                   lambda: drain(ctx, source, events))
+    if "sharded" in phases:
+        sharded_events = args.sharded_events or (
+            QUICK_EVENTS["postgres"] if args.quick else SHARDED_EVENTS)
+        result["sharded"] = guarded(ctx.progress, f"{source.name} sharded drain",
+                                    lambda: sharded_drain(ctx, source, sharded_events))
     skipped = result.get("drain", {})
     if "latency" in phases:
         if skipped.get("available") is False:
@@ -166,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sources": _csv(args.source), "events": args.events, "rates": args.rate_list,
             "duration_s": args.duration, "phases": phases, "writers": args.writers,
             "partitions": args.partitions, "profile": args.profile,
+            "sharded_events": args.sharded_events,
             "relay_env": args.relay_env_map,
         },
         "machine": machine(stack),
@@ -178,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in _csv(args.source):
         source = SOURCES[name]
         if isinstance(source, PostgresSource):
-            if {"drain", "latency"} & set(phases):
+            if {"drain", "latency", "sharded"} & set(phases):
                 results["sources"][name] = _postgres(ctx, source, args, phases)
         elif "drain" in phases:
             results["sources"][name] = _mongo(ctx, source, args)

@@ -19,7 +19,7 @@ import psycopg
 
 from bench import topics
 from bench.env import Stack, loadavg
-from bench.ledger import LedgerCheck
+from bench.ledger import Ledger, LedgerCheck, Verdict
 from bench.pg import Database
 from bench.procstat import CpuAccounting, CpuSnapshot
 from bench.profiling import Profiler
@@ -195,16 +195,8 @@ def drain(ctx: Context, source: PostgresSource, events: int) -> dict[str, Any]:
         result["loadavg_after"] = loadavg()
 
         ctx.progress.note(f"{source.name}: reading {topic} back for the ledger check")
-        check = LedgerCheck(backlog.ledger)
-        first = last = None
-        for message in topics.read_all(ctx.stack.kafka_bootstrap, topic):
-            check.see(message.event_id, message.key, message.seq)
-            first = message.append_ms if first is None else min(first, message.append_ms)
-            last = message.append_ms if last is None else max(last, message.append_ms)
-        verdict = check.verdict()
+        verdict, first, last = read_back(ctx, topic, backlog.ledger)
         result["ledger"] = verdict.as_dict()
-        if first is None or last is None:
-            raise PhaseError("the drain topic is empty")
         elapsed = last / 1000 - relay.started_wall
         result["drain"] = {
             "events_per_s": round(events / elapsed),
@@ -227,6 +219,20 @@ def drain(ctx: Context, source: PostgresSource, events: int) -> dict[str, Any]:
             raw_rate = result["raw_decode"]["events_per_s"]
             result["drain"]["fraction_of_raw_decode"] = round(events / elapsed / raw_rate, 3)
         return result
+
+
+def read_back(ctx: Context, topic: str, ledger: Ledger) -> tuple[Verdict, int, int]:
+    """A drain's topic read back: the ledger's verdict, the first and last log-append times
+    (ms)."""
+    check = LedgerCheck(ledger)
+    first = last = None
+    for message in topics.read_all(ctx.stack.kafka_bootstrap, topic):
+        check.see(message.event_id, message.key, message.seq)
+        first = message.append_ms if first is None else min(first, message.append_ms)
+        last = message.append_ms if last is None else max(last, message.append_ms)
+    if first is None or last is None:
+        raise PhaseError(f"the drain topic {topic} is empty")
+    return check.verdict(), first, last
 
 
 def _wait_acknowledged(

@@ -88,9 +88,35 @@ def _source_rows(name: str, result: dict[str, Any]) -> list[Row]:
             rows += _drain_rows(name, outcome, wal)
         else:
             rows += _latency_rows(name, outcome, wal)
+    sharded = result.get("sharded")
+    if sharded is not None:
+        rows += _sharded_rows(name, sharded)
     mongo = result.get("mongo")
     if mongo is not None:
         rows += _mongo_rows(name, mongo)
+    return rows
+
+
+def _sharded_rows(name: str, outcome: dict[str, Any]) -> list[Row]:
+    """The sharded drain (bench/sharded.py): per count of relays, the rate and CPU per event."""
+    if "error" in outcome:
+        return [Row(name, "sharded drain", f"FAILED: {outcome['error'].splitlines()[0][:90]}",
+                    verdict="FAILED")]
+    if not outcome.get("available", True):
+        return [Row(name, "sharded drain", f"not available: {outcome['reason'][:90]}")]
+    rows = []
+    units = f"{outcome['shards']} shards" + (
+        f", {outcome['groups']} groups" if outcome.get("groups") else "")
+    for run in outcome["runs"]:
+        figure = f"sharded drain, {run['relays']} relay(s)"
+        rows.append(_row(name, figure, (
+            f"{run['events_per_s']:,} events/s ({outcome['events']:,} "
+            f"in {run['elapsed_s']}s, {units}); CPU us/event: relays "
+            f"{run['relay_cpu_us_per_event']}, postgres {run['postgres_cpu_us_per_event']}, "
+            f"kafka {run['kafka_cpu_us_per_event']}; machine busy "
+            f"{run['cpu_s'].get('machine_busy_fraction')}")))
+        rows.append(_row(name, f"ledger ({figure})", _ledger_text(run["ledger"]),
+                         1 if run["ledger"]["held"] else 0, LEDGER))
     return rows
 
 

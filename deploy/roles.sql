@@ -116,9 +116,10 @@ ALTER ROLE :"poll_role" SET tcp_keepalives_idle = 30;
 ALTER ROLE :"poll_role" SET tcp_keepalives_interval = 10;
 ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
 -- A sharded outbox (`outbox migrate up --shards N`; run this script again after sharding): the
--- polling relays read the shard count from its shards table. Their leases are advisory locks,
--- counted in pg_locks (readable by every role); no grant for those.
-SELECT pg_catalog.format('GRANT SELECT ON %I.%I TO %I', :'schema', :'shards_table', :'poll_role')
+-- relays (polling, and WAL over shard groups) read the shard count from its shards table. Their
+-- leases are advisory locks, counted in pg_locks (readable by every role); no grant for those.
+SELECT pg_catalog.format('GRANT SELECT ON %I.%I TO %I, %I', :'schema', :'shards_table',
+                         :'poll_role', :'wal_role')
 WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_table')) IS NOT NULL
 \gexec
 

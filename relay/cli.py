@@ -143,11 +143,12 @@ def relay_command(
         help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
     shards: Annotated[bool, typer.Option(
         "--shards", envvar="OUTBOX_SHARDS", show_envvar=True,
-        help="postgres-poll on a sharded outbox (`outbox migrate up --shards N`): one of "
-             "several relays, each publishing the shards it holds.")] = False,
+        help="postgres-poll or postgres-wal on a sharded outbox (`outbox migrate up --shards "
+             "N`; for WAL `outbox slot create --shard-groups G`): one of several relays, each "
+             "publishing the shards (WAL: shard groups) it holds.")] = False,
     shard_lease: Annotated[str, typer.Option(
         envvar="OUTBOX_SHARD_LEASE", show_envvar=True,
-        help="postgres-poll --shards: a relay gone (hung or cut off) for this long, plus "
+        help="--shards: a relay gone (hung or cut off) for this long, plus "
              "--shutdown-timeout, loses its shards to the others (a dead one at once).",
     )] = "10s",
     relay_id_header: Annotated[str | None, typer.Option(
@@ -552,6 +553,13 @@ def _wal_config(
                            columns=ColumnMapping.for_layout(columns))
 
 
+ShardGroupsOption = Annotated[int | None, typer.Option(
+    "--shard-groups", envvar="OUTBOX_SHARD_GROUPS", show_envvar=True,
+    help="A sharded outbox: one publication and slot per group of shards, named "
+         "<publication>_g<k> and <slot>_g<k> (shard s in group s % G), for `outbox relay "
+         "--source postgres-wal --shards`.")]
+
+
 @slot_app.command("create")
 def slot_create(
     db: DbOption,
@@ -563,33 +571,58 @@ def slot_create(
     table_less: Annotated[bool, typer.Option(
         envvar="OUTBOX_TABLE_LESS", show_envvar=True,
         help="Only pg_logical_emit_message events: the publication covers no table.")] = False,
+    shard_groups: ShardGroupsOption = None,
 ) -> None:
-    """Create the publication (the outbox table's event columns only) and the pgoutput slot."""
+    """Create the publication (the outbox table's event columns only) and the pgoutput slot;
+    with --shard-groups G, G of each over a sharded outbox."""
+    from outbox import migrate
     from relay.wal import format_lsn, setup
+    from relay.wal.groups import group_name, setup_groups
 
     config = guarded(
         lambda: _wal_config(slot, publication, schema, table, table_less, columns))
     with connect(db) as conn:
         conn.autocommit = True
-        position = guarded(lambda: setup(conn, config))
-    typer.echo(f"created publication {publication} and slot {slot}; events committed after "
-               f"{format_lsn(position)} will be relayed")
+        if shard_groups is None:
+            position = guarded(lambda: setup(conn, config))
+            typer.echo(f"created publication {publication} and slot {slot}; events committed "
+                       f"after {format_lsn(position)} will be relayed")
+            return
+        names = guarded(lambda: SchemaNames(schema=schema, table=table))
+        count = guarded(lambda: migrate.shard_count(conn, names))
+        if count is None:
+            fail(f"--shard-groups: table {schema}.{table} is not sharded; run "
+                 f"`{migrate.command(names)} --shards N` first")
+            return
+        positions = guarded(lambda: setup_groups(conn, config, count, shard_groups))
+    typer.echo(f"created {shard_groups} shard groups of {count} shards: publications "
+               f"{group_name(publication, 0)}..{shard_groups - 1}, slots "
+               f"{group_name(slot, 0)}..{shard_groups - 1}; events committed after "
+               f"{format_lsn(max(positions))} will be relayed")
 
 
 @slot_app.command("status")
-def slot_status_command(db: DbOption, slot: SlotOption = "outbox_relay") -> None:
-    """Show the slot: active, WAL status, confirmed position, WAL it retains."""
+def slot_status_command(
+    db: DbOption, slot: SlotOption = "outbox_relay",
+    publication: PublicationOption = "outbox_relay",
+) -> None:
+    """Show the slot: active, WAL status, confirmed position, WAL it retains; the slot of each
+    shard group when there are groups (`--shard-groups`)."""
     from relay.wal import format_lsn, slots
+    from relay.wal.groups import find_groups, group_name
 
     with connect(db) as conn:
-        status = guarded(lambda: slots.slot_status(conn, slot))
-    if status is None:
-        fail(f"slot {slot} does not exist: create it with `outbox slot create`")
-        return
-    confirmed = format_lsn(status.confirmed_flush_lsn) if status.confirmed_flush_lsn else "-"
-    typer.echo(f"slot {status.slot_name}: active={status.active} pid={status.active_pid} "
-               f"wal_status={status.wal_status} confirmed={confirmed} "
-               f"retained_bytes={status.retained_bytes}")
+        groups = guarded(lambda: find_groups(conn, publication))
+        names = [group_name(slot, group) for group in range(groups)] or [slot]
+        found = guarded(lambda: [(name, slots.slot_status(conn, name)) for name in names])
+    for name, status in found:
+        if status is None:
+            fail(f"slot {name} does not exist: create it with `outbox slot create`")
+            return
+        confirmed = format_lsn(status.confirmed_flush_lsn) if status.confirmed_flush_lsn else "-"
+        typer.echo(f"slot {status.slot_name}: active={status.active} pid={status.active_pid} "
+                   f"wal_status={status.wal_status} confirmed={confirmed} "
+                   f"retained_bytes={status.retained_bytes}")
 
 
 @slot_app.command("drop")
@@ -599,13 +632,23 @@ def slot_drop(
     publication: PublicationOption = "outbox_relay",
     schema: SchemaOption = "public",
     table: TableOption = "outbox",
+    shard_groups: Annotated[bool, typer.Option(
+        "--shard-groups", envvar="OUTBOX_SHARD_GROUPS_DROP", show_envvar=True,
+        help="Drop every shard group's slot and publication (<slot>_g<k>, "
+             "<publication>_g<k>).")] = False,
 ) -> None:
     """Drop the slot and the publication (the server frees the WAL the slot kept)."""
     from relay.wal import teardown
+    from relay.wal.groups import teardown_groups
 
     config = guarded(lambda: _wal_config(slot, publication, schema, table, False))
     with connect(db) as conn:
         conn.autocommit = True
+        if shard_groups:
+            dropped = guarded(lambda: teardown_groups(conn, config))
+            typer.echo(f"dropped {dropped} shard groups' slots and publications "
+                       f"({slot}_g*, {publication}_g*)")
+            return
         guarded(lambda: teardown(conn, config))
     typer.echo(f"dropped slot {slot} and publication {publication}")
 
@@ -689,15 +732,22 @@ def shards_resize(
     transaction with the outbox locked (writers wait). Refused while a relay of it runs."""
     from outbox import migrate
     from relay.poll.relay import PollConfig
-    from relay.poll.shards import refuse_running_relays
+    from relay.shards import refuse_running_relays
+    from relay.wal.groups import group_key
 
     names = guarded(lambda: SchemaNames(schema, table))
     if shards is None:
         fail("give the new count with --shards M")
     key = PollConfig(db_url=db, names=names).leader_key
+
+    def refuse(locked: Any) -> None:
+        # The polling relays' leases and the WAL relays' (of shard groups) both.
+        for running in (key, group_key(names)):
+            refuse_running_relays(locked, names, running)
+
     with connect(db) as conn:
         old = guarded(lambda: migrate.resize_shards(
-            conn, names, shards, check=lambda locked: refuse_running_relays(locked, names, key)))
+            conn, names, shards, check=refuse))
     if old == shards:
         typer.echo(f"{schema}.{table} has {shards} shards already: nothing to do")
     else:

@@ -99,8 +99,9 @@ class RelaySettings:
     # on_slot_loss="recover" it then drops its slot and recovers (relay/wal/budget.py).
     max_slot_wal: int | None = None
     shutdown_timeout: float = 30.0
-    # postgres-poll on a sharded outbox: one of several relays, each publishing some shards;
-    # a relay's shards move to the others within about the lease once it is gone.
+    # postgres-poll or -wal on a sharded outbox: one of several relays, each publishing some
+    # shards (WAL: shard groups); a relay's shards move to the others within about the lease
+    # once it is gone.
     shards: bool = False
     shard_lease: float = 10.0
     # Every message gets this header naming the relay run that published it (host:pid:run).

@@ -156,6 +156,16 @@ def _poll_rules(settings: RelaySettings) -> None:
 
 def _wal_rules(settings: RelaySettings) -> None:
     _table_less_rules(settings)
+    if settings.shards and (settings.table_less or settings.columns != "native"):
+        raise ConfigurationError(
+            "shards with table_less or another layout than native: only the native outbox "
+            "table can be sharded")
+    if settings.shards and settings.shard_lease < 1:
+        raise ConfigurationError(f"shard_lease={settings.shard_lease:g}s: give at least 1s")
+    if settings.shards and settings.on_slot_loss == "recover":
+        raise ConfigurationError(
+            "shards with on_slot_loss='recover': a shard group's slot is not recovered "
+            "automatically yet; use on_slot_loss='stop' (docs/operations.md, Sharded outbox)")
     if settings.on_slot_loss not in ("stop", "recover"):
         raise ConfigurationError(
             f"on_slot_loss={settings.on_slot_loss!r}: choose stop or recover")
@@ -170,7 +180,7 @@ SOURCES: dict[str, Source] = {source.name: source for source in (
            "relay.poll.factory", doctor=True, rules=_poll_rules),
     Source("postgres-wal", ("db_url",),
            _POSTGRES | {"slot", "publication", "message_prefix", "table_less", "on_slot_loss",
-                        "max_slot_wal"},
+                        "max_slot_wal", "shards", "shard_lease"},
            "relay.wal.factory", kafka_defaults=WAL_KAFKA_DEFAULTS, doctor=True,
            rules=_wal_rules),
     # --table names the outbox collection of outbox.mongo.publish for these sources.

@@ -12,6 +12,7 @@ import psycopg
 from outbox.names import SchemaNames
 from relay import queries
 from relay.wal import slots
+from relay.wal.groups import find_groups, group_key, group_name
 from relay.wal.lsn import format_lsn, parse_lsn
 
 
@@ -122,6 +123,8 @@ class OutboxStatus:
     leader: Leader | None = None
     shards: Shards | None = None  # a sharded outbox (`outbox migrate up --shards N`)
     slot: SlotReport | None = None
+    # WAL relays over shard groups (`outbox slot create --shard-groups G`): each group's slot.
+    groups: tuple[SlotReport, ...] = ()
     publication: PublicationReport | None = None
     kafka: KafkaReport | None = None
     # Why a section above is missing (no table, no privilege), by section name.
@@ -207,16 +210,23 @@ def gather(
         unavailable["parked"] = reason
 
     leader = read_leader(conn, names, leader_key)
+    groups = find_groups(conn, publication)
     shards = None
     if access.get(names.shards_table, TableAccess("", False)).exists:
         reason = why_unreadable(access.get(names.shards_table), names.schema, role) or (
             why_unreadable(access.get(names.table), names.schema, role))
         if reason is None:
-            shards = read_shards(conn, names, leader_key)
+            shards = read_shards(conn, names, leader_key, groups)
         else:
             unavailable["shards"] = reason
-    slot_report = SlotReport(slot, slots.slot_status(conn, slot), current_wal_lsn(conn, names),
-                             wal_budget)
+    current = current_wal_lsn(conn, names)
+    slot_report: SlotReport | None = SlotReport(slot, slots.slot_status(conn, slot), current,
+                                                wal_budget)
+    group_reports = tuple(
+        SlotReport(name, slots.slot_status(conn, name), current, wal_budget)
+        for name in (group_name(slot, group) for group in range(groups)))
+    if group_reports and slot_report is not None and slot_report.status is None:
+        slot_report = None  # the groups' slots are the relays' own
     publication_report = PublicationReport(
         publication, slots.publication_info(conn, publication), (names.schema, names.table)
     )
@@ -230,6 +240,7 @@ def gather(
         leader=leader,
         shards=shards,
         slot=slot_report,
+        groups=group_reports,
         publication=publication_report,
         unavailable=unavailable,
     )
@@ -247,16 +258,19 @@ def read_leader(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> 
     return Leader(int(row[0]), row[1], row[2], row[3]) if row else None
 
 
-def read_shards(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Shards:
-    """Each shard's owner (its lease lock, relay/poll/shards.py) and backlog."""
-    from relay.poll.shards import read_locks, survey_of
+def read_shards(
+    conn: psycopg.Connection[Any], names: SchemaNames, key: int, groups: int = 0
+) -> Shards:
+    """Each shard's owner (its lease lock, relay/shards.py) and backlog. With WAL shard groups
+    (`groups`), a shard's owner is the holder of its group's lease (relay/wal/groups.py)."""
+    from relay.shards import read_locks, survey_of
 
-    locks = read_locks(conn, names, key)
+    locks = read_locks(conn, names, group_key(names) if groups else key)
     survey = survey_of(locks)
     clients = {int(row[1]): row[2] for row in locks}
     reports = []
     for shard, pending, age in conn.execute(_query(names, "shard_backlog")).fetchall():
-        owner = survey.owners.get(int(shard))
+        owner = survey.owners.get(int(shard) % groups if groups else int(shard))
         reports.append(ShardReport(int(shard), owner, clients.get(owner) if owner else None,
                                    int(pending), float(age) if age is not None else None))
     return Shards(survey.relays, tuple(reports))
@@ -337,6 +351,8 @@ def rows(status: OutboxStatus, now: dt.datetime | None = None) -> list[tuple[str
         out.append(("shards", f"unavailable: {gone['shards']}"))
     if status.slot is not None:
         out += _slot_rows(status.slot)
+    for group, report in enumerate(status.groups):
+        out.append((f"shard group {group}", _group_row(report)))
     if status.publication is not None:
         pub = status.publication
         if pub.info is None:
@@ -370,6 +386,19 @@ def _shard_rows(shards: Shards) -> list[tuple[str, str]]:
     return out
 
 
+def _group_row(report: SlotReport) -> str:
+    """A shard group's slot on one line: its state, confirmed position, lag."""
+    status = report.status
+    if status is None:
+        return f"slot {report.name}: does not exist"
+    state = f"active (pid {status.active_pid})" if status.active else "inactive"
+    confirmed = status.confirmed_flush_lsn
+    lag = report.lag_bytes
+    return (f"slot {report.name}: {state}, confirmed "
+            f"{format_lsn(confirmed) if confirmed is not None else '-'}, lag "
+            f"{human_bytes(lag) if lag is not None else '-'}")
+
+
 def _slot_rows(report: SlotReport) -> list[tuple[str, str]]:
     status = report.status
     if status is None:
@@ -399,23 +428,7 @@ def render(status: OutboxStatus, now: dt.datetime | None = None) -> str:
 
 def as_json(status: OutboxStatus) -> dict[str, Any]:
     """The report for machines: plain JSON types, LSNs as PostgreSQL prints them."""
-    slot: dict[str, Any] | None = None
-    if status.slot is not None:
-        found = status.slot.status
-        slot = {
-            "name": status.slot.name,
-            "exists": found is not None,
-            "active": found.active if found else False,
-            "active_pid": found.active_pid if found else None,
-            "wal_status": found.wal_status if found else None,
-            "confirmed_flush_lsn": format_lsn(found.confirmed_flush_lsn)
-            if found and found.confirmed_flush_lsn is not None else None,
-            "lag_bytes": status.slot.lag_bytes,
-            "retained_bytes": found.retained_bytes if found else None,
-            "safe_wal_size": found.safe_wal_size if found else None,
-            "wal_budget_bytes": status.slot.wal_budget,
-            "over_wal_budget": status.slot.over_budget,
-        }
+    slot = _slot_json(status.slot) if status.slot is not None else None
     publication: dict[str, Any] | None = None
     if status.publication is not None:
         publication = {
@@ -443,8 +456,27 @@ def as_json(status: OutboxStatus) -> dict[str, Any]:
                    "shards": [asdict(report) for report in status.shards.shards]}
         if status.shards else None,
         "slot": slot,
+        "shard_groups": [_slot_json(report) for report in status.groups],
         "publication": publication,
         "kafka": asdict(status.kafka) | {"reachable": status.kafka.reachable}
         if status.kafka else None,
         "unavailable": dict(status.unavailable),
+    }
+
+
+def _slot_json(report: SlotReport) -> dict[str, Any]:
+    found = report.status
+    return {
+        "name": report.name,
+        "exists": found is not None,
+        "active": found.active if found else False,
+        "active_pid": found.active_pid if found else None,
+        "wal_status": found.wal_status if found else None,
+        "confirmed_flush_lsn": format_lsn(found.confirmed_flush_lsn)
+        if found and found.confirmed_flush_lsn is not None else None,
+        "lag_bytes": report.lag_bytes,
+        "retained_bytes": found.retained_bytes if found else None,
+        "safe_wal_size": found.safe_wal_size if found else None,
+        "wal_budget_bytes": report.wal_budget,
+        "over_wal_budget": report.over_budget,
     }

@@ -20,6 +20,7 @@ from outbox.conninfo import libpq_url
 from outbox.names import SchemaNames
 from tests.support.pg import drop_database
 from tests.support.services import Services, discover
+from tests.support.shards import processes  # noqa: F401  (a fixture of the sharded relays' tests)
 
 # One template per test session, so that sessions run side by side against one server do not
 # drop each other's template.

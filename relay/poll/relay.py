@@ -30,7 +30,6 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
-from relay.poll.shards import RelayMembership, RunStop, ShardLeases
 from relay.published import (
     PURGE_CHUNKS_PER_TURN,
     backlog_gauges,
@@ -38,6 +37,7 @@ from relay.published import (
     kept_topic,
     purge_expired,
 )
+from relay.shards import RelayMembership, RunStop, ShardLeases, touch
 from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -65,7 +65,7 @@ class PollConfig:
     standby_interval: float = 2.0
     # On stop: how long to wait for outstanding deliveries before exiting without their ack.
     shutdown_timeout: float = 30.0
-    # A sharded outbox (relay/poll/shards.py): run as one of several relays, each publishing the
+    # A sharded outbox (relay/shards.py): run as one of several relays, each publishing the
     # shards it holds; `shard_count` is read from the table at start-up (check_schema).
     sharded: bool = False
     shard_lease: float = 10.0
@@ -128,7 +128,7 @@ class PollSource:
 
     One relay is active per outbox table: a session advisory lock elects it, the others wait as
     standbys. A row is deleted (or marked) only once its delivery succeeded; the row's position
-    is its token. On a sharded outbox (`leases` given: relay/poll/shards.py) the relay holds
+    is its token. On a sharded outbox (`leases` given: relay/shards.py) the relay holds
     some shards instead, reads only their rows, and its run ends when they should be spread
     again.
     """
@@ -244,7 +244,7 @@ class PollSource:
             # psycopg ends a pipeline with a flush request after its sync, and the server arms
             # its idle-session timer only at a sync: without one more statement a relay that
             # hangs now would keep its shards' leases for ever.
-            conn.execute(self._query("touch"))
+            touch(conn, self.config.names)
         xmax, in_progress = snapshot_cur.fetchone() or ("0", [])
         late_rows = late_cur.fetchall() if late_cur is not None else []
         page = page_cur.fetchall()
@@ -311,7 +311,7 @@ def polling_relay(
 
 
 class ShardedRelay:
-    """A polling relay over a sharded outbox (relay/poll/shards.py): runs of the core, each
+    """A polling relay over a sharded outbox (relay/shards.py): runs of the core, each
     over the shards it claimed, one after another until the daemon stops. A run ends (drained)
     when its source gives its shards up to spread them again; the relay's membership lasts
     across runs."""

@@ -20,11 +20,11 @@ SELECT pg_snapshot_xmax(pg_current_snapshot())::text
 -- name: delete_transactions
 -- The WAL relay: rows of transactions whose events Kafka acknowledged, at most 10,000 rows per
 -- statement (run again until fewer come back). Writers only insert, so deleting committed rows
--- waits for no one.
+-- waits for no one. {shards} is empty, or shard_filter for a shard group's relay.
 DELETE FROM {schema}.{table}
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {schema}.{table}
-    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])
+    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[]) {shards}
     LIMIT 10000
 ))
 
@@ -39,6 +39,12 @@ UPDATE {schema}.{table}
 SET published_at = now(), commit_lsn = (%(lsn_of)s::jsonb ->> txid::text)::pg_lsn{set_topic}
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {schema}.{table}
-    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])
+    WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[]) {shards}
     LIMIT 10000
 ))
+
+-- name: shard_filter
+-- A WAL relay of a shard group (relay/wal/groups.py) removes only its shards' rows of the
+-- transactions; the other groups' rows of the same transactions are theirs to remove once they
+-- published them.
+  AND shard = ANY(%(shards)s::int[])

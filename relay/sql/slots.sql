@@ -23,6 +23,10 @@ SELECT pg_catalog.pg_drop_replication_slot({slot})
 -- name: publication
 SELECT puballtables, pubinsert FROM pg_catalog.pg_publication WHERE pubname = {publication_name}
 
+-- name: publications_named
+-- The publications whose name starts with {prefix}: the shard groups' (relay/wal/groups.py).
+SELECT pubname::text FROM pg_catalog.pg_publication WHERE starts_with(pubname, {prefix})
+
 -- name: publication_tables
 -- Column lists and row filters exist from PostgreSQL 15 on ({details} is NULL, NULL before).
 SELECT schemaname::text, tablename::text, {details}

@@ -61,15 +61,19 @@ class TableCleaner:
         self, db_url: str, names: SchemaNames, origin: Origin,
         keep_published: dt.timedelta | None = None,
         set_topic: sql.Composable | None = None,
+        shards: tuple[int, ...] | None = None,
     ) -> None:
         self.db_url = db_url
         self.names = names
         self.origin = origin
         self.keep_published = keep_published
         # `set_topic`: what the mark stores as each kept row's topic (relay/published.py
-        # kept_topic); the statement is composed once.
+        # kept_topic); `shards`: a shard group's relay removes its shards' rows only
+        # (relay/wal/groups.py). The statement is composed once.
+        self.shards = shards
         self._statement = _remove_and_record(
-            names, bool(keep_published), set_topic if set_topic is not None else sql.SQL(""))
+            names, bool(keep_published), set_topic if set_topic is not None else sql.SQL(""),
+            sharded=shards is not None)
         # (xid, commit LSN) of each transaction done; the end LSN and commit time (pgoutput's
         # microseconds) of the last one
         self._queue: deque[tuple[list[tuple[int, int]], int, int]] = deque()
@@ -180,6 +184,8 @@ class TableCleaner:
         txids = full_txids([xid for xid, _ in commits], int(row[0]) if row else 0)
         params["txids"] = txids
         params["chunk"] = CHUNK_ROWS
+        if self.shards is not None:
+            params["shards"] = list(self.shards)
         if self.keep_published:
             params["lsn_of"] = Jsonb({txid: format_lsn(lsn)
                                       for txid, (_, lsn) in zip(txids, commits, strict=True)})
@@ -192,11 +198,15 @@ class TableCleaner:
 
 
 
-def _remove_and_record(names: SchemaNames, mark: bool, set_topic: sql.Composable) -> sql.Composed:
-    """Remove (or mark, setting `set_topic` too) a chunk of rows and, if it was the last,
-    record the position."""
-    remove = (queries.compose("published.sql", "mark_transactions", names, set_topic=set_topic)
-              if mark else queries.query("published.sql", "delete_transactions", names))
+def _remove_and_record(names: SchemaNames, mark: bool, set_topic: sql.Composable, *,
+                       sharded: bool) -> sql.Composed:
+    """Remove (or mark, setting `set_topic` too) a chunk of rows (of the `shards` parameter's
+    shards only, if `sharded`) and, if it was the last, record the position."""
+    shards = queries.query("published.sql", "shard_filter", names) if sharded else sql.SQL("")
+    remove = (queries.compose("published.sql", "mark_transactions", names, set_topic=set_topic,
+                              shards=shards)
+              if mark else queries.compose("published.sql", "delete_transactions", names,
+                                           shards=shards))
     last_record = queries.compose("position.sql", "record", names, condition=queries.query(
         "position.sql", "last_chunk", names))
     return queries.compose("position.sql", "remove_and_record", names,

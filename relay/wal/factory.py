@@ -35,12 +35,15 @@ def config(settings: RelaySettings) -> WalRelayConfig:
         topic_template=settings.topic_template,
         on_slot_loss=settings.on_slot_loss,
         max_slot_wal=settings.max_slot_wal,
+        sharded=settings.shards,
+        shard_lease=settings.shard_lease,
     )
 
 
 def check(config: WalRelayConfig, source: sources.Source) -> WalRelayConfig:
-    """The slot, the publication, the tables and the role's privileges."""
-    check_setup(config)
+    """The slot, the publication, the tables and the role's privileges; sharded, the shard
+    groups' slots (their counts are in the config returned)."""
+    config = check_setup(config)
     if config.source.table is not None:
         warn_topic_not_kept(config.topic_template, config.source.columns, config.keep_published)
     return config
@@ -52,6 +55,10 @@ def gauges(config: WalRelayConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     wal, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    if wal.sharded:
+        from relay.wal.sharded import ShardedWalRelay
+
+        return lambda: ShardedWalRelay(wal, publisher, stats, limits)
     # What this process saw acknowledged, across the supervisor's restarts of the relay.
     remembered = Remembered()
     if wal.on_slot_loss == "recover":

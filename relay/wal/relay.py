@@ -4,6 +4,7 @@ confirmed only after Kafka acknowledged (relay/core/loop.py drives it)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import threading
@@ -27,7 +28,7 @@ from relay.published import backlog_gauges, kept_topic
 from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink, topic_sql
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.wal import position, recovery_state, slots
+from relay.wal import groups, position, recovery_state, slots
 from relay.wal.budget import SlotBudget
 from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
@@ -64,6 +65,21 @@ class WalRelayConfig:
     on_slot_loss: str = "stop"
     # Bytes of WAL the slot may retain before the relay reports it (relay/wal/budget.py).
     max_slot_wal: int | None = None
+    # A sharded outbox (relay/wal/sharded.py): one of several relays, each streaming the shard
+    # groups it leases; the shard and group counts are read at start-up (check_setup).
+    sharded: bool = False
+    shard_lease: float = 10.0
+    shard_count: int | None = None
+    groups: int | None = None
+    # Set for one group's stream: the shards whose rows its cleaner removes.
+    shards: tuple[int, ...] | None = None
+
+    def group(self, group: int) -> WalRelayConfig:
+        """The config that streams shard group `group` (relay/wal/groups.py)."""
+        assert self.shard_count is not None and self.groups is not None
+        return dataclasses.replace(
+            self, source=groups.group_config(self.source, self.shard_count, self.groups, group),
+            shards=groups.group_shards(self.shard_count, self.groups, group))
 
 
 class WalRelaySource:
@@ -179,7 +195,8 @@ class WalRelaySource:
             return None
         cleaner = TableCleaner(
             self.config.db_url, self.config.names, self._origin(), self.config.keep_published,
-            kept_topic(self.config.topic_template, self.config.source.columns))
+            kept_topic(self.config.topic_template, self.config.source.columns),
+            self.config.shards)
         cleaner.start()
         return cleaner
 
@@ -319,19 +336,23 @@ def wal_relay(
                      kafka_sink(publisher_config, stats, topic_limits), stats)
 
 
-def check_setup(config: WalRelayConfig) -> None:
-    """At start-up: the slot and publication exist and fit, the parked table exists."""
+def check_setup(config: WalRelayConfig) -> WalRelayConfig:
+    """At start-up: the slot and publication exist and fit, the parked table exists. Sharded:
+    the outbox is, and its shard groups' slots exist; the config to run with (their counts)."""
     try:
         with psycopg.connect(libpq_url(config.db_url), autocommit=True,
                              connect_timeout=10) as conn:
+            if config.sharded:
+                config = _with_groups(conn, config)
             # In use by another relay: this one starts as its standby (open_as_standby waits).
             # Lost, with recovery on: the relay recovers it first (relay/wal/recovery.py).
             tolerated: tuple[type[Exception], ...] = (SlotInUseError,)
             if config.on_slot_loss == "recover":
                 tolerated += (SlotMissingError, SlotInvalidatedError)
-            with contextlib.suppress(*tolerated):
-                slots.check_slot(slots.slot_status(conn, config.source.slot),
-                                 config.source.slot, slots.current_database(conn))
+            database = slots.current_database(conn)
+            for slot in _slots_of(config):
+                with contextlib.suppress(*tolerated):
+                    slots.check_slot(slots.slot_status(conn, slot), slot, database)
             parked_table = catalog.qualified(conn, config.names, config.names.parked_table)
             parked_exists = catalog.table_exists(conn, parked_table)
             missing = _missing_cleanup_rights(conn, config) if parked_exists else None
@@ -349,6 +370,7 @@ def check_setup(config: WalRelayConfig) -> None:
             "outbox table; grant it as deploy/roles.sql does")
     if unrecordable:
         raise FatalRelayError(unrecordable)
+    return config
 
 
 def _position_problem(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
@@ -364,6 +386,39 @@ def _position_problem(conn: psycopg.Connection[Any], config: WalRelayConfig) -> 
             return (f"the WAL relay's role may not {privilege} {table}: it records there how "
                     "far Kafka acknowledged; grant it as deploy/roles.sql does")
     return None
+
+
+def _with_groups(conn: psycopg.Connection[Any], config: WalRelayConfig) -> WalRelayConfig:
+    """The shard and group counts of a sharded relay, or why it cannot run."""
+    names = config.names
+    count = migrate.shard_count(conn, names)
+    if count is None:
+        raise FatalRelayError(
+            f"--shards: table {names.schema}.{names.table} is not sharded; run "
+            f"`{migrate.command(names)} --shards N` first (docs/operations.md)")
+    found = groups.find_groups(conn, config.source.publication)
+    if not found:
+        raise FatalRelayError(
+            f"--shards: no shard group of publication {config.source.publication} exists: "
+            "create them with `outbox slot create --shard-groups G` (docs/operations.md)")
+    if found > count:
+        raise FatalRelayError(
+            f"{found} shard groups of publication {config.source.publication} but "
+            f"{count} shards: drop the groups and create them again")
+    config = dataclasses.replace(config, shard_count=count, groups=found)
+    for group in range(found):  # each group's publication selects its shards' rows
+        source = config.group(group).source
+        slots.check_publication(slots.publication_info(conn, source.publication),
+                                source.publication, source.qualified_table,
+                                row_filter=source.row_filter)
+    return config
+
+
+def _slots_of(config: WalRelayConfig) -> list[str]:
+    """The slots the relay streams: its own, or each shard group's."""
+    if config.groups is None:
+        return [config.source.slot]
+    return [groups.group_name(config.source.slot, group) for group in range(config.groups)]
 
 
 def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
@@ -395,18 +450,20 @@ def wal_gauges(config: WalRelayConfig) -> dict[str, Callable[[], float | None]]:
     """Slot lag and confirmed position, and in table mode the backlog, for the metrics
     endpoint."""
 
-    def status() -> slots.SlotStatus | None:
+    def statuses() -> list[slots.SlotStatus]:
         with psycopg.connect(libpq_url(config.db_url), connect_timeout=5,
                              autocommit=True) as conn:
-            return slots.slot_status(conn, config.source.slot)
+            found = [slots.slot_status(conn, slot) for slot in _slots_of(config)]
+        return [status for status in found if status is not None]
 
+    # Over shard groups: the slot that retains most, and is furthest behind.
     def retained() -> float | None:
-        found = status()
-        return float(found.retained_bytes) if found and found.retained_bytes is not None else None
+        values = [s.retained_bytes for s in statuses() if s.retained_bytes is not None]
+        return float(max(values)) if values else None
 
     def confirmed() -> float | None:
-        found = status()
-        return float(found.confirmed_flush_lsn) if found and found.confirmed_flush_lsn else None
+        values = [s.confirmed_flush_lsn for s in statuses() if s.confirmed_flush_lsn]
+        return float(min(values)) if values else None
 
     gauges: dict[str, Callable[[], float | None]] = {
         "slot_retained_wal_bytes": retained, "slot_confirmed_lsn": confirmed}

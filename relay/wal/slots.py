@@ -255,6 +255,15 @@ def publication_info(conn: psycopg.Connection[Any], publication: str) -> Publica
     )
 
 
+def publications_named(conn: psycopg.Connection[Any], prefix: str) -> list[str]:
+    """The names of the publications that start with `prefix`."""
+    try:
+        rows = conn.execute(_sql("publications_named", prefix=sql.Literal(prefix))).fetchall()
+    except psycopg.Error as exc:
+        raise translate(exc, f"reading the publications named {prefix}*") from exc
+    return [str(row[0]) for row in rows]
+
+
 def table_columns(conn: psycopg.Connection[Any], table: QualifiedTable) -> tuple[str, ...]:
     """The columns of `table`, in order; empty if there is no such table."""
     schema, name = table
@@ -270,9 +279,11 @@ def check_publication(
     publication: str,
     table: QualifiedTable | None,
     columns: Sequence[str] = (),
+    row_filter: str | None = None,
 ) -> PublicationInfo:
     """Return `info` if it serves the relay, else raise: it must publish `table`'s inserts,
-    with every one of `columns`, and without a row filter."""
+    with every one of `columns`, and with no row filter but `row_filter` (a shard group's, as
+    the catalog shows it: relay/wal/groups.py)."""
     if info is None:
         raise PublicationMissingError(
             f"publication {publication!r} does not exist in this database; create it with "
@@ -288,7 +299,12 @@ def check_publication(
             f"{schema}.{name}, and make sure it publishes 'insert'"
         )
     published = info.table(table)
-    if published is not None and published.row_filter is not None:
+    if published is not None and row_filter is not None and published.row_filter != row_filter:
+        raise PublicationMismatchError(
+            f"publication {publication!r} publishes the rows of {schema}.{name} where "
+            f"{published.row_filter}, and its shard group needs {row_filter}: the publication "
+            "was changed; give it its group's filter again (ALTER PUBLICATION ... SET TABLE)")
+    if published is not None and row_filter is None and published.row_filter is not None:
         raise PublicationMismatchError(
             f"publication {publication!r} publishes only the rows of {schema}.{name} where "
             f"{published.row_filter}; events outside the filter would never be relayed. "
@@ -310,8 +326,10 @@ def create_publication(
     publication: str,
     table: QualifiedTable | None,
     columns: Sequence[str] | None = None,
+    where: sql.Composable | None = None,
 ) -> None:
-    """Create the relay's publication: inserts of `table` only, or empty if `table` is None.
+    """Create the relay's publication: inserts of `table` only, or empty if `table` is None;
+    with `where`, only the rows it selects (a shard group's row filter).
 
     `columns`, if given, is the publication's column list: only these columns travel, so the
     server encodes and the relay parses less, and PostgreSQL refuses to drop one of them (only
@@ -330,6 +348,8 @@ def create_publication(
                 sql.SQL(", ").join(sql.Identifier(check_identifier(c, "column")) for c in columns),
             )
         target = sql.SQL("FOR TABLE {}").format(target)
+        if where is not None:
+            target = sql.SQL("{} {}").format(target, where)
     query = _sql("create_publication", publication=sql.Identifier(publication), target=target)
     try:
         conn.execute(query)

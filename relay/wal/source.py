@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from outbox.columns import ColumnMapping
 from outbox.conninfo import redact
@@ -51,6 +52,9 @@ class WalSourceConfig:
     binary: bool = True
     status_interval: float = 10.0
     max_batch: int = 1000
+    # A shard group's publication selects its shards' rows (relay/wal/groups.py): the filter as
+    # the catalog shows it, checked at each start.
+    row_filter: str | None = None
 
     def __post_init__(self) -> None:
         slots.check_slot_name(self.slot)
@@ -126,6 +130,7 @@ class WalSource:
             messages=config.message_prefix is not None,
             status_interval=config.status_interval,
             connect_options=connect_options,
+            row_filter=config.row_filter,
         )
         return cls(stream, config)
 
@@ -188,9 +193,12 @@ class WalSource:
         self.close()
 
 
-def setup(conn: psycopg.Connection[Any], config: WalSourceConfig) -> int:
+def setup(
+    conn: psycopg.Connection[Any], config: WalSourceConfig, where: sql.Composable | None = None
+) -> int:
     """The relay's setup step: create its publication, then its slot; returns the slot's
-    consistent point (events committed after it are relayed).
+    consistent point (events committed after it are relayed). `where`: the publication's row
+    filter (a shard group's, relay/wal/groups.py).
 
     The publication comes first: a slot that starts before its publication exists cannot
     decode anything (the server reports the publication missing). `conn` must be in autocommit
@@ -204,7 +212,7 @@ def setup(conn: psycopg.Connection[Any], config: WalSourceConfig) -> int:
             "slot cannot be created in a transaction that has written"
         )
     columns = config.published_columns or None
-    slots.create_publication(conn, config.publication, config.qualified_table, columns)
+    slots.create_publication(conn, config.publication, config.qualified_table, columns, where)
     try:
         return slots.create_slot(conn, config.slot)
     except BaseException:

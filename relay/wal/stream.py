@@ -118,8 +118,10 @@ class ReplicationStream:
         messages: bool = True,
         status_interval: float = 10.0,
         connect_options: Mapping[str, str] | None = None,
+        row_filter: str | None = None,
     ) -> ReplicationStream:
         """Connect, check the slot and publication, and START_REPLICATION (pgoutput, protocol 1).
+        `row_filter`: the publication's, for a shard group's (slots.check_publication).
 
         `table` (schema, name), if given, must be published (inserts, no row filter, with
         those of `columns` it has), else PublicationMismatchError: a relay would otherwise
@@ -153,7 +155,8 @@ class ReplicationStream:
                 existing = slots.table_columns(conn, table)
                 needed = [column for column in columns if column in existing]
             slots.check_publication(
-                slots.publication_info(conn, publication), publication, table, needed
+                slots.publication_info(conn, publication), publication, table, needed,
+                row_filter,
             )
             query = sql.SQL(
                 "START_REPLICATION SLOT {slot} LOGICAL {lsn} (proto_version '1',"

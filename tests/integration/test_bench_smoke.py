@@ -85,3 +85,30 @@ def test_quick_run_writes_well_formed_results_and_every_ledger_holds(
     for key in ("consumer_rate", "consumer_rate_pipeline"):
         if _assert_available_or_explained(results[key]):
             _assert_ledger_held(results[key]["ledger"])
+
+
+@pytest.mark.timeout(600)
+def test_quick_sharded_phase_drains_with_one_two_and_three_relays(
+    services: Services, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main([
+        "--quick", "--quiet", "--out", str(tmp_path), "--phases", "sharded",
+        "--source", "postgres-poll,postgres-wal,postgres-wal-tableless",
+        "--db", services.db_url, "--kafka", services.kafka_bootstrap,
+    ])
+    printed = capsys.readouterr().out
+    [file] = tmp_path.glob("*.json")
+    results = json.loads(file.read_text())
+    assert code == 0, printed
+    for name in ("postgres-poll", "postgres-wal"):
+        sharded = results["sources"][name]["sharded"]
+        assert _assert_available_or_explained(sharded), f"{name}: sharded drain"
+        assert [run["relays"] for run in sharded["runs"]] == [1, 2, 3]
+        for run in sharded["runs"]:
+            _assert_ledger_held(run["ledger"])
+            assert run["ledger"]["committed"] == 2_000
+            assert run["events_per_s"] > 0 and run["relay_cpu_us_per_event"] > 0
+            assert run["relay_exit_codes"] == [0] * run["relays"]
+        assert "sharded drain, 3 relay(s)" in printed
+    tableless = results["sources"]["postgres-wal-tableless"]["sharded"]
+    assert tableless["available"] is False and "table" in tableless["reason"]

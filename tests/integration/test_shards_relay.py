@@ -1,14 +1,11 @@
-"""Several polling relays over a sharded outbox (relay/poll/shards.py): shards spread over the
+"""Several polling relays over a sharded outbox (relay/shards.py): shards spread over the
 live relays, move when one dies or joins, and no shard is ever published by two at once."""
 
 from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,20 +14,28 @@ import pytest
 from outbox import migrate
 from outbox.names import SchemaNames
 from relay.poll.relay import PollConfig
-from relay.poll.shards import Survey, read_survey
 from relay.settings import RelaySettings
+from relay.shards import Survey, read_survey
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
 from tests.integration.test_relay_metrics import free_port, get, metric
-from tests.support.kafka import Received, TopicReader, create_topics, unique_topic
+from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
+from tests.support.shards import (
+    HEADER,
+    Writers,
+    assert_no_two_writers_at_once,
+    evenly_spread,
+    segments,
+    starter,
+    wait_for_more,
+)
 from tests.support.writers import SequencedWriter
 
 pytestmark = pytest.mark.integration
 
 SHARDS = 12
-HEADER = "outbox-relay"
 LEASE = "3s"
 
 
@@ -55,79 +60,12 @@ def survey(db_url: str) -> Survey:
 
 
 def spread_over(db_url: str, relays: int) -> bool:
-    """Every shard owned, by `relays` sessions, none holding more than its even share."""
-    found = survey(db_url)
-    per_owner: dict[int, int] = defaultdict(int)
-    for pid in found.owners.values():
-        per_owner[pid] += 1
-    return (len(found.owners) == SHARDS and len(per_owner) == relays
-            and max(per_owner.values()) <= -(-SHARDS // relays))
+    return evenly_spread(survey(db_url), SHARDS, relays)
 
 
 def relay_args(db_url: str, bootstrap: str) -> list[str]:
     return ["--source", "postgres-poll", "--shards", "--db", db_url, "--kafka", bootstrap,
             "--shard-lease", LEASE, "--poll-interval", "0.5s", "--relay-id-header", HEADER]
-
-
-def segments(messages: list[Received]) -> dict[str, list[str]]:
-    """Per key, in partition order, the relay runs that wrote it, consecutive ones merged."""
-    runs: dict[str, list[str]] = defaultdict(list)
-    for message in messages:
-        assert message.key is not None
-        writer = message.headers[HEADER]
-        if not runs[message.key] or runs[message.key][-1] != writer:
-            runs[message.key].append(writer)
-    return runs
-
-
-def assert_no_two_writers_at_once(messages: list[Received]) -> None:
-    """A relay run publishes a key's messages in one stretch: once another run wrote the key,
-    the first never writes it again (it would if both published the key's shard at once)."""
-    for key, runs in segments(messages).items():
-        assert len(runs) == len(set(runs)), f"key {key}: relay runs interleaved: {runs}"
-
-
-class Writers:
-    """Threads publishing sequenced events of many keys until stopped."""
-
-    def __init__(self, db_url: str, topic: str, ledger: Ledger, threads: int = 3) -> None:
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._write, args=(db_url, topic, ledger, n))
-                         for n in range(threads)]
-
-    def _write(self, db_url: str, topic: str, ledger: Ledger, n: int) -> None:
-        writer = SequencedWriter(topic, ledger)
-        try:
-            with psycopg.connect(db_url) as conn:
-                i = 0
-                while not self.stop.is_set():
-                    # Keys of each thread its own (per-key sequences), 40 of them.
-                    writer.write(conn, writer.events(f"w{n}-k{i % 40}", 1)
-                                 + writer.events(f"w{n}-k{(i + 7) % 40}", 1))
-                    i += 1
-                    self.stop.wait(0.002)
-        except BaseException as exc:
-            self.errors.append(exc)
-
-    def __enter__(self) -> Writers:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        assert not self.errors, self.errors
-
-
-@pytest.fixture
-def processes() -> Iterator[list[RelayProcess]]:
-    started: list[RelayProcess] = []
-    yield started
-    for relay in started:
-        relay.close()
 
 
 def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_share_a_shard(
@@ -137,11 +75,7 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
     ledger = Ledger()
     reader = TopicReader(kafka_bootstrap, topic)
 
-    def start(name: str) -> RelayProcess:
-        relay = RelayProcess(*relay_args(sharded_url, kafka_bootstrap),
-                             log=tmp_path / f"{name}.log").start()
-        processes.append(relay)
-        return relay
+    start = starter(processes, relay_args(sharded_url, kafka_bootstrap), tmp_path)
 
     try:
         first, second, third = start("a"), start("b"), start("c")
@@ -152,17 +86,14 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
             # The dead relay's shards move to the two others (its session ends at once; they
             # look every quarter of the lease).
             wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the 2 survivors")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
             fourth = start("d")
             wait_for(lambda: spread_over(sharded_url, 3), 60, "the joining relay gets shards")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
             # SIGTERM under load: the relay drains, releases its shards, the others take them.
             assert second.kill(signal.SIGTERM) == 0, second.log()[-2000:]
             wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the last 2")
-            written = len(ledger.entries)
-            wait_for(lambda: len(ledger.entries) >= written + 300, 60, "more events written")
+            wait_for_more(ledger)
         delivered = reader.read_ids(ledger.committed_ids, timeout=120)
         delivered = reader.drain()
     finally:

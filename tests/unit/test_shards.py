@@ -1,4 +1,4 @@
-"""Sharded polling relays (relay/poll/shards.py): the decisions, without a server."""
+"""Sharded polling relays (relay/shards.py): the decisions, without a server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 
 from outbox.errors import ConfigurationError
 from relay.poll.relay import PollConfig
-from relay.poll.shards import RunStop, Survey, aim, survey_of, to_claim, why_rebalance
 from relay.settings import RelaySettings
+from relay.shards import RunStop, Survey, aim, survey_of, to_claim, why_rebalance
+from relay.wal.errors import PublicationMissingError
+from relay.wal.groups import catalog_filter, check_groups, count_groups, group_name, group_shards
 
 
 def test_each_relay_aims_at_its_even_share_rounded_up() -> None:
@@ -64,9 +66,16 @@ def test_shard_lease_must_leave_room_for_a_read_and_sharding_needs_the_native_la
     with pytest.raises(ConfigurationError, match="only the native outbox"):
         RelaySettings(source="postgres-poll", kafka_bootstrap="k:9092", db_url="postgresql://x",
                       shards=True, columns="debezium")
-    with pytest.raises(ConfigurationError, match="shards=True applies to the postgres-poll"):
+    with pytest.raises(ConfigurationError, match="shards=True applies to the postgres-\\* "
+                                                 "sources only"):
+        RelaySettings(source="mongo-poll", kafka_bootstrap="k:9092",
+                      mongo_url="mongodb://x", collections=("c",), shards=True)
+    with pytest.raises(ConfigurationError, match="shards with table_less"):
         RelaySettings(source="postgres-wal", kafka_bootstrap="k:9092", db_url="postgresql://x",
-                      shards=True)
+                      shards=True, table_less=True)
+    with pytest.raises(ConfigurationError, match="shard_lease=0.5s: give at least 1s"):
+        RelaySettings(source="postgres-wal", kafka_bootstrap="k:9092", db_url="postgresql://x",
+                      shards=True, shard_lease=0.5)
 
 
 def test_the_relay_id_header_may_not_replace_an_event_header() -> None:
@@ -78,3 +87,17 @@ def test_the_relay_id_header_may_not_replace_an_event_header() -> None:
         PublisherConfig(bootstrap_servers="k:9092", relay_id_header="")
     first, second = relay_run_id(), relay_run_id()
     assert first.rsplit(":", 1)[0] == second.rsplit(":", 1)[0] and first != second
+
+
+def test_shard_groups_deal_the_shards_and_name_their_slots_and_filters() -> None:
+    assert [group_shards(12, 5, g) for g in range(5)] == [
+        (0, 5, 10), (1, 6, 11), (2, 7), (3, 8), (4, 9)]
+    assert group_name("outbox_relay", 3) == "outbox_relay_g3"
+    assert catalog_filter((2, 7)) == "(shard = ANY (ARRAY[2, 7]))"
+    assert catalog_filter((4,)) == "(shard = 4)"
+    assert count_groups(["p_g0", "p_g1", "p_g2", "p_gx", "p_g01", "q_g3", "p"], "p") == 3
+    assert count_groups(["other"], "p") == 0
+    with pytest.raises(PublicationMissingError, match="p_g1 are missing"):
+        count_groups(["p_g0", "p_g2"], "p")
+    with pytest.raises(ConfigurationError, match="--shard-groups 0: give 1 to 12"):
+        check_groups(0, 12)

@@ -1,5 +1,8 @@
-"""Several polling relays over one sharded outbox (`outbox migrate up --shards N`,
-`outbox relay --shards`): which relay publishes which shards, and when shards move.
+"""Several relays over one sharded outbox (`outbox migrate up --shards N`, `outbox relay
+--shards`): which relay publishes which shards, and when shards move. The polling relays lease
+shards (relay/poll/relay.py); the WAL relays lease shard groups, each a publication and a slot
+(relay/wal/sharded.py), under a lock key of their own. The same rules hold for both; "shard"
+below is a group for the WAL relays.
 
 PostgreSQL does the coordination, with session advisory locks of the outbox's table key:
 
@@ -110,6 +113,11 @@ def lock_parts(key: int) -> int:
 # -- sessions ---------------------------------------------------------------------------------
 
 
+def touch(conn: psycopg.Connection[Any], names: SchemaNames) -> None:
+    """A statement on a lease's session: the server's idle timer starts again."""
+    conn.execute(queries.query("shards.sql", "touch", names))
+
+
 def lease_setting(lease: float) -> str:
     """idle_session_timeout for a lease, in milliseconds."""
     return str(max(1, round(lease * 1000)))
@@ -124,7 +132,7 @@ def read_locks(
     conn: psycopg.Connection[Any], names: SchemaNames, key: int
 ) -> list[tuple[Any, ...]]:
     """The `shard_locks` rows: (second key, pid, client address, application name)."""
-    return conn.execute(queries.query("poll.sql", "shard_locks", names),
+    return conn.execute(queries.query("shards.sql", "shard_locks", names),
                         {"classid": lock_parts(key)}).fetchall()
 
 
@@ -163,9 +171,9 @@ class RelayMembership:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         conn = psycopg.connect(libpq_url(self._url), autocommit=True, connect_timeout=10)
-        conn.execute(queries.query("poll.sql", "lease", self._names),
+        conn.execute(queries.query("shards.sql", "lease", self._names),
                      {"lease": lease_setting(self._lease)})
-        conn.execute(queries.query("poll.sql", "join_relays", self._names), {"key": self._key})
+        conn.execute(queries.query("shards.sql", "join_relays", self._names), {"key": self._key})
         self._conn, self.pid = conn, conn.info.backend_pid
         return conn
 
@@ -200,7 +208,7 @@ class ShardLeases:
         self._next_check = 0.0
 
     def _query(self, name: str) -> Any:
-        return queries.query("poll.sql", name, self.names)
+        return queries.query("shards.sql", name, self.names)
 
     def claim(self, conn: psycopg.Connection[Any], stop: threading.Event) -> bool:
         """Wait as a standby until this relay holds shards: up to its aim of the free ones.
@@ -221,7 +229,7 @@ class ShardLeases:
             if held:
                 self.held = tuple(sorted(held))
                 self._next_check = time.monotonic() + self._check_every
-                log.info("polling relay holds shards", extra={
+                log.info("relay holds shards", extra={
                     "event": "shards_claimed", "shards": list(self.held),
                     "relays": survey.relays, "shard_count": self.shards})
                 return True
@@ -229,7 +237,7 @@ class ShardLeases:
                 log.info("other relays hold every shard this relay may take; waiting as standby",
                          extra={"event": "relay_standby", "relays": survey.relays})
                 announced = True
-            conn.execute(self._query("touch"))  # a standby's session lives on too
+            touch(conn, self.names)  # a standby's session lives on too
             stop.wait(self._check_every)
         return False
 
@@ -239,7 +247,7 @@ class ShardLeases:
         if time.monotonic() < self._next_check:
             return False
         self._next_check = time.monotonic() + self._check_every
-        conn.execute(self._query("touch"))
+        touch(conn, self.names)
         survey = self.membership.survey()
         mine = conn.info.backend_pid
         lost = [shard for shard in self.held if survey.owners.get(shard) != mine]

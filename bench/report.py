@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import plots
+
 
 @dataclass(frozen=True)
 class Target:
@@ -95,13 +97,18 @@ def _source_rows(name: str, result: dict[str, Any]) -> list[Row]:
 
 
 def _raw_rows(name: str, outcome: dict[str, Any]) -> list[Row]:
-    raw = outcome.get("raw_decode")
-    if not raw:
-        return []
-    if not raw.get("events_per_s"):
-        return [_row(name, "raw decode limit", f"not available: {raw.get('reason')}")]
-    return [_row(name, "raw decode limit", f"{raw['events_per_s']:,} events/s (pg_recvlogical, "
-                 f"{outcome['events']:,} in {raw['elapsed_s']}s)")]
+    rows = []
+    for key, figure in (("raw_decode", "raw decode limit (binary)"),
+                        ("raw_decode_text", "raw decode, text mode")):
+        raw = outcome.get(key)
+        if not raw:
+            continue
+        if not raw.get("events_per_s"):
+            rows.append(_row(name, figure, f"not available: {raw.get('reason')}"))
+            continue
+        rows.append(_row(name, figure, f"{raw['events_per_s']:,} events/s (pg_recvlogical, "
+                         f"{outcome['events']:,} in {raw['elapsed_s']}s)"))
+    return rows
 
 
 def _drain_rows(name: str, outcome: dict[str, Any], wal: bool) -> list[Row]:
@@ -117,7 +124,9 @@ def _drain_rows(name: str, outcome: dict[str, Any], wal: bool) -> list[Row]:
     rows += _raw_rows(name, outcome)
     if wal:
         fraction = drain.get("fraction_of_raw_decode")
-        rows.append(_row(name, "drain / raw decode", f"{fraction}", fraction, WAL_DRAIN_FRACTION))
+        text = drain.get("fraction_of_raw_decode_text")
+        rows.append(_row(name, "drain / raw decode (binary)", f"{fraction} (text mode: {text})",
+                         fraction, WAL_DRAIN_FRACTION))
     rss = drain.get("relay_peak_rss_mb")
     rows.append(_row(name, "relay peak RSS (drain)", f"{rss} MB", rss, RELAY_RSS))
     rows.append(_row(name, "relay CPU (drain)", f"{drain['relay_cpu_s']} s "
@@ -258,9 +267,17 @@ def failures(results: dict[str, Any]) -> list[str]:
 
 
 def write(results: dict[str, Any], out: Path) -> Path:
+    """The results as `<time>-<commit>.json`, and its plots next to it (`...-drain.svg`,
+    `...-latency.svg`, named in the JSON's `plots`) once there is something to draw."""
     out.mkdir(parents=True, exist_ok=True)
     commit = str(results.get("machine", {}).get("git_commit") or "nocommit")[:8]
     stamp = str(results["started_at"]).replace(":", "").replace("-", "")[:15]
     path = out / f"{stamp}-{commit}.json"
+    for kind, draw in (("drain", plots.drain_svg), ("latency", plots.latency_svg)):
+        svg = draw(results)
+        if svg is not None:
+            plot = out / f"{path.stem}-{kind}.svg"
+            plot.write_text(svg)
+            results.setdefault("plots", {})[kind] = plot.name
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     return path

@@ -10,8 +10,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import relay.native
 from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
 from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, TEXT_CONTENT_TYPE
@@ -40,6 +41,11 @@ from relay.wal.pgoutput import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The compiled row reader (relay/native.py) when it is built, else None: the pure-Python reader
+# below does the same work. Tests set it to None to run both on the same cases
+# (tests/unit/test_pgoutput_decoder.py).
+native: Any = relay.native.module
 
 # Without streaming (the relay never asks for it), pgoutput sends a transaction only after it
 # committed, whole and in commit order; so an event may be published as soon as it is decoded,
@@ -301,6 +307,8 @@ def _fast_reader(
         else _NO_HEADERS if name == "headers" else None
         for name in _RECORD_FIELDS
     ]
+    if native is not None:
+        return _native_reader(plan, required, defaults)
     unpack_length = _U32.unpack_from
 
     def read(data: bytes, offset: int) -> OutboxRecord | None:
@@ -324,6 +332,27 @@ def _fast_reader(
         return _new_tuple(OutboxRecord, values)
 
     return read
+
+
+def _native_codes() -> dict[Converter, int]:
+    """The converters the compiled reader does itself (the others it calls)."""
+    assert native is not None
+    return {_identity: native.BYTES, bytes.decode: native.TEXT, _jsonb_binary: native.JSONB,
+            _timestamp_binary: native.TIMESTAMP, _uuid_binary: native.UUID}
+
+
+def _native_reader(
+    plan: tuple[tuple[int, Converter], ...], required: frozenset[int], defaults: list[Any]
+) -> FastReader:
+    """The same reader, compiled (native/src/lib.rs): the same records, None in the same cases
+    (its own conversions decline what the Python converters would raise on), the same errors
+    from the converters it calls."""
+    assert native is not None
+    codes = _native_codes()
+    columns = [(slot, codes.get(convert, native.CALL), convert) for slot, convert in plan]
+    return cast(FastReader, native.RowReader(
+        columns, [slot in required for slot in range(len(defaults))], defaults, OutboxRecord,
+        _new_tuple, uuid_from_int, dt.UTC).read)
 
 
 class _TablePlan:

@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 import uuid
 from typing import Any
 
@@ -14,10 +15,22 @@ import pytest
 from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
+from relay.wal import decoder as decoder_module
 from relay.wal.decoder import OutboxDecoder, WalCommit, WalEvent, WalItem, WalRejected
 from relay.wal.errors import PgOutputDecodeError, WalError
 from relay.wal.pgoutput import Begin, Commit, Insert, PgOutputParser, Relation, TupleData
 from tests.unit.test_pgoutput import captures, frames
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def row_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the compiled row reader (native/, `make native`) and with the
+    pure-Python one the decoder falls back to when it is not built: both give the same answers."""
+    if request.param == "python":
+        monkeypatch.setattr(decoder_module, "native", None)
+    elif decoder_module.native is None:
+        pytest.skip("the compiled row reader is not built (`make native` needs cargo)")
+    return str(request.param)
 
 
 def run(scenario: str, decoder: OutboxDecoder | None = None) -> list[WalItem]:
@@ -371,9 +384,12 @@ def test_encoded_insert_matches_the_captured_bytes() -> None:
 @pytest.mark.parametrize(
     "change",
     [{"id": None}, {"id": b"\x01\x02"}, {"headers": b"\x01[1, 2]"}, {"headers": b"\x02{}"},
-     {"aggregate_type": b"\xff\xfe"},
+     {"aggregate_type": b"\xff\xfe"}, {"aggregate_id": b"a\xc3"}, {"payload": None},
      {"topic": None, "content_type": None, "headers": None, "created_at": None},
-     {"created_at": (2**63 - 1).to_bytes(8, "big")}],
+     {"topic": "t\u00e9st \u2603".encode()},
+     {"created_at": (2**63 - 1).to_bytes(8, "big")},
+     {"created_at": (-(2**63)).to_bytes(8, "big", signed=True)},
+     {"created_at": b"\x00\x01"}],
 )
 def test_rows_read_from_bytes_are_judged_as_by_the_general_path(
     change: dict[str, bytes | None],
@@ -403,3 +419,64 @@ def test_binary_rows_are_read_without_the_general_path() -> None:
         else:
             decoder.feed(lsn, parser.decode(frame))
     assert read == 4
+
+
+@pytest.mark.parametrize("micros", [
+    0, -1, 1, 86_400_000_000 - 1, 86_400_000_000, -86_400_000_000,
+    # 1970-01-01, 1900-03-01, 2000-02-29, 2024-02-29 23:59:59.999999, 2100-03-01, 0001-01-01,
+    # 9999-12-31 23:59:59.999999: leap years, centuries and the ends of datetime's range
+    -946_684_800_000_000, -3_153_427_200_000_000, 5_011_200_000_000,
+    762_479_999_999_999, 3_160_857_600_000_000, -63_082_281_600_000_000,
+    252_455_615_999_999_999,
+])
+def test_binary_timestamps_read_from_bytes_equal_the_general_path(micros: int) -> None:
+    change = {"created_at": micros.to_bytes(8, "big", signed=True)}
+    fast, general = feed_row_bytes(change), feed_row(change)
+    assert fast == general
+    assert isinstance(fast, WalEvent) and fast.record.created_at is not None
+    assert fast.record.created_at.tzinfo is dt.UTC
+
+
+def test_timestamps_beyond_datetime_are_an_error_on_both_paths() -> None:
+    # Year 10000 and later: PostgreSQL has them, Python's datetime does not.
+    change = {"created_at": (252_455_616_000_000_000).to_bytes(8, "big", signed=True)}
+    with pytest.raises(OverflowError):
+        feed_row(change)
+    with pytest.raises(OverflowError):
+        feed_row_bytes(change)
+
+
+def outcome(feed: Any) -> tuple[object, ...]:
+    """What a feed returned, or which error it raised with what message."""
+    try:
+        return ("item", feed())
+    except Exception as exc:
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 7, 20, 60])
+def test_a_short_insert_message_is_judged_by_the_general_path(cut: int) -> None:
+    relation, insert, decoder = changed_row({})
+    data = encode_insert(relation.oid, insert.new)[:-cut]
+    fast = outcome(lambda: decoder.feed_insert(99, data, PgOutputParser().decode))
+    _, _, other = changed_row({})
+    general = outcome(lambda: other.feed(99, PgOutputParser().decode(data)))
+    assert fast == general
+    assert fast[0] == "error"
+
+
+def test_a_row_with_another_column_count_is_judged_by_the_general_path() -> None:
+    relation, insert, decoder = changed_row({})
+    row = TupleData(insert.new.kinds + "n", (*insert.new.values, None))
+    fast = outcome(lambda: decoder.feed_insert(
+        99, encode_insert(relation.oid, row), PgOutputParser().decode))
+    _, _, other = changed_row({})
+    assert fast == outcome(lambda: other.feed(99, Insert(relation.oid, row)))
+
+
+def test_the_compiled_reader_is_built_where_cargo_is(row_reader: str) -> None:
+    # `make install` / `make test` build it (native/); a silent build failure would leave
+    # every drain on the slower path.
+    if row_reader == "python" or shutil.which("cargo") is None:
+        pytest.skip("about the compiled reader, which needs cargo")
+    assert decoder_module.native is not None, "run `make native`"

@@ -241,7 +241,8 @@ def table(results: dict[str, Any]) -> str:
             f"{machine.get('cpu_model')} x{machine.get('cpus')}, {machine.get('memory_mb')} MB, "
             f"PostgreSQL {machine.get('postgresql')}, Kafka {machine.get('kafka')}, "
             f"{machine.get('python')}, commit {str(machine.get('git_commit'))[:10]}"
-            f"{' (dirty)' if machine.get('git_dirty') else ''}")
+            f"{' (dirty)' if machine.get('git_dirty') else ''}, "
+            f"compiled hot path {'on' if machine.get('relay_native') else 'off'}")
     load = f"load average before/after: {results.get('loadavg_before')} / " \
            f"{results.get('loadavg_after')}"
     rule = "-" * min(160, sum(widths) + 8)

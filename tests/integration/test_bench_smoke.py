@@ -14,7 +14,8 @@ from tests.support.services import Services
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MACHINE_KEYS = {"cpu_model", "cpus", "memory_mb", "python", "postgresql", "kafka", "git_commit"}
+MACHINE_KEYS = {"cpu_model", "cpus", "memory_mb", "python", "postgresql", "kafka", "git_commit",
+                "relay_native"}
 
 
 def _assert_ledger_held(ledger: dict[str, Any]) -> None:

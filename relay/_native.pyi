@@ -20,6 +20,7 @@ class RowReader:
         tuple_new: Callable[..., Any],
         uuid_from_int: Callable[[int], Any],
         utc: Any,
+        uuid_fast: tuple[type, Any] | None = None,
     ) -> None: ...
     def read(self, data: bytes, offset: int) -> Any: ...
 

@@ -42,6 +42,10 @@ struct RowReader {
     record_type: PyObject,
     tuple_new: PyObject,
     uuid_from_int: PyObject,
+    // (uuid.UUID, SafeUUID.unknown) when outbox.ids builds UUIDs by setting their slots (its
+    // check passed on this Python); else None and `uuid_from_int` is called.
+    uuid_fast: Option<(PyObject, PyObject)>,
+    object_new: PyObject,
     utc: PyObject,
 }
 
@@ -57,6 +61,17 @@ fn civil_from_days(days: i64) -> (i64, u8, u8) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
     let year = yoe + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+/// `object.__setattr__`: UUID's own refuses (its instances are immutable).
+fn generic_setattr(
+    target: &Bound<'_, PyAny>, name: &Bound<'_, PyString>, value: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    // SAFETY: three live references held for the call; the function takes its own references.
+    let status = unsafe {
+        pyo3::ffi::PyObject_GenericSetAttr(target.as_ptr(), name.as_ptr(), value.as_ptr())
+    };
+    if status == 0 { Ok(()) } else { Err(PyErr::fetch(target.py())) }
 }
 
 impl RowReader {
@@ -97,7 +112,19 @@ impl RowReader {
             }
             UUID => {
                 let Ok(bytes) = <[u8; 16]>::try_from(raw) else { return Ok(None) };
-                self.uuid_from_int.call1(py, (u128::from_be_bytes(bytes),))?
+                let value = u128::from_be_bytes(bytes).into_pyobject(py)?;
+                match &self.uuid_fast {
+                    // outbox.ids._uuid_from_int_fast, without its Python frame: a bare UUID
+                    // with its two slots set, as uuid.UUID(int=...) would leave them.
+                    Some((uuid_type, unknown)) => {
+                        let made = self.object_new.call1(py, (uuid_type,))?;
+                        let made = made.bind(py);
+                        generic_setattr(made, intern!(py, "int"), value.as_any())?;
+                        generic_setattr(made, intern!(py, "is_safe"), unknown.bind(py))?;
+                        made.clone().unbind()
+                    }
+                    None => self.uuid_from_int.call1(py, (value,))?,
+                }
             }
             _ => column.convert.call1(py, (PyBytes::new(py, raw),))?,
         }))
@@ -108,8 +135,11 @@ impl RowReader {
 impl RowReader {
     /// plan: per column of the table, (record field or -1, conversion code, converter).
     #[new]
+    #[pyo3(signature = (plan, required, defaults, record_type, tuple_new, uuid_from_int, utc,
+                        uuid_fast=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         plan: Vec<(i32, u8, PyObject)>,
         required: Vec<bool>,
         defaults: Vec<PyObject>,
@@ -117,7 +147,9 @@ impl RowReader {
         tuple_new: PyObject,
         uuid_from_int: PyObject,
         utc: PyObject,
+        uuid_fast: Option<(PyObject, PyObject)>,
     ) -> PyResult<Self> {
+        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
         if required.len() != defaults.len() {
             return Err(PyValueError::new_err("required and defaults differ in length"));
         }
@@ -128,7 +160,10 @@ impl RowReader {
             }
             columns.push(Column { slot, code, convert });
         }
-        Ok(RowReader { columns, required, defaults, record_type, tuple_new, uuid_from_int, utc })
+        Ok(RowReader {
+            columns, required, defaults, record_type, tuple_new, uuid_from_int, uuid_fast,
+            object_new, utc,
+        })
     }
 
     /// The record of the tuple at `offset` of an Insert message, or None (see the module doc).

@@ -17,7 +17,7 @@ from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
 from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from outbox.identifiers import check_identifier
-from outbox.ids import uuid_from_int, uuid_from_text
+from outbox.ids import UUID_BY_SLOTS, uuid_from_int, uuid_from_text
 from outbox.record import OutboxRecord, decode_message
 from relay.wal.errors import PgOutputDecodeError, WalError
 from relay.wal.pgoutput import (
@@ -350,9 +350,11 @@ def _native_reader(
     assert native is not None
     codes = _native_codes()
     columns = [(slot, codes.get(convert, native.CALL), convert) for slot, convert in plan]
+    # Ids as outbox.ids builds them: by their slots where that was checked to work here.
+    uuid_fast = (uuid.UUID, uuid.SafeUUID.unknown) if UUID_BY_SLOTS else None
     return cast(FastReader, native.RowReader(
         columns, [slot in required for slot in range(len(defaults))], defaults, OutboxRecord,
-        _new_tuple, uuid_from_int, dt.UTC).read)
+        _new_tuple, uuid_from_int, dt.UTC, uuid_fast).read)
 
 
 class _TablePlan:

@@ -480,3 +480,19 @@ def test_the_compiled_reader_is_built_where_cargo_is(row_reader: str) -> None:
     if row_reader == "python" or shutil.which("cargo") is None:
         pytest.skip("about the compiled reader, which needs cargo")
     assert decoder_module.native is not None, "run `make native`"
+
+
+@pytest.mark.parametrize("by_slots", [True, False])
+def test_ids_read_from_bytes_are_whole_uuids(
+    by_slots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built by their slots (as outbox.ids does where that works) or by the constructor.
+    monkeypatch.setattr(decoder_module, "UUID_BY_SLOTS", by_slots and decoder_module.UUID_BY_SLOTS)
+    for raw in (bytes(16), b"\xff" * 16, uuid.uuid4().bytes, bytes(range(1, 17))):
+        item = feed_row_bytes({"id": raw})
+        assert isinstance(item, WalEvent)
+        made, expected = item.record.id, uuid.UUID(bytes=raw)
+        assert type(made) is uuid.UUID
+        assert (made, str(made), hash(made), made.version, made.is_safe, made.bytes) == (
+            expected, str(expected), hash(expected), expected.version, expected.is_safe,
+            expected.bytes)

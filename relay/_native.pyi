@@ -27,3 +27,15 @@ class RowReader:
 class HeaderBuilder:
     def __init__(self, uuid_type: type, fields: tuple[int, int, int, int, int]) -> None: ...
     def __call__(self, record: tuple[Any, ...]) -> list[tuple[str, str | bytes | None]]: ...
+
+class MessageReader:
+    def __init__(
+        self,
+        record_type: type,
+        tuple_new: Callable[..., Any],
+        no_headers: Any,
+        uuid_from_int: Callable[[int], Any],
+        utc: Any,
+        uuid_fast: tuple[type, Any] | None = None,
+    ) -> None: ...
+    def read(self, content: bytes) -> Any: ...

@@ -204,6 +204,191 @@ impl RowReader {
     }
 }
 
+/// A cursor over a table-less message's JSON header, for the one shape the writer produces
+/// (`OutboxRecord.encode_message`: compact, keys in its order, strings without escapes).
+struct Shape<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Shape<'a> {
+    fn literal(&mut self, expected: &[u8]) -> Option<()> {
+        let end = self.at + expected.len();
+        (self.text.get(self.at..end)? == expected).then(|| self.at = end)
+    }
+
+    /// The text of a JSON string whose opening quote was just read: no escape, no control
+    /// character (JSON forbids them raw), valid UTF-8; else None.
+    fn string(&mut self) -> Option<&'a str> {
+        let start = self.at;
+        let length = self.text.get(start..)?.iter().position(|&b| b == b'"')?;
+        let raw = &self.text[start..start + length];
+        if raw.iter().any(|&b| b == b'\\' || b < 0x20) {
+            return None;
+        }
+        self.at = start + length + 1;
+        std::str::from_utf8(raw).ok()
+    }
+
+    fn non_empty(&mut self, key: &[u8]) -> Option<&'a str> {
+        self.literal(key)?;
+        self.string().filter(|text| !text.is_empty())
+    }
+
+    /// `null` or a string.
+    fn optional(&mut self, key: &[u8]) -> Option<Option<&'a str>> {
+        self.literal(key)?;
+        if self.literal(b"null").is_some() {
+            return Some(None);
+        }
+        self.literal(b"\"")?;
+        Some(Some(self.string()?))
+    }
+}
+
+/// The canonical 8-4-4-4-12 text of a UUID, hex digits of either case.
+fn uuid_from_text(text: &str) -> Option<u128> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let mut value: u128 = 0;
+    for (at, &b) in bytes.iter().enumerate() {
+        if matches!(at, 8 | 13 | 18 | 23) {
+            if b != b'-' {
+                return None;
+            }
+            continue;
+        }
+        value = (value << 4) | u128::from((b as char).to_digit(16)?);
+    }
+    Some(value)
+}
+
+fn digits(text: &[u8]) -> Option<u32> {
+    text.iter().try_fold(0u32, |n, &b| b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0')))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`, as `datetime.isoformat()` writes a UTC time.
+fn utc_iso(text: &str) -> Option<(i32, u8, u8, u8, u8, u8, u32)> {
+    let b = text.as_bytes();
+    let rest = b.strip_suffix(b"+00:00")?;
+    let (main, micros) = match rest.len() {
+        19 => (rest, 0),
+        26 if rest[19] == b'.' => (&rest[..19], digits(&rest[20..])?),
+        _ => return None,
+    };
+    if main[4] != b'-' || main[7] != b'-' || main[10] != b'T' || main[13] != b':'
+        || main[16] != b':' {
+        return None;
+    }
+    Some((digits(&main[..4])? as i32, digits(&main[5..7])? as u8, digits(&main[8..10])? as u8,
+          digits(&main[11..13])? as u8, digits(&main[14..16])? as u8,
+          digits(&main[17..19])? as u8, micros))
+}
+
+/// Reads table-less events (outbox/record.py `decode_message`) of the shape the writer makes;
+/// None for anything else, which the Python decoder then reads or rejects with its reason.
+#[pyclass(frozen, module = "relay._native")]
+struct MessageReader {
+    record_type: PyObject,
+    tuple_new: PyObject,
+    no_headers: PyObject,
+    uuid_from_int: PyObject,
+    uuid_fast: Option<(PyObject, PyObject)>,
+    object_new: PyObject,
+    utc: PyObject,
+}
+
+#[pymethods]
+impl MessageReader {
+    #[new]
+    #[pyo3(signature = (record_type, tuple_new, no_headers, uuid_from_int, utc, uuid_fast=None))]
+    fn new(
+        py: Python<'_>,
+        record_type: PyObject,
+        tuple_new: PyObject,
+        no_headers: PyObject,
+        uuid_from_int: PyObject,
+        utc: PyObject,
+        uuid_fast: Option<(PyObject, PyObject)>,
+    ) -> PyResult<Self> {
+        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
+        Ok(MessageReader {
+            record_type, tuple_new, no_headers, uuid_from_int, uuid_fast, object_new, utc,
+        })
+    }
+
+    fn read(&self, py: Python<'_>, content: &[u8]) -> PyResult<Option<PyObject>> {
+        if content.len() < 5 || content[0] != 1 {
+            return Ok(None);
+        }
+        let length = u32::from_be_bytes([content[1], content[2], content[3], content[4]]);
+        let end = 5 + length as usize;
+        let Some(header) = content.get(5..end) else { return Ok(None) };
+        let mut shape = Shape { text: header, at: 0 };
+        let fields = (|| {
+            shape.literal(b"{\"id\":\"")?;
+            let id = uuid_from_text(shape.string()?)?;
+            let aggregate_type = shape.non_empty(b",\"aggregate_type\":\"")?;
+            let aggregate_id = shape.non_empty(b",\"aggregate_id\":\"")?;
+            let event_type = shape.non_empty(b",\"event_type\":\"")?;
+            let topic = shape.optional(b",\"topic\":")?;
+            let content_type = shape.non_empty(b",\"content_type\":\"")?;
+            shape.literal(b",\"headers\":{}")?;
+            let created = shape.optional(b",\"created_at\":")?;
+            shape.literal(b"}")?;
+            (shape.at == header.len()).then_some(())?;
+            let created = match created {
+                None | Some("") => None,
+                Some(text) => Some(utc_iso(text)?),
+            };
+            Some((id, aggregate_type, aggregate_id, event_type, topic, content_type, created))
+        })();
+        let Some((id, aggregate_type, aggregate_id, event_type, topic, content_type, created)) =
+            fields else { return Ok(None) };
+        let created_at = match created {
+            None => py.None(),
+            Some((year, month, day, hour, minute, second, micros)) => {
+                let tz = self.utc.bind(py).downcast::<PyTzInfo>()?;
+                match PyDateTime::new(py, year, month, day, hour, minute, second, micros,
+                                      Some(tz)) {
+                    Ok(made) => made.into_any().unbind(),
+                    Err(_) => return Ok(None), // not a date: the Python decoder says so
+                }
+            }
+        };
+        let value = id.into_pyobject(py)?;
+        let id = match &self.uuid_fast {
+            Some((uuid_type, unknown)) => {
+                let made = self.object_new.call1(py, (uuid_type,))?;
+                let made = made.bind(py);
+                generic_setattr(made, intern!(py, "int"), value.as_any())?;
+                generic_setattr(made, intern!(py, "is_safe"), unknown.bind(py))?;
+                made.clone().unbind()
+            }
+            None => self.uuid_from_int.call1(py, (value,))?,
+        };
+        let topic = match topic {
+            None => py.None(),
+            Some(text) => PyString::new(py, text).into_any().unbind(),
+        };
+        let fields: [PyObject; 9] = [
+            id,
+            PyString::new(py, aggregate_type).into_any().unbind(),
+            PyString::new(py, aggregate_id).into_any().unbind(),
+            PyString::new(py, event_type).into_any().unbind(),
+            PyBytes::new(py, &content[end..]).into_any().unbind(),
+            PyString::new(py, content_type).into_any().unbind(),
+            self.no_headers.clone_ref(py),
+            topic,
+            created_at,
+        ];
+        let fields = PyTuple::new(py, fields)?;
+        Ok(Some(self.tuple_new.call1(py, (&self.record_type, fields))?))
+    }
+}
+
 /// The Kafka headers of an outbox record (relay/sinks/kafka/sink.py `kafka_headers`): the four
 /// reserved ones, then the record's own except those names. The id's text is made here from
 /// the UUID's integer (the same 8-4-4-4-12 lower-case form as `str(uuid)`), for a `uuid.UUID`
@@ -279,6 +464,7 @@ impl HeaderBuilder {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RowReader>()?;
     m.add_class::<HeaderBuilder>()?;
+    m.add_class::<MessageReader>()?;
     m.add("TEXT", TEXT)?;
     m.add("CALL", CALL)?;
     m.add("BYTES", BYTES)?;

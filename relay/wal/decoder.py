@@ -357,6 +357,18 @@ def _native_reader(
         _new_tuple, uuid_from_int, dt.UTC, uuid_fast).read)
 
 
+def _native_message_reader() -> Callable[[bytes], OutboxRecord | None] | None:
+    """The compiled reader of table-less events (native/src/lib.rs `MessageReader`): the
+    writer's shape only, the same record `decode_message` makes; None when it is not built."""
+    if native is None:
+        return None
+    uuid_fast = (uuid.UUID, uuid.SafeUUID.unknown) if UUID_BY_SLOTS else None
+    reader = native.MessageReader(
+        OutboxRecord, _new_tuple, OutboxRecord._field_defaults["headers"], uuid_from_int,
+        dt.UTC, uuid_fast)
+    return cast(Callable[[bytes], OutboxRecord | None], reader.read)
+
+
 class _TablePlan:
     """How to read events from the rows of one version (Relation message) of the outbox table."""
 
@@ -465,6 +477,7 @@ class OutboxDecoder:
         # Relation OID -> how to read it; None for relations that are not the outbox table.
         self._relations: dict[int, _TablePlan | None] = {}
         self._xid: int | None = None
+        self._read_message = _native_message_reader() if message_prefix is not None else None
         self._events = 0
         self._rejected = 0
         self.last_commit_end = 0
@@ -608,13 +621,19 @@ class OutboxDecoder:
             )
             return None
         xid = self._current_xid("a transactional message")
-        source = f"message {message.prefix}"
-        try:
-            record = decode_message(message.content)
-        except InvalidEventError as exc:
-            return self._reject(xid, lsn, source, str(exc), {"content": message.content})
+        content = message.content
+        # The compiled reader takes the writer's own shape; anything else (and every error)
+        # is the Python decoder's.
+        read = self._read_message
+        record = read(content) if read is not None and type(content) is bytes else None
+        if record is None:
+            try:
+                record = decode_message(content)
+            except InvalidEventError as exc:
+                return self._reject(
+                    xid, lsn, f"message {message.prefix}", str(exc), {"content": content})
         self._events += 1
-        return WalEvent(record, xid, message.lsn or lsn)
+        return _new_tuple(WalEvent, (record, xid, message.lsn or lsn))
 
     def _reject(
         self, xid: int, lsn: int, source: str, reason: str, raw: Mapping[str, bytes | None]

@@ -13,12 +13,20 @@ from typing import Any
 import pytest
 
 from outbox.columns import ColumnMapping
-from outbox.errors import ConfigurationError
-from outbox.record import OutboxRecord
+from outbox.errors import ConfigurationError, InvalidEventError
+from outbox.record import OutboxRecord, decode_message
 from relay.wal import decoder as decoder_module
 from relay.wal.decoder import OutboxDecoder, WalCommit, WalEvent, WalItem, WalRejected
 from relay.wal.errors import PgOutputDecodeError, WalError
-from relay.wal.pgoutput import Begin, Commit, Insert, PgOutputParser, Relation, TupleData
+from relay.wal.pgoutput import (
+    Begin,
+    Commit,
+    Insert,
+    Message,
+    PgOutputParser,
+    Relation,
+    TupleData,
+)
 from tests.unit.test_pgoutput import captures, frames
 
 
@@ -496,3 +504,94 @@ def test_ids_read_from_bytes_are_whole_uuids(
         assert (made, str(made), hash(made), made.version, made.is_safe, made.bytes) == (
             expected, str(expected), hash(expected), expected.version, expected.is_safe,
             expected.bytes)
+
+
+# -- table-less events: the compiled reader takes the writer's shape, the rest is Python's ------
+
+_WRITTEN = OutboxRecord(uuid.UUID("01a2538e-5cd5-705a-a43b-6ffd3ee4dcde"), "Order", "42",
+                        "OrderCreated", b'{"a":1}', "application/json",
+                        created_at=dt.datetime(2026, 12, 8, 2, 49, 28, 533141, tzinfo=dt.UTC))
+
+
+def header_of(record: OutboxRecord, **changes: object) -> bytes:
+    """A message whose JSON header is the writer's with `changes` (a value of a key; None drops
+    the key), re-encoded compactly in the writer's key order."""
+    content = record.encode_message()
+    length = int.from_bytes(content[1:5], "big")
+    header = json.loads(content[5:5 + length])
+    for key, value in changes.items():
+        if value is None:
+            header.pop(key)
+        else:
+            header[key] = value
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"\x01" + len(encoded).to_bytes(4, "big") + encoded + record.payload
+
+
+def feed_message(content: bytes) -> WalItem | None:
+    decoder = OutboxDecoder(table=None)
+    decoder.feed(0, Begin(1, 0, 7))
+    return decoder.feed(5, Message(True, 5, "outbox", content))
+
+
+def expected_item(content: bytes) -> WalItem:
+    try:
+        return WalEvent(decode_message(content), 7, 5)
+    except InvalidEventError as exc:
+        return WalRejected(7, 5, "message outbox", str(exc), {"content": content})
+
+
+WRITER_SHAPES = [
+    _WRITTEN,
+    _WRITTEN._replace(topic="orders.v1", created_at=None),
+    _WRITTEN._replace(topic=""),
+    _WRITTEN._replace(created_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)),
+    _WRITTEN._replace(created_at=dt.datetime(1, 1, 1, tzinfo=dt.UTC)),
+    _WRITTEN._replace(aggregate_type="Caf\u00e9 \u2603", aggregate_id="a/b c", payload=b""),
+    _WRITTEN._replace(id=uuid.UUID(int=0), content_type="application/octet-stream"),
+    _WRITTEN._replace(id=uuid.UUID(int=2**128 - 1)),
+]
+
+
+@pytest.mark.parametrize("record", WRITER_SHAPES)
+def test_messages_of_the_writer_are_read_as_the_python_decoder_reads_them(
+    record: OutboxRecord, row_reader: str
+) -> None:
+    content = record.encode_message()
+    item = feed_message(content)
+    assert item == expected_item(content) == WalEvent(record, 7, 5)
+    assert isinstance(item, WalEvent)
+    assert item.record.headers is OutboxRecord._field_defaults["headers"]
+    assert type(item.record.id) is uuid.UUID and str(item.record.id) == str(record.id)
+    if item.record.created_at is not None:
+        assert item.record.created_at.tzinfo is dt.UTC
+    if row_reader == "native":  # read by the compiled reader, not declined to Python
+        decoder = OutboxDecoder(table=None)
+        assert decoder._read_message is not None
+        assert decoder._read_message(content) == record
+
+
+@pytest.mark.parametrize("content", [
+    header_of(_WRITTEN, headers={"tenant": "eu"}),  # not the compiled reader's shape
+    header_of(_WRITTEN, aggregate_id='with "quotes" and \\ backslash'),
+    header_of(_WRITTEN, event_type="line\nbreak"),
+    header_of(_WRITTEN, id=str(_WRITTEN.id).upper()),
+    header_of(_WRITTEN, id="01a2538e5cd5705aa43b6ffd3ee4dcde"),
+    header_of(_WRITTEN, id="01a2538e-5cd5-705a-a43b-6ffd3ee4dcdg"),
+    header_of(_WRITTEN, aggregate_type=""),
+    header_of(_WRITTEN, event_type=None),
+    header_of(_WRITTEN, topic=None),
+    header_of(_WRITTEN, created_at="2026-12-08T02:49:28.533+00:00"),
+    header_of(_WRITTEN, created_at="2026-12-08T02:49:28+02:00"),
+    header_of(_WRITTEN, created_at="2026-13-08T02:49:28+00:00"),
+    header_of(_WRITTEN, created_at="2026-02-30T02:49:28.000001+00:00"),
+    header_of(_WRITTEN, created_at="2026-12-08T24:00:00+00:00"),
+    header_of(_WRITTEN, created_at=""),
+    _WRITTEN.encode_message().replace(b'"id":', b'"id" :'),
+    b"\x02" + _WRITTEN.encode_message()[1:],
+    _WRITTEN.encode_message()[:30],
+    b"\x01\x00\x00\x10\x00{}",
+    b"\x01",
+])
+def test_other_messages_are_judged_by_the_python_decoder(content: bytes) -> None:
+    assert feed_message(content) == expected_item(content)

@@ -1,8 +1,9 @@
 """The relay's optional compiled hot path (native/, Rust; built in place by `make native`).
 
 `module` is `relay._native` when it is built, else None: its users then run their pure-Python
-code, which gives the same results (relay/wal/decoder.py reads Insert rows with it,
-relay/sinks/kafka/sink.py makes Kafka headers with it). docs/performance.md says what it saves.
+code, which gives the same results (relay/wal/decoder.py reads Insert rows and table-less
+event messages with it, relay/sinks/kafka/sink.py makes Kafka headers with it).
+docs/performance.md says what it saves.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 //! The relay's optional compiled hot path, imported as `relay._native` (`make native`):
-//! `RowReader` reads a pgoutput Insert tuple into an OutboxRecord (relay/wal/decoder.py), and
-//! `HeaderBuilder` makes a record's Kafka headers (relay/sinks/kafka/sink.py). Without it the
+//! `RowReader` reads a pgoutput Insert tuple into an OutboxRecord and `MessageReader` a
+//! table-less event message (relay/wal/decoder.py); `HeaderBuilder` makes a record's Kafka
+//! headers (relay/sinks/kafka/sink.py). Without it the
 //! relay runs the pure-Python versions, which give the same results.
 //!
 //! `RowReader` reads a tuple whose columns are all in binary form or null, in one pass. It

@@ -42,12 +42,41 @@ struct RowReader {
     defaults: Vec<PyObject>, // per record field, for the fields no column fills
     record_type: PyObject,
     tuple_new: PyObject,
+    uuids: UuidMaker,
+    utc: PyObject,
+}
+
+/// Makes `uuid.UUID`s as outbox.ids does.
+struct UuidMaker {
     uuid_from_int: PyObject,
     // (uuid.UUID, SafeUUID.unknown) when outbox.ids builds UUIDs by setting their slots (its
     // check passed on this Python); else None and `uuid_from_int` is called.
-    uuid_fast: Option<(PyObject, PyObject)>,
+    fast: Option<(PyObject, PyObject)>,
     object_new: PyObject,
-    utc: PyObject,
+}
+
+impl UuidMaker {
+    fn new(py: Python<'_>, uuid_from_int: PyObject, fast: Option<(PyObject, PyObject)>)
+        -> PyResult<Self> {
+        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
+        Ok(UuidMaker { uuid_from_int, fast, object_new })
+    }
+
+    fn make(&self, py: Python<'_>, value: u128) -> PyResult<PyObject> {
+        let value = value.into_pyobject(py)?;
+        match &self.fast {
+            // outbox.ids._uuid_from_int_fast, without its Python frame: a bare UUID with its
+            // two slots set, as uuid.UUID(int=...) would leave them.
+            Some((uuid_type, unknown)) => {
+                let made = self.object_new.call1(py, (uuid_type,))?;
+                let made = made.bind(py);
+                generic_setattr(made, intern!(py, "int"), value.as_any())?;
+                generic_setattr(made, intern!(py, "is_safe"), unknown.bind(py))?;
+                Ok(made.clone().unbind())
+            }
+            None => self.uuid_from_int.call1(py, (value,)),
+        }
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
@@ -113,19 +142,7 @@ impl RowReader {
             }
             UUID => {
                 let Ok(bytes) = <[u8; 16]>::try_from(raw) else { return Ok(None) };
-                let value = u128::from_be_bytes(bytes).into_pyobject(py)?;
-                match &self.uuid_fast {
-                    // outbox.ids._uuid_from_int_fast, without its Python frame: a bare UUID
-                    // with its two slots set, as uuid.UUID(int=...) would leave them.
-                    Some((uuid_type, unknown)) => {
-                        let made = self.object_new.call1(py, (uuid_type,))?;
-                        let made = made.bind(py);
-                        generic_setattr(made, intern!(py, "int"), value.as_any())?;
-                        generic_setattr(made, intern!(py, "is_safe"), unknown.bind(py))?;
-                        made.clone().unbind()
-                    }
-                    None => self.uuid_from_int.call1(py, (value,))?,
-                }
+                self.uuids.make(py, u128::from_be_bytes(bytes))?
             }
             _ => column.convert.call1(py, (PyBytes::new(py, raw),))?,
         }))
@@ -150,7 +167,7 @@ impl RowReader {
         utc: PyObject,
         uuid_fast: Option<(PyObject, PyObject)>,
     ) -> PyResult<Self> {
-        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
+        let uuids = UuidMaker::new(py, uuid_from_int, uuid_fast)?;
         if required.len() != defaults.len() {
             return Err(PyValueError::new_err("required and defaults differ in length"));
         }
@@ -161,10 +178,7 @@ impl RowReader {
             }
             columns.push(Column { slot, code, convert });
         }
-        Ok(RowReader {
-            columns, required, defaults, record_type, tuple_new, uuid_from_int, uuid_fast,
-            object_new, utc,
-        })
+        Ok(RowReader { columns, required, defaults, record_type, tuple_new, uuids, utc })
     }
 
     /// The record of the tuple at `offset` of an Insert message, or None (see the module doc).
@@ -295,9 +309,7 @@ struct MessageReader {
     record_type: PyObject,
     tuple_new: PyObject,
     no_headers: PyObject,
-    uuid_from_int: PyObject,
-    uuid_fast: Option<(PyObject, PyObject)>,
-    object_new: PyObject,
+    uuids: UuidMaker,
     utc: PyObject,
 }
 
@@ -314,10 +326,8 @@ impl MessageReader {
         utc: PyObject,
         uuid_fast: Option<(PyObject, PyObject)>,
     ) -> PyResult<Self> {
-        let object_new = py.get_type::<pyo3::types::PyAny>().getattr("__new__")?.unbind();
-        Ok(MessageReader {
-            record_type, tuple_new, no_headers, uuid_from_int, uuid_fast, object_new, utc,
-        })
+        let uuids = UuidMaker::new(py, uuid_from_int, uuid_fast)?;
+        Ok(MessageReader { record_type, tuple_new, no_headers, uuids, utc })
     }
 
     fn read(&self, py: Python<'_>, content: &[u8]) -> PyResult<Option<PyObject>> {
@@ -359,17 +369,7 @@ impl MessageReader {
                 }
             }
         };
-        let value = id.into_pyobject(py)?;
-        let id = match &self.uuid_fast {
-            Some((uuid_type, unknown)) => {
-                let made = self.object_new.call1(py, (uuid_type,))?;
-                let made = made.bind(py);
-                generic_setattr(made, intern!(py, "int"), value.as_any())?;
-                generic_setattr(made, intern!(py, "is_safe"), unknown.bind(py))?;
-                made.clone().unbind()
-            }
-            None => self.uuid_from_int.call1(py, (value,))?,
-        };
+        let id = self.uuids.make(py, id)?;
         let topic = match topic {
             None => py.None(),
             Some(text) => PyString::new(py, text).into_any().unbind(),

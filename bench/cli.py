@@ -137,10 +137,12 @@ def _write_overhead(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     cases = []
     with phase_database(ctx, "write") as db:
         for mode in ("table", "message"):
-            for batch in (1, 100):
-                ctx.progress.note(f"write overhead: mode={mode}, {batch} event(s) per transaction")
-                cases.append(write_cost.measure(
-                    db, mode, batch, min(args.duration, 10.0), ctx.progress))
+            for sequence in (False, True):
+                for batch in (1, 100):
+                    ctx.progress.note(f"write overhead: mode={mode}, sequence={sequence}, "
+                                      f"{batch} event(s) per transaction")
+                    cases.append(write_cost.measure(
+                        db, mode, batch, min(args.duration, 10.0), ctx.progress, sequence))
     return {"cases": cases, "loadavg": loadavg()}
 
 

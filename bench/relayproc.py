@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from types import TracebackType
 
 from bench.env import REPO
 from bench.procstat import Memory, cpu_seconds, memory
+from relay.verify.relayproc import stop_process, tail
 
 
 class RelayProcess:
@@ -54,20 +54,10 @@ class RelayProcess:
         """SIGTERM (the relay's clean stop), then SIGKILL after `timeout`; the exit code."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait(30)
+        return stop_process(self.process, timeout)
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log_path, lines)
 
     def __enter__(self) -> RelayProcess:
         return self.start()

@@ -200,7 +200,7 @@ def rows(results: dict[str, Any]) -> list[Row]:
             measured = (f"{case['events_per_s']:,} events/s ({case['marginal_us_per_event']} "
                         f"us/event added; publish call {case['publish_us_per_event']} us/event)")
             found.append(_row(
-                f"outbox.publish ({case['mode']})",
+                f"outbox.publish ({case['mode']}{', sequence' if case.get('sequence') else ''})",
                 f"{case['events_per_transaction']} per transaction", measured,
                 case["events_per_s"], BATCHED_PUBLISH if batched else None))
             if not case["ledger"]["held"]:

@@ -19,6 +19,7 @@ import psycopg
 
 import outbox
 from bench.ledger import Ledger
+from relay.verify.workload import KeyRing as _KeyRing
 
 EVENT_TYPE = "BenchEvent"
 
@@ -28,26 +29,12 @@ def make_event(topic: str, key: int, seq: int) -> outbox.Event:
     return outbox.Event(topic, f"k{key}", EVENT_TYPE, {"seq": seq, "amount": seq % 997})
 
 
-class KeyRing:
-    """The keys one writer owns (every `stride`-th from `first`), used round robin.
-
-    Writers own disjoint keys and number each key's events in the order they commit them, so the
-    per-key order check of the ledger is exact even with several writers at once.
-    """
-
-    def __init__(self, first: int, stride: int, keys: int) -> None:
-        self.keys = list(range(first, keys, stride)) or [first]
-        self.seqs = [0] * len(self.keys)
-        self._next = 0
+class KeyRing(_KeyRing):
+    """relay.verify.workload's key ring (disjoint keys per writer, numbered in commit order),
+    making the suite's events."""
 
     def events(self, topic: str, count: int) -> list[outbox.Event]:
-        made = []
-        for _ in range(count):
-            i = self._next % len(self.keys)
-            self._next += 1
-            made.append(make_event(topic, self.keys[i], self.seqs[i]))
-            self.seqs[i] += 1
-        return made
+        return [make_event(topic, key, seq) for key, seq in self.take(count)]
 
 
 # -- the backlog: many events, written fast by several processes ---------------------------------

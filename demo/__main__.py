@@ -1,9 +1,12 @@
 """`python -m demo`: the whole pattern live, on the local stack, with a verdict at the end.
 
 An order service writes orders and their events in one transaction (some roll back on purpose),
-the relay publishes them to Kafka, a billing service applies each once. Half-way the relay is
-killed with SIGKILL and restarted. The verdict, computed from the databases: every committed
-event applied exactly once, no rolled-back event applied, each order's events applied in order.
+the relay publishes them to Kafka, a billing service applies each once and charges each
+approved order with a ChargeCard command to a payments service, whose reply (through a second
+relay, on billing's database) settles the invoice. Half-way the orders relay is killed with
+SIGKILL and restarted. The verdict, computed from the databases: every committed event applied
+exactly once, no rolled-back event applied, each order's events applied in order, and every
+approved order charged with exactly one reply applied, none for the others.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pymongo import MongoClient
 from sqlalchemy import create_engine, text
 
 from demo.billing import SCHEMA as BILLING_SCHEMA
-from demo.billing import billing_consumer
+from demo.billing import billing_consumer, charge_topics, payments_consumer
 from demo.order_service import Base, OrderService, PaymentDeclined
 from demo.order_service_mongo import MongoOrderService
 
@@ -43,6 +46,7 @@ SOURCES = ("postgres-wal", "postgres-poll", "mongo-poll", "mongo-stream")
 class Tally:
     committed: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (order, version)
     rolled_back: set[str] = field(default_factory=set)
+    approved: set[int] = field(default_factory=set)  # orders billing must charge
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -150,12 +154,15 @@ def write_orders(
         if len(pending) > 5:
             order_id = pending.pop(rng.randrange(len(pending)))
             try:
-                if rng.random() < 0.25:
-                    event = service.cancel(order_id)
-                else:
+                approving = rng.random() >= 0.25
+                if approving:
                     event = service.approve(order_id, payment_ok=rng.random() > 0.18)
+                else:
+                    event = service.cancel(order_id)
                 with tally.lock:
                     tally.committed[str(event.id)] = (order_id, 2)
+                    if approving:
+                        tally.approved.add(order_id)
             except PaymentDeclined:
                 with tally.lock:
                     tally.rolled_back.add(f"order {order_id} approval")
@@ -167,6 +174,41 @@ def billing_view(billing_url: str) -> list[tuple[str, int, int]]:
     with psycopg.connect(billing_url) as conn:
         return [(str(i), o, v) for i, o, v in conn.execute(
             "SELECT event_id, order_id, version FROM billing_applied ORDER BY seq").fetchall()]
+
+
+def charges_view(billing_url: str) -> tuple[int, list[tuple[int, str]], list[tuple[int, str]]]:
+    """Charges sent (ChargeCard commands), the replies applied (order, outcome) and the
+    invoices that were charged (order, status)."""
+    with psycopg.connect(billing_url) as conn:
+        row = conn.execute("SELECT count(*) FROM invoices"
+                           " WHERE status IN ('CHARGING', 'CHARGED', 'PAYMENT_FAILED')").fetchone()
+        replies = [(o, r) for o, r in conn.execute(
+            "SELECT order_id, outcome FROM billing_replies").fetchall()]
+        invoices = [(o, s) for o, s in conn.execute(
+            "SELECT order_id, status FROM invoices WHERE status IN"
+            " ('CHARGING', 'CHARGED', 'PAYMENT_FAILED')").fetchall()]
+    return (int(row[0]) if row else 0), replies, invoices
+
+
+def charge_verdict(tally: Tally, replies: list[tuple[int, str]],
+                   invoices: list[tuple[int, str]]) -> list[str]:
+    problems = []
+    replied = [order for order, _ in replies]
+    if len(replied) != len(set(replied)):
+        problems.append(f"{len(replied) - len(set(replied))} charge replies were applied twice")
+    if set(replied) - tally.approved:
+        problems.append(f"{len(set(replied) - tally.approved)} orders got a charge reply "
+                        "without a committed approval")
+    if tally.approved - set(replied):
+        problems.append(f"{len(tally.approved - set(replied))} approved orders got no charge "
+                        "reply applied")
+    outcomes = dict(replies)
+    wrong = [order for order, status in invoices
+             if status != {"success": "CHARGED", "failure": "PAYMENT_FAILED"}.get(
+                 outcomes.get(order, ""), "CHARGING")]
+    if wrong:
+        problems.append(f"{len(wrong)} invoices do not match their charge reply")
+    return problems
 
 
 def backlog(relay: Relay) -> str:
@@ -218,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     for url in (orders_url, billing_url):
         outbox_cli("migrate", "up", "--db", url)
     topic = f"demo-{run}.Order"
+    charges = charge_topics(f"demo-{run}")
     kafka_admin = AdminClient({"bootstrap.servers": bootstrap})
-    kafka_admin.create_topics(
-        [NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
+    for future in kafka_admin.create_topics(
+            [NewTopic(name, num_partitions=3, replication_factor=1)
+             for name in (topic, *charges)]).values():
+        future.result(30)
 
     orders_engine = create_engine(sqlalchemy_url(orders_url), pool_size=2)
     service: OrderService | MongoOrderService = OrderService(orders_engine)
@@ -246,14 +291,21 @@ def main(argv: list[str] | None = None) -> int:
         outbox_cli("slot", "create", "--db", orders_url, *wal_names)
         relay_args += wal_names
     relay = Relay(relay_args, home / "relay.log")
-    consumer = billing_consumer(billing_engine, bootstrap, [topic])
+    # Billing's own relay publishes its commands and the payments service's replies.
+    billing_relay = Relay(["--source", "postgres-poll", "--db", billing_url, "--kafka", bootstrap,
+                           "--poll-interval", "0.2"], home / "billing-relay.log")
+    consumer = billing_consumer(billing_engine, bootstrap, [topic, charges[1]], charges)
+    payments = payments_consumer(billing_engine, bootstrap, charges[0])
     tally, stop_writing = Tally(), threading.Event()
     writer = threading.Thread(target=write_orders, name="orders",
                               args=(service, tally, stop_writing, args.rate))
     consuming = threading.Thread(target=consumer.run, name="billing", daemon=True)
+    paying = threading.Thread(target=payments.run, name="payments", daemon=True)
     print(f"orders db, billing db, topic {topic}; relay log {relay.log}")
     relay.start()
+    billing_relay.start()
     consuming.start()
+    paying.start()
     writer.start()
     started, killed = time.monotonic(), False
     deadline = started + args.duration + 90
@@ -271,10 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             stats = consumer.stats
             with tally.lock:
                 written, declined = len(tally.committed), len(tally.rolled_back)
+            applied = len(billing_view(billing_url))
+            charged, replies, _ = charges_view(billing_url)
+            failed = sum(1 for _, outcome in replies if outcome == "failure")
             print(f"[{elapsed:5.1f}s] written {written} (rolled back {declined})  "
-                  f"published {relay.published()}  applied {stats.processed}  "
-                  f"duplicates skipped {stats.duplicates}  {backlog(relay)}", flush=True)
-            if stop_writing.is_set() and stats.processed >= written:
+                  f"published {relay.published()}  applied {applied}  "
+                  f"duplicates skipped {stats.duplicates}  {backlog(relay)}  "
+                  f"charges {charged}, replies applied {len(replies)} ({failed} declined)",
+                  flush=True)
+            if stop_writing.is_set() and applied >= written and len(replies) >= charged:
                 break
             if time.monotonic() > deadline:
                 print("timed out waiting for the billing service to catch up")
@@ -285,21 +342,30 @@ def main(argv: list[str] | None = None) -> int:
         if writer.is_alive():
             writer.join()
         relay_exit = relay.stop()
+        billing_relay_exit = billing_relay.stop()
         consumer.stop()
+        payments.stop()
         consuming.join(30)
+        paying.join(30)
         if args.source == "postgres-wal":  # a slot left behind would keep WAL forever
             outbox_cli("slot", "drop", "--db", orders_url, *wal_names)
     problems = verdict(tally, billing_view(billing_url))
+    _, replies, invoices = charges_view(billing_url)
+    problems += charge_verdict(tally, replies, invoices)
     if relay_exit != 0:
         problems.append(f"the relay exited with {relay_exit} on SIGTERM")
+    if billing_relay_exit != 0:
+        problems.append(f"billing's relay exited with {billing_relay_exit} on SIGTERM")
     print(f"\ncommitted events {len(tally.committed)}, rolled back {len(tally.rolled_back)}, "
           f"applied {len(billing_view(billing_url))}, duplicates skipped "
-          f"{consumer.stats.duplicates}")
+          f"{consumer.stats.duplicates}; approved orders charged {len(tally.approved)}, "
+          f"charge replies applied {len(replies)}")
     if problems:
         print("VERDICT: FAILED\n  " + "\n  ".join(problems))
         return 1
     print("VERDICT: OK - every committed event applied exactly once, in order per order; "
-          "no rolled-back event applied; nothing lost across the SIGKILL")
+          "no rolled-back event applied; nothing lost across the SIGKILL; every approved order "
+          "charged by command, its reply applied exactly once")
     orders_engine.dispose()
     billing_engine.dispose()
     return 0

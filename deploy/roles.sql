@@ -7,8 +7,10 @@
 --
 -- Variables, all optional:
 --   schema, table        the outbox (default public, outbox); the parked table is <table>_parked,
---                        the WAL relay's position table <table>_relay_position
---   inbox_table          the consumer's dedup table (default outbox_inbox)
+--                        the WAL relay's position table <table>_relay_position, the
+--                        writer's sequence counter <table>_sequence
+--   inbox_table          the consumer's dedup table (default outbox_inbox); its sequence
+--                        numbers are in <inbox_table>_sequence
 --   prefix               role names <prefix>_app, <prefix>_relay_poll, <prefix>_relay_wal,
 --                        <prefix>_consumer (default outbox)
 --   app_password, poll_password, wal_password, consumer_password
@@ -49,6 +51,9 @@
 
 \set parked_table :table '_parked'
 \set position_table :table '_relay_position'
+\set sequence_table :table '_sequence'
+\set inbox_sequence_table :inbox_table '_sequence'
+\set shards_table :table '_shards'
 \set app_role :prefix '_app'
 \set poll_role :prefix '_relay_poll'
 \set wal_role :prefix '_relay_wal'
@@ -93,6 +98,9 @@ GRANT USAGE ON SCHEMA :"schema" TO :"app_role", :"poll_role", :"wal_role", :"con
 -- notify trigger's function is executable by PUBLIC. Table-less mode (mode="message") calls
 -- pg_logical_emit_message, which PostgreSQL lets every role call (no REPLICATION needed).
 GRANT INSERT ON :"schema".:"table" TO :"app_role";
+-- Outbox(sequence=True) numbers events per aggregate with INSERT ... ON CONFLICT DO UPDATE ...
+-- RETURNING on the counter table: INSERT, UPDATE and SELECT.
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"sequence_table" TO :"app_role";
 
 -- Polling relay: reads committed rows, deletes them (UPDATE marks them with keep_published).
 -- Parking is INSERT ... ON CONFLICT DO UPDATE on the parked table, which needs SELECT and
@@ -107,11 +115,19 @@ GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"poll_role";
 ALTER ROLE :"poll_role" SET tcp_keepalives_idle = 30;
 ALTER ROLE :"poll_role" SET tcp_keepalives_interval = 10;
 ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
+-- A sharded outbox (`outbox migrate up --shards N`; run this script again after sharding): the
+-- polling relays read the shard count from its shards table. Their leases are advisory locks,
+-- counted in pg_locks (readable by every role); no grant for those.
+SELECT pg_catalog.format('GRANT SELECT ON %I.%I TO %I', :'schema', :'shards_table', :'poll_role')
+WHERE pg_catalog.to_regclass(pg_catalog.format('%I.%I', :'schema', :'shards_table')) IS NOT NULL
+\gexec
 
 -- WAL relay: LOGIN REPLICATION is what streaming needs; pgoutput checks no table privilege.
 -- It removes the rows it published from the outbox (DELETE, which needs SELECT for its WHERE;
 -- the same SELECT lets this role run `outbox status` and `outbox doctor`), and with
--- --keep-published marks them first: UPDATE of the published_at column only.
+-- --keep-published marks them first: UPDATE of the published_at, commit_lsn and topic columns
+-- only (commit_lsn: the commit order `outbox replay` follows, migrations/0005; topic: the topic
+-- the event was sent to, where `outbox replay` sends it again).
 -- Creating the publication (owner of the table) and the slot (REPLICATION) is a setup step run
 -- by an administrator (relay.wal.source.setup, docs/operations.md): the relay never creates a
 -- slot, so a lost slot stops it instead of silently skipping events.
@@ -119,12 +135,13 @@ ALTER ROLE :"poll_role" SET tcp_keepalives_count = 3;
 -- stream the whole cluster's WAL (physical replication). Logical replication connections match
 -- the database's own pg_hba.conf lines, so give this role none of the `replication` lines.
 GRANT SELECT, DELETE ON :"schema".:"table" TO :"wal_role";
-GRANT UPDATE (published_at) ON :"schema".:"table" TO :"wal_role";
+GRANT UPDATE (published_at, commit_lsn, topic) ON :"schema".:"table" TO :"wal_role";
 -- The WAL relay parks events Kafka refused, and changes it could not read, in the parked table
 -- (INSERT ... ON CONFLICT DO UPDATE: also SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"parked_table" TO :"wal_role";
--- Its row per slot in the position table: how far it acknowledged, and a slot recovery under
--- way (--on-slot-loss recover and `outbox slot recover` insert and update it).
+-- Its row per slot in the position table: how far Kafka acknowledged (the relay writes it before
+-- confirming its slot, and reads it at start to skip what the server sends again), and a slot
+-- recovery under way (--on-slot-loss recover and `outbox slot recover` insert and update it).
 GRANT SELECT, INSERT, UPDATE ON :"schema".:"position_table" TO :"wal_role";
 
 -- Both relays may read the migration bookkeeping, so `outbox doctor` run with the relay's own
@@ -134,6 +151,9 @@ GRANT SELECT ON :"schema".outbox_migrations TO :"poll_role", :"wal_role";
 -- Idempotent consumer: claims event ids (INSERT ... ON CONFLICT DO NOTHING RETURNING), and
 -- `outbox inbox purge` deletes old rows.
 GRANT SELECT, INSERT, DELETE ON :"schema".:"inbox_table" TO :"consumer_role";
+-- ordering="sequence": the last applied number per aggregate, read (FOR UPDATE) and upserted in
+-- the transaction of the inbox rows.
+GRANT SELECT, INSERT, UPDATE ON :"schema".:"inbox_sequence_table" TO :"consumer_role";
 
 -- pg_logical_emit_message is executable by PUBLIC, so any role that may connect to this
 -- database could write a message with the outbox's prefix, which a WAL relay reading messages

@@ -8,4 +8,7 @@ Files are `NNNN_name.sql`. Names in braces are identifiers composed with psycopg
 up --columns debezium`): `debezium_0001` adds the polling relay's bookkeeping to an existing
 Debezium table instead of creating one; the later native files apply to every layout, so a
 native file that changes the outbox table's columns needs its Debezium twin.
+
+`shards_NNNN_name.sql` is applied only by `outbox migrate up --shards N` (after the others), with
+{shards} the count N; it is recorded like the others, and N in the table it creates.
 """

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from outbox import commands
 from outbox.columns import ColumnMapping
+from outbox.contracts.registry import EventRegistry, event_type
+from outbox.contracts.shapes import EventValidationError
 from outbox.errors import (
     AtomicityError,
     ConfigurationError,
@@ -21,6 +24,8 @@ __all__ = [
     "ColumnMapping",
     "ConfigurationError",
     "Event",
+    "EventRegistry",
+    "EventValidationError",
     "InvalidEventError",
     "Outbox",
     "OutboxError",
@@ -29,7 +34,9 @@ __all__ = [
     "SchemaMissingError",
     "UnsupportedTargetError",
     "aggregates",
+    "commands",
     "default_outbox",
+    "event_type",
     "publish",
 ]
 __version__ = "0.1.0"

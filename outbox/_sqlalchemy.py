@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from outbox import extras, statements
+from outbox import extras, sequences, statements
 from outbox.errors import SchemaMissingError, UnsupportedTargetError
 
 if TYPE_CHECKING:
@@ -48,6 +48,14 @@ def publish(
         outbox.write_psycopg(driver, records)
         return ids
     try:
+        if outbox.sequence:
+            batch = sequences.counts(records)
+            rows = connection.execute(
+                text(sequences.next_sequences(
+                    outbox.schema, outbox.table, statements.sqlalchemy_placeholder)),
+                sequences.parameters(batch),
+            ).all()
+            records = sequences.numbered(records, batch, rows)
         connection.execute(
             text(outbox.statement(statements.sqlalchemy_placeholder)), outbox.parameters(records)
         )
@@ -77,6 +85,14 @@ async def _publish_async(
         await outbox.write_psycopg_async(driver, records)
         return ids
     try:
+        if outbox.sequence:
+            batch = sequences.counts(records)
+            result = await connection.execute(
+                text(sequences.next_sequences(
+                    outbox.schema, outbox.table, statements.sqlalchemy_placeholder)),
+                sequences.parameters(batch),
+            )
+            records = sequences.numbered(records, batch, result.all())
         await connection.execute(
             text(outbox.statement(statements.sqlalchemy_placeholder)), outbox.parameters(records)
         )

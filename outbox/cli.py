@@ -51,6 +51,13 @@ ColumnsOption = Annotated[
              "(Debezium's id, aggregatetype, aggregateid, type, payload).")
 ]
 
+ShardsOption = Annotated[
+    int | None, typer.Option(
+        "--shards", envvar="OUTBOX_SHARD_COUNT", show_envvar=True,
+        help="Make the outbox sharded: N shards by a hash of aggregate_id, for several polling "
+             "relays (`outbox relay --shards`). Fixed once applied (docs/operations.md).")
+]
+
 T = TypeVar("T")
 
 
@@ -72,14 +79,16 @@ def connect(db: str) -> psycopg.Connection[Any]:
 @migrate_app.command("up")
 def migrate_up(
     db: DbOption, schema: SchemaOption = "public", table: TableOption = "outbox",
-    columns: ColumnsOption = "native",
+    columns: ColumnsOption = "native", shards: ShardsOption = None,
 ) -> None:
     """Apply pending migrations (in one transaction, under an advisory lock). With --columns
-    debezium, the table exists already (Debezium's): what the polling relay needs is added."""
+    debezium, the table exists already (Debezium's): what the polling relay needs is added.
+    With --shards N, the outbox becomes sharded (once; another N later is refused)."""
     names = guarded(lambda: SchemaNames(schema, table))
     guarded(lambda: migrations.available(columns))
+    guarded(lambda: migrations.check_shards(shards, columns))
     with connect(db) as conn:
-        applied = guarded(lambda: migrations.up(conn, names, columns))
+        applied = guarded(lambda: migrations.up(conn, names, columns, shards))
     for migration in applied:
         typer.echo(f"applied {migration.version:04d}_{migration.name}")
     if not applied:
@@ -113,18 +122,21 @@ def migrate_sql(
         help="Only migrations after this version (what a new outbox-relay release added).")] = 0,
     with_tracking: Annotated[bool, typer.Option(
         help="Also record them in outbox_migrations, so `migrate status` sees them.")] = False,
+    shards: ShardsOption = None,
 ) -> None:
     """Print the SQL of the migrations (for Alembic or another migration tool)."""
     names = guarded(lambda: SchemaNames(schema, table))
     typer.echo(guarded(lambda: migrations.render_all(
-        names, since=since, with_tracking=with_tracking, columns=columns)))
+        names, since=since, with_tracking=with_tracking, columns=columns, shards=shards)))
 
 
 # Sub-commands that live in their own modules are registered here, one line each.
 from outbox.consumer_cli import dlq_app, inbox_app  # noqa: E402 - sub-apps registered below
+from outbox.contracts.cli import asyncapi_command  # noqa: E402
 
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(inbox_app, name="inbox")
+app.command("asyncapi")(asyncapi_command)
 
 
 def main() -> None:

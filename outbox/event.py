@@ -119,6 +119,26 @@ class Event:
             created_at=created_at,
         )
 
+    @classmethod
+    def of(
+        cls,
+        model: Any,
+        aggregate_id: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        topic: str | None = None,
+        id: uuid.UUID | None = None,
+        created_at: dt.datetime | None = None,
+    ) -> Event:
+        """The event of a typed-event instance (a class declared with `@outbox.event_type`):
+        validated, its type, aggregate type and version (header `event_version`) from the
+        declaration, its aggregate id from `aggregate_id` or the declared `id_field`."""
+        from outbox.contracts.registry import event_fields
+
+        entry, key, payload, all_headers = event_fields(model, aggregate_id, headers)
+        return cls(entry.aggregate, key, entry.name, payload, all_headers, topic, None, id,
+                   created_at)
+
     @property
     def resolved_content_type(self) -> str:
         if self.content_type:

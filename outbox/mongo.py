@@ -13,11 +13,13 @@ from typing import Any
 import bson
 from bson import Binary, ObjectId
 from bson.errors import InvalidDocument
+from pymongo import ReturnDocument
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from outbox import sequences
 from outbox.errors import (
     AtomicityError,
     ConfigurationError,
@@ -106,6 +108,14 @@ class MongoOutbox:
     serializer, max_payload_bytes, capture_trace_context: as for `outbox.Outbox`.
     allow_without_transaction: let `publish` write outside a multi-document transaction (the
         events are then not atomic with the caller's other writes).
+    sequence: `publish` numbers each event within its aggregate (the `sequence` header, as
+        `outbox.Outbox(sequence=True)`) from a counter document per aggregate in
+        `<collection>_sequence`, bumped with `$inc` in the caller's transaction: a concurrent
+        transaction numbering the same aggregate gets a WriteConflict (transient: the caller's
+        `with_transaction` retries it), and an aborted transaction's numbers are given again.
+        Needs a transaction (not `allow_without_transaction`). Embedded events
+        (`new_document`, `with_events`) are not numbered: they are refused, since the order of
+        a document's list already is its aggregate's order.
     """
 
     field: str = DEFAULT_FIELD
@@ -114,10 +124,16 @@ class MongoOutbox:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     capture_trace_context: bool = True
     allow_without_transaction: bool = False
+    sequence: bool = False
 
     def __post_init__(self) -> None:
         check_field(self.field)
         check_collection_name(self.collection)
+        if self.sequence and self.allow_without_transaction:
+            raise ConfigurationError(
+                "sequence=True numbers events in the caller's transaction: it cannot be "
+                "combined with allow_without_transaction=True"
+            )
         self._recorder  # noqa: B018 - validates max_payload_bytes now, not at the first write
 
     @cached_property
@@ -137,9 +153,15 @@ class MongoOutbox:
 
     def entries(self, events: Sequence[Event]) -> list[dict[str, Any]]:
         """The stored form of `events` (see `encode_entry`)."""
+        if self.sequence:
+            raise ConfigurationError(
+                "MongoOutbox(sequence=True) numbers the events of publish() (the outbox "
+                "collection) only; embedded events (new_document, with_events) keep their "
+                "aggregate's order in the document's list: use a MongoOutbox without sequence"
+            )
         return [encode_entry(record) for record in self.records(events)]
 
-    def new_document(self, document: Mapping[str, Any], *events: Event) -> dict[str, Any]:
+    def new_document(self, document: Mapping[str, Any], *events: Event | Any) -> dict[str, Any]:
         """A copy of `document` with `events` as its pending list, for `insert_one` or
         `replace_one`. Raises DocumentTooLargeError if the result exceeds 16 MiB."""
         if not isinstance(document, Mapping):
@@ -164,7 +186,7 @@ class MongoOutbox:
     def with_events(
         self,
         update: Mapping[str, Any],
-        *events: Event,
+        *events: Event | Any,
         document: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """`update` (operators such as `$set`) with `$push: {field: {$each: entries}}` merged in,
@@ -227,7 +249,7 @@ class MongoOutbox:
     def publish(
         self,
         target: Database[Any] | Collection[Any],
-        *events: Event,
+        *events: Event | Any,
         session: ClientSession | None = None,
     ) -> list[uuid.UUID]:
         """Insert `events` into the outbox collection in `session`'s transaction; never commits.
@@ -257,6 +279,8 @@ class MongoOutbox:
                 "=True) if you accept losing atomicity, or embed the events with with_events()"
             )
         records = self.records(events)
+        if self.sequence and records:
+            records = self._numbered(collection, records, session)
         documents = []
         for record in records:
             entry = encode_entry(record)
@@ -275,6 +299,23 @@ class MongoOutbox:
                     f"the outbox collection {collection.name!r}"
                 ) from exc
         return [record.id for record in records]
+
+
+    def _numbered(self, collection: Collection[Any], records: list[OutboxRecord],
+                  session: ClientSession | None) -> list[OutboxRecord]:
+        batch = sequences.counts(records)
+        counters: Collection[Any] = collection.database[f"{collection.name}_sequence"]
+        returned = []
+        for aggregate_type, aggregate_id in batch:  # sorted: one order for every writer
+            counter = counters.find_one_and_update(
+                {"_id": {"aggregate_type": aggregate_type, "aggregate_id": aggregate_id}},
+                {"$inc": {"last_sequence": batch[aggregate_type, aggregate_id]}},
+                upsert=True, return_document=ReturnDocument.AFTER, session=session,
+            )
+            # upsert with ReturnDocument.AFTER always returns the document.
+            assert counter is not None
+            returned.append((aggregate_type, aggregate_id, counter["last_sequence"]))
+        return sequences.numbered(records, batch, returned)
 
 
 def encode_entry(record: OutboxRecord) -> dict[str, Any]:
@@ -431,7 +472,7 @@ def _configured(field: str) -> MongoOutbox:
 
 
 def new_document(
-    document: Mapping[str, Any], *events: Event, field: str = DEFAULT_FIELD
+    document: Mapping[str, Any], *events: Event | Any, field: str = DEFAULT_FIELD
 ) -> dict[str, Any]:
     """`document` with `events` pending in `field`: see `MongoOutbox.new_document`."""
     return _configured(field).new_document(document, *events)
@@ -439,7 +480,7 @@ def new_document(
 
 def with_events(
     update: Mapping[str, Any],
-    *events: Event,
+    *events: Event | Any,
     field: str = DEFAULT_FIELD,
     document: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -449,7 +490,7 @@ def with_events(
 
 def publish(
     target: Database[Any] | Collection[Any],
-    *events: Event,
+    *events: Event | Any,
     session: ClientSession | None = None,
     allow_without_transaction: bool = False,
 ) -> list[uuid.UUID]:

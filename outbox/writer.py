@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from outbox import copy_rows, statements
+from outbox import copy_rows, sequences, statements
 from outbox.columns import ColumnMapping
 from outbox.errors import (
     AtomicityError,
@@ -49,6 +49,11 @@ class Outbox:
     mode="table" inserts rows into `schema.table` (read by the polling and WAL relays);
     mode="message" writes `pg_logical_emit_message(true, message_prefix, ...)` so the event exists
     only in the WAL (WAL relay only: no table, no bloat).
+
+    sequence=True numbers each event within its aggregate (1, 2, ... per aggregate_type and
+    aggregate_id, gap-free over committed transactions) in the `sequence` header, from a counter
+    row (`<table>_sequence`, migration 0007) bumped in the caller's transaction: writers of one
+    aggregate wait for each other's commit, others never wait (outbox/sequences.py).
     """
 
     schema: str = "public"
@@ -60,6 +65,7 @@ class Outbox:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     allow_autocommit: bool = False
     capture_trace_context: bool = True
+    sequence: bool = False
 
     def __post_init__(self) -> None:
         check_identifier(self.schema, "schema")
@@ -74,17 +80,29 @@ class Outbox:
             )
         if self.mode == "message" and not self.columns.is_native:
             raise ConfigurationError("a column mapping only applies to mode='table'")
+        if self.sequence and self.mode == "table" and self.columns.headers is None:
+            raise ConfigurationError(
+                "sequence=True sends the number in the event's headers, and this column mapping "
+                "has no headers column"
+            )
+        if self.sequence and len(self.table) + len("_sequence") > 63:
+            raise ConfigurationError(
+                f"table={self.table!r} is too long for sequence=True: its counter table "
+                f"{self.table}_sequence would pass PostgreSQL's 63-byte limit"
+            )
 
     # -- preparing a batch (no I/O: every check happens before any SQL) ------------------------
 
-    def records(self, events: Sequence[Event]) -> list[OutboxRecord]:
-        """Validate and serialise `events`; raises before anything is written."""
+    def records(self, events: Sequence[Event | Any]) -> list[OutboxRecord]:
+        """Validate and serialise `events` (outbox.Event, or instances of classes declared
+        with `@outbox.event_type`); raises before anything is written."""
         trace = current_trace_headers() if self.capture_trace_context else {}
         serializer, max_bytes = self.serializer, self.max_payload_bytes
         records = []
         for event in events:
             if not isinstance(event, Event):
-                raise InvalidEventError(f"expected outbox.Event, got {type(event).__name__}")
+                # A typed-event instance (or an error naming what was expected).
+                event = Event.of(event)
             payload = event.encode_payload(serializer)
             if len(payload) > max_bytes:
                 raise PayloadTooLargeError(
@@ -146,13 +164,13 @@ class Outbox:
     # -- writing ---------------------------------------------------------------------------------
 
     @overload
-    def publish(self, target: SyncTarget, *events: Event) -> list[uuid.UUID]: ...
+    def publish(self, target: SyncTarget, *events: Event | Any) -> list[uuid.UUID]: ...
 
     @overload
-    def publish(self, target: AsyncTarget, *events: Event) -> Awaitable[list[uuid.UUID]]: ...
+    def publish(self, target: AsyncTarget, *events: Event | Any) -> Awaitable[list[uuid.UUID]]: ...
 
     def publish(
-        self, target: SyncTarget | AsyncTarget, *events: Event
+        self, target: SyncTarget | AsyncTarget, *events: Event | Any
     ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
         """Record `events` in `target`'s current transaction; never commits. Returns their ids.
 
@@ -205,6 +223,12 @@ class Outbox:
 
     def write_psycopg(self, conn: psycopg.Connection[Any], records: list[OutboxRecord]) -> None:
         try:
+            if self.sequence:
+                batch = sequences.counts(records)
+                query = sequences.next_sequences(
+                    self.schema, self.table, statements.psycopg_placeholder)
+                rows = conn.execute(query, sequences.parameters(batch)).fetchall()
+                records = sequences.numbered(records, batch, rows)
             if self.copies(records):
                 statement = copy_rows.copy_statement(self.schema, self.table)
                 copy_rows.copy_records(conn, statement, records)
@@ -218,6 +242,12 @@ class Outbox:
         self, conn: psycopg.AsyncConnection[Any], records: list[OutboxRecord]
     ) -> None:
         try:
+            if self.sequence:
+                batch = sequences.counts(records)
+                query = sequences.next_sequences(
+                    self.schema, self.table, statements.psycopg_placeholder)
+                cursor = await conn.execute(query, sequences.parameters(batch))
+                records = sequences.numbered(records, batch, await cursor.fetchall())
             if self.copies(records):
                 statement = copy_rows.copy_statement(self.schema, self.table)
                 await copy_rows.copy_records_async(conn, statement, records)
@@ -242,15 +272,15 @@ default_outbox = Outbox()
 
 
 @overload
-def publish(target: SyncTarget, *events: Event) -> list[uuid.UUID]: ...
+def publish(target: SyncTarget, *events: Event | Any) -> list[uuid.UUID]: ...
 
 
 @overload
-def publish(target: AsyncTarget, *events: Event) -> Awaitable[list[uuid.UUID]]: ...
+def publish(target: AsyncTarget, *events: Event | Any) -> Awaitable[list[uuid.UUID]]: ...
 
 
 def publish(
-    target: SyncTarget | AsyncTarget, *events: Event
+    target: SyncTarget | AsyncTarget, *events: Event | Any
 ) -> list[uuid.UUID] | Awaitable[list[uuid.UUID]]:
     """Record `events` in the caller's transaction with the default `Outbox()`."""
     return default_outbox.publish(target, *events)

@@ -1,4 +1,4 @@
-"""The relay daemon's commands of `outbox`: `relay`, `slot`, `parked`, `status`, `doctor`.
+"""The relay daemon's commands of `outbox`: `relay`, `slot`, `parked`, `status`, `doctor`, `verify`.
 
 They are registered on the library's `app` (outbox.cli, which has `migrate`, `dlq`, `inbox`), and
 this module's `main` is the `outbox` console script: one command, every sub-command, while the
@@ -141,6 +141,19 @@ def relay_command(
     shutdown_timeout: Annotated[float, typer.Option(
         envvar="OUTBOX_SHUTDOWN_TIMEOUT", show_envvar=True,
         help="Seconds to wait for outstanding deliveries on SIGTERM.")] = 30.0,
+    shards: Annotated[bool, typer.Option(
+        "--shards", envvar="OUTBOX_SHARDS", show_envvar=True,
+        help="postgres-poll on a sharded outbox (`outbox migrate up --shards N`): one of "
+             "several relays, each publishing the shards it holds.")] = False,
+    shard_lease: Annotated[str, typer.Option(
+        envvar="OUTBOX_SHARD_LEASE", show_envvar=True,
+        help="postgres-poll --shards: a relay gone (hung or cut off) for this long, plus "
+             "--shutdown-timeout, loses its shards to the others (a dead one at once).",
+    )] = "10s",
+    relay_id_header: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_RELAY_ID_HEADER", show_envvar=True,
+        help="Kafka header naming the relay run that published each message "
+             "(host:pid:run), e.g. outbox-relay.")] = None,
     print_config: Annotated[bool, typer.Option(
         help="Print the effective settings (secrets redacted) and exit.")] = False,
 ) -> None:
@@ -184,6 +197,9 @@ def relay_command(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             shutdown_timeout=shutdown_timeout,
+            shards=shards,
+            shard_lease=parse_duration(shard_lease, "shard_lease").total_seconds(),
+            relay_id_header=relay_id_header,
             stall_timeout=parse_duration(stall_timeout, "stall_timeout").total_seconds(),
             console_token=token,
         )
@@ -443,6 +459,80 @@ def doctor_command(
         raise typer.Exit(1)
 
 
+@app.command("verify")
+def verify_command(
+    kafka: Annotated[str, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers (verify creates and deletes a topic of its own).")],
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL (postgres-* sources): the role needs the relay's rights and may "
+             "create a table.")] = None,
+    kafka_setting: KafkaSettingOption = None,
+    source: Annotated[str, typer.Option(
+        envvar="OUTBOX_SOURCE", show_envvar=True,
+        help="postgres-poll | postgres-wal | mongo-poll | mongo-stream",
+    )] = "postgres-poll",
+    mongo: Annotated[str | None, typer.Option(
+        "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+        help="MongoDB URL (mongo-* sources): verify works in a scratch database of its own on "
+             "that server.")] = None,
+    schema: Annotated[str, typer.Option(
+        envvar="OUTBOX_SCHEMA", show_envvar=True,
+        help="Schema of the scratch tables (postgres-* sources).")] = "public",
+    duration: Annotated[str, typer.Option(
+        envvar="OUTBOX_VERIFY_DURATION", show_envvar=True,
+        help="How long the writers write (e.g. 60s, 5m).")] = "60s",
+    rate: Annotated[float, typer.Option(
+        envvar="OUTBOX_VERIFY_RATE", show_envvar=True,
+        help="Events per second the writers offer.")] = 500.0,
+    faults: Annotated[str, typer.Option(
+        envvar="OUTBOX_VERIFY_FAULTS", show_envvar=True,
+        help="Comma-separated faults done to the relay while it runs: relay-kill (SIGKILL and "
+             "restart), relay-stop (SIGSTOP, SIGCONT), connection-drop (its database sessions "
+             "ended with pg_terminate_backend).")] = "",
+) -> None:
+    """Prove the relay's guarantees on this database, role and broker: a scratch outbox table
+    (MongoDB: database) and topic (removed afterwards, also on Ctrl-C), writers with rollbacks
+    and a long transaction, the relay as a child process under the faults asked for, and a
+    ledger verdict. Exit 0 only when nothing was lost, nothing phantom and per-key order was
+    kept; 1 when not; 2 when it cannot run here (nothing is created then); 130 when
+    interrupted."""
+    import threading
+
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay.daemon import stop_on_signals
+    from relay.settings import parse_duration
+    from relay.verify.plan import KafkaAccess, VerifyPlan, parse_faults
+    from relay.verify.progress import Progress
+    from relay.verify.run import EXIT_REFUSED, Refused, run
+
+    try:
+        plan = VerifyPlan(
+            source=source,
+            duration=parse_duration(duration, "--duration").total_seconds(),
+            rate=rate,
+            faults=parse_faults(faults),
+            schema=schema,
+        )
+        access = KafkaAccess(kafka, tuple(parse_kafka_settings(kafka_setting or []).items()))
+    except OutboxError as exc:
+        fail(str(exc), EXIT_REFUSED)
+    url = mongo if plan.mongo else db
+    if not url:
+        fail(f"--source {plan.source} needs " + ("--mongo" if plan.mongo else "--db"),
+             EXIT_REFUSED)
+    stop = threading.Event()
+    progress = Progress(every=2.0)
+    with stop_on_signals(stop):
+        try:
+            report = run(plan, url, access, progress, stop)
+        except Refused as exc:
+            fail(str(exc), EXIT_REFUSED)
+    typer.echo(redact(report.render()))
+    raise typer.Exit(report.exit_code)
+
+
 slot_app = typer.Typer(
     help="The WAL relay's publication and replication slot (an admin step, before the relay).",
     no_args_is_help=True)
@@ -531,7 +621,9 @@ def slot_recover(
     kafka_setting: KafkaSettingOption = None,
     topic_template: Annotated[str, typer.Option(
         envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
-        help="The relay's --topic-template.")] = "{aggregate_type}",
+        help="The relay's --topic-template: where republished events go (with "
+             "--keep-published, stored in their kept rows).",
+    )] = "{aggregate_type}",
     slot: SlotOption = "outbox_relay",
     publication: PublicationOption = "outbox_relay",
     schema: SchemaOption = "public",
@@ -578,6 +670,144 @@ def slot_recover(
         typer.echo(f"slot {slot} is healthy and no recovery is pending: nothing to recover")
         return
     typer.echo(report.summary())
+
+
+shards_app = typer.Typer(help="A sharded outbox (`outbox migrate up --shards N`).",
+                         no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+
+@shards_app.command("resize")
+def shards_resize(
+    db: DbOption,
+    shards: Annotated[int | None, typer.Option(
+        "--shards", envvar="OUTBOX_SHARD_COUNT", show_envvar=True,
+        help="The new shard count.")] = None,
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+) -> None:
+    """Give a sharded outbox another shard count: every row's shard is computed again, in one
+    transaction with the outbox locked (writers wait). Refused while a relay of it runs."""
+    from outbox import migrate
+    from relay.poll.relay import PollConfig
+    from relay.poll.shards import refuse_running_relays
+
+    names = guarded(lambda: SchemaNames(schema, table))
+    if shards is None:
+        fail("give the new count with --shards M")
+    key = PollConfig(db_url=db, names=names).leader_key
+    with connect(db) as conn:
+        old = guarded(lambda: migrate.resize_shards(
+            conn, names, shards, check=lambda locked: refuse_running_relays(locked, names, key)))
+    if old == shards:
+        typer.echo(f"{schema}.{table} has {shards} shards already: nothing to do")
+    else:
+        typer.echo(f"resized {schema}.{table} from {old} to {shards} shards")
+
+
+@app.command("replay")
+def replay_command(
+    db: Annotated[str | None, typer.Option(
+        "--db", envvar="OUTBOX_DB_URL", show_envvar=True,
+        help="PostgreSQL URL of the database whose outbox table keeps published events.")] = None,
+    kafka: Annotated[str | None, typer.Option(
+        "--kafka", envvar="OUTBOX_KAFKA_BOOTSTRAP", show_envvar=True,
+        help="Kafka bootstrap servers (not needed with --dry-run).")] = None,
+    aggregate_type: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_AGGREGATE_TYPE", show_envvar=True,
+        help="Only events of this aggregate type.")] = None,
+    aggregate_id: Annotated[list[str] | None, typer.Option(
+        envvar="OUTBOX_REPLAY_AGGREGATE_IDS", show_envvar=True,
+        help="Only events of this aggregate id (repeatable).")] = None,
+    event_id: Annotated[list[str] | None, typer.Option(
+        envvar="OUTBOX_REPLAY_EVENT_IDS", show_envvar=True,
+        help="Only the event with this id (UUID, repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_SINCE", show_envvar=True,
+        help="Only events created at or after this ISO 8601 time (UTC without an offset).",
+    )] = None,
+    until: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_UNTIL", show_envvar=True,
+        help="Only events created before this ISO 8601 time (UTC without an offset).")] = None,
+    to_topic: Annotated[str | None, typer.Option(
+        envvar="OUTBOX_REPLAY_TO_TOPIC", show_envvar=True,
+        help="Send every event to this topic instead of its own.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", envvar="OUTBOX_REPLAY_DRY_RUN", show_envvar=True,
+        help="Print how many events would be sent per topic; send nothing.")] = False,
+    everything: Annotated[bool, typer.Option(
+        "--all", envvar="OUTBOX_REPLAY_ALL", show_envvar=True,
+        help="Replay every retained event (refused without a filter otherwise).")] = False,
+    mongo: Annotated[str | None, typer.Option(
+        "--mongo", envvar="OUTBOX_MONGO_URL", show_envvar=True,
+        help="MongoDB, without --db: refused (the Mongo sources keep no published events).",
+    )] = None,
+    kafka_setting: KafkaSettingOption = None,
+    allow_unsafe_kafka_settings: AllowUnsafeOption = False,
+    topic_template: Annotated[str, typer.Option(
+        envvar="OUTBOX_TOPIC_TEMPLATE", show_envvar=True,
+        help="The relay's --topic-template then: the topic of kept events that store none (kept "
+             "by an earlier release, or by a template with a conversion or format spec).",
+    )] = "{aggregate_type}",
+    schema: SchemaOption = "public",
+    table: TableOption = "outbox",
+    columns: ColumnsOption = "native",
+    log_format: Annotated[str, typer.Option(
+        envvar="OUTBOX_LOG_FORMAT", show_envvar=True, help="json | human | auto")] = "auto",
+) -> None:
+    """Republish retained (--keep-published) events that match, per key in their original
+    commit order, with the same event ids and a header `replayed: true`. Safe to interrupt and
+    run again: events are sent again, and idempotent consumers skip what they applied."""
+    import threading
+
+    from outbox.columns import ColumnMapping
+    from outbox.kafka_safety import parse_kafka_settings
+    from relay import logs, replay
+    from relay.daemon import stop_on_signals
+    from relay.sinks.kafka.sink import PublisherConfig, topic_limits_for
+
+    if mongo is not None and db is None:
+        fail("outbox replay --mongo: the MongoDB sources keep no published events (each is "
+             "pulled from its document's list once Kafka acknowledged it, and there is no "
+             "--keep-published for them), so there is nothing to replay from; replay from "
+             "Kafka itself (consumer offsets, or a topic with longer retention)")
+    if db is None:
+        fail("--db (OUTBOX_DB_URL) is required")
+    url: str = db
+
+    def configure() -> replay.ReplayConfig:
+        wanted = replay.ReplayFilter.parse(
+            aggregate_type=aggregate_type, aggregate_ids=aggregate_id, event_ids=event_id,
+            since=since, until=until, everything=everything)
+        return replay.ReplayConfig(
+            db_url=url, filter=wanted, names=SchemaNames(schema, table),
+            columns=ColumnMapping.for_layout(columns), to_topic=to_topic,
+            topic_template=topic_template)
+
+    config = guarded(configure)
+    publisher = None
+    if not dry_run:
+        if not kafka:
+            fail("--kafka (OUTBOX_KAFKA_BOOTSTRAP) is required, unless --dry-run")
+        publisher = guarded(lambda: PublisherConfig(
+            bootstrap_servers=kafka or "", topic_template=topic_template,
+            kafka_settings=parse_kafka_settings(kafka_setting or []),
+            allow_unsafe_kafka_settings=allow_unsafe_kafka_settings))
+        guarded(publisher.producer_settings)
+    logs.setup("INFO", log_format)
+    config = guarded(lambda: replay.check(config))
+    if publisher is None:
+        typer.echo(guarded(lambda: replay.dry_run(config)).summary())
+        return
+    sending: PublisherConfig = publisher
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        report = guarded(lambda: replay.replay(config, sending, stop,
+                                               topic_limits=topic_limits_for(sending)))
+    typer.echo(report.summary())
+    if not report.complete:
+        fail("the replay did not finish: run it again (events are sent again; consumers skip "
+             "those they applied)")
 
 
 def main() -> None:

@@ -277,14 +277,18 @@ POLL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
     ("parked", "UPDATE", True),
 )
 # What the WAL relay does with the tables: deletes the rows it published (DELETE needs SELECT
-# for its WHERE; with keep_published it marks them first: UPDATE (published_at), a column
-# privilege, which deploy/roles.sql grants and start-up checks); parks events with
-# INSERT ... ON CONFLICT DO NOTHING.
+# for its WHERE; with keep_published it marks them first: UPDATE (published_at, commit_lsn, topic),
+# column privileges, which deploy/roles.sql grants and start-up checks); parks events with
+# INSERT ... ON CONFLICT DO NOTHING; records how far Kafka acknowledged in its slot's row of the
+# position table (INSERT ... ON CONFLICT DO UPDATE, read back at start: SELECT).
 WAL_PRIVILEGES: tuple[tuple[str, str, bool], ...] = (
     ("table", "SELECT", True),
     ("table", "DELETE", True),
     ("parked", "INSERT", True),
     ("parked", "SELECT", True),
+    ("position", "SELECT", True),
+    ("position", "INSERT", True),
+    ("position", "UPDATE", True),
 )
 
 
@@ -303,6 +307,8 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
             f"({ROLES_SCRIPT}: role {suggested})",
         )
     tables = {"table": names.table, "parked": names.parked_table}
+    if options.wal:
+        tables["position"] = names.position_table
     access = {key: db.tables.get(name) for key, name in tables.items()}
     if any(a is None or not a.exists for a in access.values()):
         return None
@@ -329,7 +335,8 @@ def check_table_privileges(db: DatabaseFacts, options: DoctorOptions) -> CheckRe
             _grant(names, role, ["UPDATE"], names.table),
         )
     return CheckResult("privileges", Level.OK,
-                       f"role {role} may read, delete and park outbox events")
+                       f"role {role} may read, delete and park outbox events"
+                       + (" and record its position" if options.wal else ""))
 
 
 def check_replication_role(db: DatabaseFacts) -> CheckResult:
@@ -621,7 +628,7 @@ def inspect_database(conn: psycopg.Connection[Any], options: DoctorOptions) -> D
     row = conn.execute(_query(names, "role"), {"schema": names.schema}).fetchone()
     assert row is not None
     role = RoleFacts(str(row[0]), *map(bool, row[1:]))
-    tables = read_tables(conn, names, [names.migrations_table])
+    tables = read_tables(conn, names, [names.migrations_table, names.position_table])
     tracking = tables.get(names.migrations_table)
     states: tuple[migrations.MigrationState, ...] | None = None
     if role.schema_usage and (tracking is None or not tracking.exists or tracking.select):

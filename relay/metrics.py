@@ -48,6 +48,10 @@ class RelayCollector(Collector):
                                   value=s.restarts)
         yield CounterMetricFamily("outbox_slot_recoveries", "Lost replication slots recovered.",
                                   value=s.slot_recoveries)
+        yield CounterMetricFamily(
+            "outbox_wal_skipped_events",
+            "Events the server sent again that Kafka had acknowledged before: not published.",
+            value=s.wal_skipped)
         if s.slot_over_budget is not None:
             yield GaugeMetricFamily("outbox_slot_over_wal_budget",
                                     "1 while the slot retains more WAL than --max-slot-wal.",

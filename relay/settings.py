@@ -99,6 +99,12 @@ class RelaySettings:
     # on_slot_loss="recover" it then drops its slot and recovers (relay/wal/budget.py).
     max_slot_wal: int | None = None
     shutdown_timeout: float = 30.0
+    # postgres-poll on a sharded outbox: one of several relays, each publishing some shards;
+    # a relay's shards move to the others within about the lease once it is gone.
+    shards: bool = False
+    shard_lease: float = 10.0
+    # Every message gets this header naming the relay run that published it (host:pid:run).
+    relay_id_header: str | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     # /readyz: a relay with work in flight and no acknowledgement for this long is stalled.
@@ -117,6 +123,8 @@ class RelaySettings:
             raise ConfigurationError(f"batch_size={self.batch_size} must be positive")
         if self.shutdown_timeout <= 0:
             raise ConfigurationError("shutdown_timeout must be positive")
+        if self.shard_lease <= 0:
+            raise ConfigurationError(f"shard_lease={self.shard_lease} must be positive")
         if self.stall_timeout <= 0:
             raise ConfigurationError(f"stall_timeout={self.stall_timeout} must be positive")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -146,6 +154,7 @@ class RelaySettings:
             topic_template=self.topic_template,
             kafka_settings={**(defaults or {}), **self.kafka_settings},
             allow_unsafe_kafka_settings=self.allow_unsafe_kafka_settings,
+            relay_id_header=self.relay_id_header,
         )
         config.producer_settings()
         return config

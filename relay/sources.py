@@ -45,10 +45,12 @@ _NEEDS = {
 # which tune the sources that have them (`--relay-env OUTBOX_BATCH_SIZE=...` of the benchmark
 # applies to every source it runs; the WAL source streams and has neither).
 OWN_SETTINGS = ("columns", "schema", "keep_published", "slot", "publication", "message_prefix",
-                "table_less", "on_slot_loss", "max_slot_wal", "collections")
+                "table_less", "on_slot_loss", "max_slot_wal", "collections", "shards",
+                "shard_lease")
 _POSTGRES = frozenset({"columns", "schema", "keep_published"})
-# A table layout on a source that reads no table: refused, as it always was.
-REFUSED_ELSEWHERE = frozenset({"columns"})
+# A table layout on a source that reads no table: refused, as it always was. Shards on a source
+# that cannot share an outbox: refused, it would publish every shard beside the sharded relays.
+REFUSED_ELSEWHERE = frozenset({"columns", "shards"})
 
 # The WAL relay drains a backlog at up to ~90,000 events/s: waiting 5 ms (not the default 1) to
 # fill batches sends it in fewer, larger produce requests, cutting the CPU librdkafka and the
@@ -145,6 +147,13 @@ def _table_less_rules(settings: RelaySettings) -> None:
             f"columns={settings.columns!r} with table_less: a table-less relay reads no table")
 
 
+def _poll_rules(settings: RelaySettings) -> None:
+    _table_less_rules(settings)
+    if settings.shards and settings.columns != "native":
+        raise ConfigurationError(
+            f"shards with columns={settings.columns!r}: only the native outbox can be sharded")
+
+
 def _wal_rules(settings: RelaySettings) -> None:
     _table_less_rules(settings)
     if settings.on_slot_loss not in ("stop", "recover"):
@@ -157,8 +166,8 @@ def _wal_rules(settings: RelaySettings) -> None:
 
 
 SOURCES: dict[str, Source] = {source.name: source for source in (
-    Source("postgres-poll", ("db_url",), _POSTGRES, "relay.poll.factory", doctor=True,
-           rules=_table_less_rules),
+    Source("postgres-poll", ("db_url",), _POSTGRES | {"shards", "shard_lease"},
+           "relay.poll.factory", doctor=True, rules=_poll_rules),
     Source("postgres-wal", ("db_url",),
            _POSTGRES | {"slot", "publication", "message_prefix", "table_less", "on_slot_loss",
                         "max_slot_wal"},

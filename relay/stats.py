@@ -83,6 +83,9 @@ class RelayStats:
     # postgres-wal: lost slots recovered (relay/wal/recovery.py); the slot's WAL against its
     # budget (relay/wal/budget.py): None without a budget or before the first check.
     slot_recoveries: int = 0
+    # postgres-wal: events the server sent again that were acknowledged before (relay/wal/
+    # position.py), not published twice.
+    wal_skipped: int = 0
     slot_retained_bytes: int | None = None
     slot_over_budget: bool | None = None
     throughput: Throughput = field(default_factory=Throughput)

@@ -51,6 +51,23 @@ class Leader:
 
 
 @dataclass(frozen=True)
+class ShardReport:
+    """One shard of a sharded outbox: the session holding its lease, its backlog."""
+
+    shard: int
+    owner_pid: int | None
+    owner_client: str | None
+    pending: int
+    oldest_age_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Shards:
+    relays: int  # relays running on the outbox (their membership locks)
+    shards: tuple[ShardReport, ...]
+
+
+@dataclass(frozen=True)
 class SlotReport:
     name: str
     status: slots.SlotStatus | None  # None: there is no such slot
@@ -103,6 +120,7 @@ class OutboxStatus:
     last_published: dt.datetime | None = None
     parked: ParkedSummary | None = None
     leader: Leader | None = None
+    shards: Shards | None = None  # a sharded outbox (`outbox migrate up --shards N`)
     slot: SlotReport | None = None
     publication: PublicationReport | None = None
     kafka: KafkaReport | None = None
@@ -168,7 +186,7 @@ def gather(
     """Read the outbox's state with `conn` (autocommit); sections the role cannot read are
     listed in `unavailable` instead of failing the whole report."""
     role = str((conn.execute(_query(names, "current_role")).fetchone() or ("?",))[0])
-    access = read_tables(conn, names)
+    access = read_tables(conn, names, [names.shards_table])
     unavailable: dict[str, str] = {}
     backlog = last_published = parked = None
 
@@ -189,6 +207,14 @@ def gather(
         unavailable["parked"] = reason
 
     leader = read_leader(conn, names, leader_key)
+    shards = None
+    if access.get(names.shards_table, TableAccess("", False)).exists:
+        reason = why_unreadable(access.get(names.shards_table), names.schema, role) or (
+            why_unreadable(access.get(names.table), names.schema, role))
+        if reason is None:
+            shards = read_shards(conn, names, leader_key)
+        else:
+            unavailable["shards"] = reason
     slot_report = SlotReport(slot, slots.slot_status(conn, slot), current_wal_lsn(conn, names),
                              wal_budget)
     publication_report = PublicationReport(
@@ -202,6 +228,7 @@ def gather(
         last_published=last_published,
         parked=parked,
         leader=leader,
+        shards=shards,
         slot=slot_report,
         publication=publication_report,
         unavailable=unavailable,
@@ -218,6 +245,21 @@ def read_leader(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> 
     classid, objid = leader_lock_parts(key)
     row = conn.execute(_query(names, "leader"), {"classid": classid, "objid": objid}).fetchone()
     return Leader(int(row[0]), row[1], row[2], row[3]) if row else None
+
+
+def read_shards(conn: psycopg.Connection[Any], names: SchemaNames, key: int) -> Shards:
+    """Each shard's owner (its lease lock, relay/poll/shards.py) and backlog."""
+    from relay.poll.shards import read_locks, survey_of
+
+    locks = read_locks(conn, names, key)
+    survey = survey_of(locks)
+    clients = {int(row[1]): row[2] for row in locks}
+    reports = []
+    for shard, pending, age in conn.execute(_query(names, "shard_backlog")).fetchall():
+        owner = survey.owners.get(int(shard))
+        reports.append(ShardReport(int(shard), owner, clients.get(owner) if owner else None,
+                                   int(pending), float(age) if age is not None else None))
+    return Shards(survey.relays, tuple(reports))
 
 
 def current_wal_lsn(conn: psycopg.Connection[Any], names: SchemaNames) -> int | None:
@@ -287,8 +329,12 @@ def rows(status: OutboxStatus, now: dt.datetime | None = None) -> list[tuple[str
         if status.leader.since:
             leader += f", connected {_when(status.leader.since, now)}"
         out.append(("polling relay", f"active: {leader}"))
+    elif status.shards is not None:
+        out += _shard_rows(status.shards)
     else:
         out.append(("polling relay", "none holds the leader lock"))
+    if "shards" in gone:
+        out.append(("shards", f"unavailable: {gone['shards']}"))
     if status.slot is not None:
         out += _slot_rows(status.slot)
     if status.publication is not None:
@@ -308,6 +354,19 @@ def rows(status: OutboxStatus, now: dt.datetime | None = None) -> list[tuple[str
         else:
             text = f"{kafka.bootstrap}: UNREACHABLE ({kafka.error})"
         out.append(("kafka", text))
+    return out
+
+
+def _shard_rows(shards: Shards) -> list[tuple[str, str]]:
+    owned = sum(report.owner_pid is not None for report in shards.shards)
+    out = [("shards", f"{len(shards.shards)}, {owned} owned, {shards.relays} relay(s) running")]
+    for report in shards.shards:
+        owner = "no owner" if report.owner_pid is None else f"pid {report.owner_pid}" + (
+            f" from {report.owner_client}" if report.owner_client else "")
+        backlog = f"backlog {report.pending}"
+        if report.oldest_age_seconds is not None:
+            backlog += f", oldest {human_age(report.oldest_age_seconds)} old"
+        out.append((f"shard {report.shard}", f"{owner}, {backlog}"))
     return out
 
 
@@ -380,6 +439,9 @@ def as_json(status: OutboxStatus) -> dict[str, Any]:
         "oldest_parked_at": status.parked.oldest.isoformat()
         if status.parked and status.parked.oldest else None,
         "leader": leader,
+        "shards": {"relays": status.shards.relays,
+                   "shards": [asdict(report) for report in status.shards.shards]}
+        if status.shards else None,
         "slot": slot,
         "publication": publication,
         "kafka": asdict(status.kafka) | {"reachable": status.kafka.reachable}

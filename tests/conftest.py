@@ -59,12 +59,19 @@ def pg_template(pg_admin_url: str) -> Iterator[str]:
     drop_database(pg_admin_url, TEMPLATE_DB)
 
 
+def copy_of_template(admin_url: str, template: str, prefix: str = "test") -> str:
+    """A new database with the outbox schema migrated (a copy of `template`); returns its name.
+    The caller drops it (tests.support.pg.drop_database)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)))
+    return name
+
+
 @pytest.fixture
 def db_name(pg_admin_url: str, pg_template: str) -> Iterator[str]:
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(pg_template)))
+    name = copy_of_template(pg_admin_url, pg_template)
     yield name
     drop_database(pg_admin_url, name)
 

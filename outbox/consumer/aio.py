@@ -17,6 +17,8 @@ from typing import Any, Unpack
 
 from outbox.consumer.aio_stores import AsyncInboxStore, AsyncInboxTransaction, async_store
 from outbox.consumer.base import AsyncHandler, ConsumerBase, ConsumerStats
+from outbox.consumer.commands import check as check_commands
+from outbox.consumer.commands import check_async as check_commands_async
 from outbox.consumer.config import ConsumerOptions
 from outbox.consumer.engine import (
     BatchEngine,
@@ -25,13 +27,16 @@ from outbox.consumer.engine import (
     Claim,
     Commit,
     Handle,
+    ReadSequences,
     Rollback,
+    SaveSequences,
     Sleep,
 )
 from outbox.consumer.errors import ConsumerError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Received
 from outbox.consumer.schedule import PurgeSchedule, RunLimits, dead_letter_delay
+from outbox.consumer.sequencing import GapHolds
 from outbox.consumer.tracing import process_span
 from outbox.consumer.waiting import AsyncRunContext, AsyncStopEvent, wait_async
 from outbox.errors import ConfigurationError
@@ -49,11 +54,15 @@ class AsyncDriver:
         self._consumer = consumer
         self._stop = stop
 
-    async def run(self, items: Sequence[Received]) -> BatchReport:
+    async def run(self, items: Sequence[Received], expired: frozenset[int] = frozenset(),
+                  ) -> BatchReport:
         config = self._consumer.config
         handlers = self._consumer.handlers
+        commands = self._consumer.commands
         steps = BatchEngine(items, config.retry, handlers.has,
-                            is_transient=self._store.is_transient, consumer=config.name).run()
+                            is_transient=self._store.is_transient, consumer=config.name,
+                            sequence=config.ordering == "sequence", expired=expired,
+                            last_word=commands.has_failure_reply).run()
         tx: AsyncInboxTransaction | None = None
         reply: Any = None
         throw: BaseException | None = None
@@ -71,7 +80,11 @@ class AsyncDriver:
                     assert handler is not None
                     try:
                         with process_span(step.message, config.name):
-                            await handler(tx.handle, step.message)
+                            if step.exhausted is None:
+                                await handler(tx.handle, step.message)
+                            else:
+                                await commands.failure_reply(
+                                    tx.handle, step.message, step.exhausted)
                     except Exception as exc:
                         reply = exc
                 elif isinstance(step, Begin):
@@ -79,10 +92,10 @@ class AsyncDriver:
                         tx = await self._store.begin()
                     except Exception as exc:
                         throw = exc
-                elif isinstance(step, Claim):
+                elif isinstance(step, Claim | ReadSequences | SaveSequences):
                     assert tx is not None
                     try:
-                        reply = await tx.claim(step.ids)
+                        reply = await _in_transaction(tx, step)
                     except Exception as exc:
                         throw = exc
                 elif isinstance(step, Commit):
@@ -93,6 +106,7 @@ class AsyncDriver:
                     except Exception as exc:
                         throw = exc
                     else:
+                        commands.committed(step.messages)
                         if config.on_commit is not None:
                             config.on_commit(step.messages)
                 elif isinstance(step, Rollback):
@@ -105,6 +119,18 @@ class AsyncDriver:
             if tx is not None:
                 await tx.rollback()
             steps.close()
+
+
+async def _in_transaction(
+    tx: AsyncInboxTransaction, step: Claim | ReadSequences | SaveSequences
+) -> Any:
+    """The store call of a step made inside the open transaction; its reply."""
+    if isinstance(step, Claim):
+        return await tx.claim(step.ids)
+    if isinstance(step, ReadSequences):
+        return await tx.read_sequences(step.keys)
+    await tx.save_sequences(dict(step.numbers))
+    return None
 
 
 class AsyncConsumer(ConsumerBase[AsyncHandler]):
@@ -129,6 +155,7 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
     ) -> None:
         super().__init__(name=name, kafka=kafka, topics=topics, **options)
         self._store = async_store(db, mongo, self.config)
+        self.commands.database = mongo  # command handlers' replies go there on MongoDB
         self._purges = PurgeSchedule(self.config.purge_older_than, self.config.purge_every)
         self._context = AsyncRunContext()
 
@@ -163,6 +190,10 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         self._context.start()
         try:
             await self._store.check()
+            if True:  # ASYNC
+                await check_commands_async(self.commands, self._store.begin)
+            else:
+                check_commands(self.commands, self._store.begin)
             gateway = await kafka(self._gateway)
             try:
                 await self._run_loop(gateway, max_messages, timeout)
@@ -189,6 +220,8 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
         limits = RunLimits(batch_size=config.batch_size, poll_timeout=config.poll_timeout,
                            max_messages=max_messages, timeout=timeout, now=time.monotonic(),
                            longest_poll=self._context.longest_poll)
+        # ordering="sequence": messages waiting for a missing number (sequencing.py).
+        holds = GapHolds(config.gap_timeout)
         await kafka(gateway.subscribe)
         self._log_started()
         while not stop.is_set():
@@ -196,10 +229,15 @@ class AsyncConsumer(ConsumerBase[AsyncHandler]):
             if fetch is None:
                 break
             await self._maybe_purge()
-            items = await kafka(gateway.fetch, fetch.limit, fetch.wait)
+            fetched = await kafka(gateway.fetch, fetch.limit,
+                                  holds.wait(fetch.wait, time.monotonic()))
+            holds.forget(gateway.assignment)
+            batch = holds.next_batch(fetched, time.monotonic())
+            items = batch.items
             if not items:
                 continue
-            report = await driver.run(items)
+            report = await driver.run(items, batch.expired)
+            self._log_held(items, report, holds.settle(items, report.held, time.monotonic()))
             self._account(items, report, gateway)
             await self._send_dead_letters(report, gateway)
             await kafka(gateway.commit)

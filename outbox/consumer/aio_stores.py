@@ -15,7 +15,7 @@ import datetime as dt
 import inspect
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import psycopg
@@ -34,6 +34,7 @@ from outbox.conninfo import libpq_url, redact
 from outbox.consumer import queries
 from outbox.consumer.config import ConsumerConfig
 from outbox.consumer.errors import HandlerCommitError, InboxStoreError
+from outbox.consumer.sequencing import AggregateKey
 from outbox.consumer.store_rules import (
     DEFAULT_INBOX_COLLECTION,
     MONGO_DUPLICATE_KEY,
@@ -69,6 +70,13 @@ class AsyncInboxTransaction(Protocol):
 
     async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Insert the dedup rows of `ids`; returns the ids that were not there yet."""
+
+    async def read_sequences(self, keys: Sequence[AggregateKey]) -> dict[AggregateKey, int]:
+        """ordering="sequence": the last applied number of each aggregate that has one, locked
+        (or, in MongoDB, written under conflict detection) until the transaction ends."""
+
+    async def save_sequences(self, numbers: Mapping[AggregateKey, int]) -> None:
+        """ordering="sequence": store the last applied numbers in this transaction."""
 
     async def commit(self) -> None: ...
 
@@ -125,14 +133,17 @@ def async_store(db: Any, mongo: Any, config: ConsumerConfig) -> AsyncInboxStore:
         raise ConfigurationError("pass exactly one of db= (PostgreSQL) and mongo= (MongoDB)")
     store: AsyncInboxStore
     if mongo is not None:
-        store = AsyncMongoStore(mongo, config.name, config.inbox_table)
+        store = AsyncMongoStore(mongo, config.name, config.inbox_table,
+                                sequence=config.ordering == "sequence")
     elif _is_own_store(db):
         # A store of one's own (or outbox.consumer.testing.MemoryInbox).
         store = db
     elif _is_sqlalchemy(db):
-        store = AsyncSqlAlchemyStore(db, config.name, config.names)
+        store = AsyncSqlAlchemyStore(db, config.name, config.names,
+                                     sequence=config.ordering == "sequence")
     elif isinstance(db, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection | str):
-        return AsyncPsycopgStore(db, config.name, config.names, pipeline=config.pipeline)
+        return AsyncPsycopgStore(db, config.name, config.names, pipeline=config.pipeline,
+                                 sequence=config.ordering == "sequence")
     else:
         raise UnsupportedTargetError(
             "db= must be a SQLAlchemy AsyncEngine or async_sessionmaker, a "
@@ -161,10 +172,11 @@ class CommitGuard:
 
 
 class _AsyncSqlAlchemyTransaction:
-    def __init__(self, session: AsyncSession, claim_sql: str, consumer: str) -> None:
+    def __init__(self, session: AsyncSession, store: AsyncSqlAlchemyStore) -> None:
         self._session = session
-        self._claim = claim_sql
-        self._consumer = consumer
+        self._claim = store.claim_sql
+        self._consumer = store.consumer
+        self._names = store.names
         if True:  # ASYNC
             # SQLAlchemy's events are the synchronous Session's, under the AsyncSession.
             self._guard = CommitGuard(session.sync_session)
@@ -180,6 +192,19 @@ class _AsyncSqlAlchemyTransaction:
             text(self._claim), {"consumer": self._consumer, "ids": list(ids)}
         )
         return {as_uuid(row[0]) for row in result.all()}
+
+    async def read_sequences(self, keys: Sequence[AggregateKey]) -> dict[AggregateKey, int]:
+        result = await self._session.execute(
+            text(queries.read_sequences(self._names, sqlalchemy=True)),
+            queries.sequence_parameters(self._consumer, keys),
+        )
+        return {(row[0], row[1]): int(row[2]) for row in result.all()}
+
+    async def save_sequences(self, numbers: Mapping[AggregateKey, int]) -> None:
+        await self._session.execute(
+            text(queries.save_sequences(self._names, sqlalchemy=True)),
+            queries.sequence_parameters(self._consumer, list(numbers), list(numbers.values())),
+        )
 
     async def commit(self) -> None:
         self._guard.armed = False
@@ -205,7 +230,7 @@ class AsyncSqlAlchemyStore:
 
     def __init__(
         self, db: AsyncEngine | async_sessionmaker[AsyncSession], consumer: str,
-        names: SchemaNames,
+        names: SchemaNames, *, sequence: bool = False,
     ) -> None:
         if not _is_sqlalchemy(db):
             raise UnsupportedTargetError(
@@ -220,25 +245,28 @@ class AsyncSqlAlchemyStore:
             )
         else:
             self._sessions = sessionmaker(db) if isinstance(db, Engine) else db
-        self._consumer = consumer
-        self._names = names
-        self._claim = queries.claim(names, sqlalchemy=True)
+        self.consumer = consumer
+        self.names = names
+        self.claim_sql = queries.claim(names, sqlalchemy=True)
+        self._sequence = sequence
 
     async def check(self) -> None:
         try:
             async with self._sessions() as session:
-                await session.execute(text(queries.check(self._names)))
+                await session.execute(text(queries.check(self.names)))
+                if self._sequence:
+                    await session.execute(text(queries.check_sequences(self.names)))
         except SQLAlchemyError as exc:
             raise translate(exc, "reading the inbox table") from exc
 
     async def begin(self) -> AsyncInboxTransaction:
-        return _AsyncSqlAlchemyTransaction(self._sessions(), self._claim, self._consumer)
+        return _AsyncSqlAlchemyTransaction(self._sessions(), self)
 
     def is_transient(self, error: BaseException) -> bool:
         return pg_transient(error)
 
     async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
-        statement = text(queries.purge(self._names, sqlalchemy=True))
+        statement = text(queries.purge(self.names, sqlalchemy=True))
         total = 0
         while True:
             async with self._sessions() as session, session.begin():
@@ -295,6 +323,19 @@ class _AsyncPsycopgTransaction:
         )
         return {row[0] for row in await cursor.fetchall()}
 
+    async def read_sequences(self, keys: Sequence[AggregateKey]) -> dict[AggregateKey, int]:
+        store = self._store
+        cursor = await self._conn.execute(
+            queries.read_sequences(store.names), queries.sequence_parameters(store.consumer, keys))
+        return {(row[0], row[1]): int(row[2]) for row in await cursor.fetchall()}
+
+    async def save_sequences(self, numbers: Mapping[AggregateKey, int]) -> None:
+        store = self._store
+        await self._conn.execute(
+            queries.save_sequences(store.names),
+            queries.sequence_parameters(store.consumer, list(numbers), list(numbers.values())),
+        )
+
     async def commit(self) -> None:
         try:
             await self._block.__aexit__(None, None, None)
@@ -330,6 +371,7 @@ class AsyncPsycopgStore:
         names: SchemaNames,
         *,
         pipeline: bool = False,
+        sequence: bool = False,
     ) -> None:
         if not isinstance(db, psycopg_pool.AsyncConnectionPool | psycopg.AsyncConnection | str):
             raise UnsupportedTargetError(
@@ -342,9 +384,10 @@ class AsyncPsycopgStore:
             db if isinstance(db, psycopg.AsyncConnection) else None
         )
         self.consumer = consumer
-        self._names = names
+        self.names = names
         self.claim_sql = queries.claim(names)
         self.pipeline = pipeline
+        self._sequence = sequence
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         if self._pool is not None:
@@ -369,7 +412,9 @@ class AsyncPsycopgStore:
             raise InboxStoreError(f"cannot connect to the database: {redact(str(exc))}") from exc
         try:
             async with conn.transaction():
-                await conn.execute(queries.check(self._names))
+                await conn.execute(queries.check(self.names))
+                if self._sequence:
+                    await conn.execute(queries.check_sequences(self.names))
         except psycopg.Error as exc:
             raise translate(exc, "reading the inbox table") from exc
         finally:
@@ -393,7 +438,7 @@ class AsyncPsycopgStore:
         return pg_transient(error)
 
     async def purge(self, older_than: dt.timedelta, consumer: str | None = None) -> int:
-        statement = queries.purge(self._names)
+        statement = queries.purge(self.names)
         total = 0
         while True:
             conn = await self._connect()
@@ -426,9 +471,10 @@ if True:  # ASYNC
 
 class _AsyncMongoTransaction:
     def __init__(self, session: AsyncClientSession, inbox: AsyncCollection[Any],
-                 consumer: str) -> None:
+                 sequences: AsyncCollection[Any], consumer: str) -> None:
         self._session = session
         self._inbox = inbox
+        self._sequences = sequences
         self._consumer = consumer
         # The handler gets the session: its own commit_transaction() would commit part of a
         # batch (with the dedup rows of messages not yet applied). Refused, as CommitGuard
@@ -480,6 +526,28 @@ class _AsyncMongoTransaction:
                 raise
         return set(new)
 
+    async def read_sequences(self, keys: Sequence[AggregateKey]) -> dict[AggregateKey, int]:
+        # No lock to take: two transactions that both advance an aggregate write its document,
+        # and MongoDB aborts one of them (a write conflict, retried as transient).
+        cursor = self._sequences.find(
+            {"consumer": self._consumer,
+             "$or": [{"aggregate_type": t, "aggregate_id": i} for t, i in keys]},
+            {"aggregate_type": 1, "aggregate_id": 1, "last_sequence": 1, "_id": 0},
+            session=self._session,
+        )
+        return {(doc["aggregate_type"], doc["aggregate_id"]): int(doc["last_sequence"])
+                async for doc in cursor}
+
+    async def save_sequences(self, numbers: Mapping[AggregateKey, int]) -> None:
+        for (aggregate_type, aggregate_id), number in sorted(numbers.items()):
+            await self._sequences.update_one(
+                {"consumer": self._consumer, "aggregate_type": aggregate_type,
+                 "aggregate_id": aggregate_id},
+                {"$max": {"last_sequence": number}},
+                upsert=True,
+                session=self._session,
+            )
+
     async def commit(self) -> None:
         try:
             await self._commit_transaction()
@@ -501,7 +569,7 @@ class AsyncMongoStore:
     the dedup document; pass `session=` to every write that must be atomic with it."""
 
     def __init__(self, db: AsyncDatabase[Any], consumer: str,
-                 collection: str = DEFAULT_INBOX_COLLECTION) -> None:
+                 collection: str = DEFAULT_INBOX_COLLECTION, *, sequence: bool = False) -> None:
         if not isinstance(db, AsyncDatabase):
             raise UnsupportedTargetError(
                 f"mongo= must be a pymongo AsyncDatabase, not {type(db).__name__} "
@@ -510,6 +578,9 @@ class AsyncMongoStore:
         check_identifier(collection, "inbox_table")
         self._db = db
         self._inbox: AsyncCollection[Any] = db[collection]
+        # ordering="sequence": the last applied number per aggregate (`<collection>_sequence`).
+        self._sequences: AsyncCollection[Any] = db[f"{collection}_sequence"]
+        self._sequence = sequence
         self._consumer = consumer
 
     async def check(self) -> None:
@@ -519,6 +590,11 @@ class AsyncMongoStore:
                 [("consumer", 1), ("event_id", 1)], unique=True, name="consumer_event_id"
             )
             await self._inbox.create_index([("processed_at", 1)], name="processed_at")
+            if self._sequence:
+                await self._sequences.create_index(
+                    [("consumer", 1), ("aggregate_type", 1), ("aggregate_id", 1)],
+                    unique=True, name="consumer_aggregate",
+                )
         except PyMongoError as exc:
             raise InboxStoreError(f"creating the inbox indexes failed: {exc}") from exc
 
@@ -532,7 +608,7 @@ class AsyncMongoStore:
         except BaseException:
             await session.end_session()
             raise
-        return _AsyncMongoTransaction(session, self._inbox, self._consumer)
+        return _AsyncMongoTransaction(session, self._inbox, self._sequences, self._consumer)
 
     def is_transient(self, error: BaseException) -> bool:
         return mongo_transient(error)

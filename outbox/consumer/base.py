@@ -6,20 +6,25 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar, Unpack
 
+from outbox.consumer.commands import CommandRoutes
 from outbox.consumer.config import ConsumerConfig, ConsumerOptions
 from outbox.consumer.engine import BatchReport, DeadLetterRequest, Outcome
 from outbox.consumer.errors import HandlerExhaustedError
 from outbox.consumer.kafka_io import KafkaGateway
 from outbox.consumer.message import Message, Received
 from outbox.errors import ConfigurationError
+from outbox.mongo import MongoOutbox
+from outbox.writer import Outbox
 
 log = logging.getLogger("outbox.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
+F = TypeVar("F", bound=Callable[..., Any])
 # What handlers are: `handler(session_or_connection, message)`, plain or a coroutine function.
 Handler = Callable[[Any, Message], None]
 AsyncHandler = Callable[[Any, Message], Awaitable[None]]
@@ -36,6 +41,8 @@ class ConsumerStats:
     ignored: int = 0
     store_retries: int = 0
     batches: int = 0
+    # ordering="sequence": messages dead-lettered because the number before theirs never came.
+    sequence_gaps: int = 0
 
     @property
     def resolved(self) -> int:
@@ -106,6 +113,7 @@ class ConsumerBase(Generic[H]):
             **options,
         )
         self.handlers: HandlerRegistry[H] = HandlerRegistry(self._check_handler)
+        self.commands = CommandRoutes(self.handlers.add)
         self._stats = ConsumerStats()
         self._running = False
 
@@ -115,15 +123,55 @@ class ConsumerBase(Generic[H]):
         if not callable(function):
             raise ConfigurationError(f"a handler must be callable, not {function!r}")
 
-    def handler(self, *event_types: str) -> Callable[[H], H]:
-        """Register the decorated function for `event_types` (at least one)."""
+    def handler(self, *event_types: str | type) -> Callable[[H], H]:
+        """Register the decorated function for `event_types` (at least one): event type names,
+        or classes declared with `@outbox.event_type`, whose handlers get the validated model
+        (`handler(session, event)` or `handler(session, event, message)`)."""
         if not event_types:
             raise ConfigurationError(
                 "handler() needs at least one event type; use default_handler for the rest"
             )
+        classes = [t for t in event_types if isinstance(t, type)]
+        if classes and len(classes) != len(event_types):
+            raise ConfigurationError("handler() takes event type names or classes, not both")
 
         def register(function: H) -> H:
-            return self.handlers.add(event_types, function)
+            if not classes:
+                return self.handlers.add(typing.cast(tuple[str, ...], event_types), function)
+            from outbox.contracts.handlers import typed_handler
+
+            names, wrapper = typed_handler(classes, function, self.config.name)
+            self.handlers.add(names, typing.cast(H, wrapper))
+            return function
+
+        return register
+
+    def command(self, *command_types: str, outbox: Outbox | MongoOutbox | None = None
+                ) -> Callable[[F], F]:
+        """Register the decorated function as the handler of commands of `command_types`
+        (outbox.commands): `handler(session, message)` returns the reply's payload, or an
+        `outbox.commands.Failure`; the reply is written through `outbox` (default: the default
+        outbox of the consumer's database) in the handler's transaction, to the command's
+        reply_to."""
+        if not command_types:
+            raise ConfigurationError("command() needs at least one command type")
+
+        def register(function: F) -> F:
+            self.commands.command(command_types, function, outbox)
+            return function
+
+        return register
+
+    def reply(self, *command_types: str) -> Callable[[F], F]:
+        """Register the decorated function as the handler of the replies to commands of
+        `command_types`: `handler(session, reply: outbox.commands.Reply)`, applied exactly
+        once (the reply's dedup row is in its transaction)."""
+        if not command_types:
+            raise ConfigurationError("reply() needs at least one command type")
+
+        def register(function: F) -> F:
+            self.commands.reply(command_types, function)
+            return function
 
         return register
 
@@ -164,6 +212,7 @@ class ConsumerBase(Generic[H]):
         stats.ignored += report.count(Outcome.IGNORED)
         stats.retries += report.retries
         stats.store_retries += report.store_retries
+        stats.sequence_gaps += report.sequence_gaps
         for index, outcome in report.outcomes.items():
             if outcome is not Outcome.DEAD_LETTER:
                 gateway.tracker.resolved(items[index].position)
@@ -176,6 +225,19 @@ class ConsumerBase(Generic[H]):
                     "partition": items[index].position.partition,
                     "offset": items[index].position.offset,
                 })
+
+    def _log_held(self, items: Sequence[Received], report: BatchReport,
+                  new: Sequence[int]) -> None:
+        """ordering="sequence": a message held behind a gap, once (it is offered again with
+        every batch until the missing number arrives or its wait ends)."""
+        for index in new:
+            position = items[index].position
+            log.info("held behind a sequence gap", extra={
+                "event": "sequence_gap_held", "consumer": self.config.name,
+                "topic": position.topic, "partition": position.partition,
+                "offset": position.offset, "reason": report.held[index],
+                "gap_timeout": self.config.gap_timeout,
+            })
 
     def _dead_lettered(self, requests: Sequence[DeadLetterRequest],
                        results: Sequence[str | None], gateway: KafkaGateway) -> list[

@@ -6,7 +6,7 @@ import datetime as dt
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from outbox.consumer import dead_letters
 from outbox.consumer.message import Message
@@ -21,6 +21,7 @@ from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 
 CommitHook = Callable[[Sequence[Message]], None]
+Ordering = Literal["none", "sequence"]
 
 _NAME = re.compile(r"^[^\x00-\x1f]{1,200}$")
 
@@ -45,6 +46,12 @@ class ConsumerConfig:
         must then read results through fetch*() (`cursor.rowcount` is -1 until a fetch), and a
         failing statement surfaces later (at the commit at the latest); the consumer then
         halves the batch until the failing message is alone, so it is still the one retried.
+    ordering: "sequence" checks the writers' per-aggregate numbers (Outbox(sequence=True), the
+        `sequence` header) against the last one applied, kept in the transaction of the dedup
+        rows: at or below it is a duplicate, the next is applied, beyond it is a gap: that
+        aggregate's messages wait (others go on) up to `gap_timeout` seconds for the missing
+        one, then are dead-lettered with reason `gap: ...` (outbox/consumer/sequencing.py).
+        Messages without the header are applied as with "none" (the default).
     """
 
     name: str
@@ -64,6 +71,8 @@ class ConsumerConfig:
     purge_every: dt.timedelta = dt.timedelta(hours=1)
     on_commit: CommitHook | None = None
     pipeline: bool = False
+    ordering: Ordering = "none"
+    gap_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name) or not self.name.strip():
@@ -92,6 +101,12 @@ class ConsumerConfig:
                     f"dead_letter_topic={self.dead_letter_topic!r} sends dead letters of "
                     f"{topic!r} back to {topic!r}"
                 )
+        if self.ordering not in ("none", "sequence"):
+            raise ConfigurationError(f"ordering={self.ordering!r}: choose 'none' or 'sequence'")
+        if (isinstance(self.gap_timeout, bool) or not isinstance(self.gap_timeout, int | float)
+                or not 0 < self.gap_timeout < float("inf")):
+            raise ConfigurationError(
+                f"gap_timeout={self.gap_timeout!r} must be a positive number of seconds")
         if self.dead_letter_timeout <= 0 or self.poll_timeout <= 0:
             raise ConfigurationError("dead_letter_timeout and poll_timeout must be > 0 seconds")
         SchemaNames(schema=self.schema, inbox_table=self.inbox_table)
@@ -145,3 +160,5 @@ class ConsumerOptions(TypedDict, total=False):
     purge_every: dt.timedelta
     on_commit: CommitHook | None
     pipeline: bool
+    ordering: Ordering
+    gap_timeout: float

@@ -8,6 +8,11 @@ is retried alone with backoff (then dead-lettered), the rest go on. No savepoint
 so the common case costs no extra round trip per message, and no message is applied twice,
 because every commit carries the inbox rows of exactly the messages it applied.
 
+With ordering="sequence" the transaction first reads each aggregate's last applied number
+(`ReadSequences`) and judges the numbered messages (outbox/consumer/sequencing.py): duplicates
+are skipped unclaimed, gaps are left out of the transaction (held, or dead-lettered once their
+wait is over), and the new numbers are saved (`SaveSequences`) before the commit.
+
 The engine also classifies what its driver reports: a store failure that a retry may cure
 (the store's `is_transient`) is retried without limit, a rejected commit splits the batch, any
 other store failure ends the run as the project's exception (`store_rules.translate`); and it
@@ -26,6 +31,15 @@ from typing import Any
 
 from outbox.consumer.message import Message, Received
 from outbox.consumer.policy import RetryPolicy, Verdict, describe
+from outbox.consumer.sequencing import (
+    AggregateKey,
+    SequenceCheck,
+    aggregate_key,
+    gap_reason,
+    in_sequence_order,
+    sequence_of,
+)
+from outbox.consumer.sequencing import Verdict as SequenceVerdict
 from outbox.consumer.store_rules import translate
 from outbox.errors import OutboxError
 
@@ -56,11 +70,32 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadSequences:
+    """ordering="sequence": read (and lock until the transaction ends) the last applied number
+    of each aggregate. Reply: {(aggregate_type, aggregate_id): number} for those that have one."""
+
+    keys: tuple[AggregateKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSequences:
+    """ordering="sequence": store these last applied numbers in the open transaction. Reply:
+    None."""
+
+    numbers: tuple[tuple[AggregateKey, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Handle:
     """Call the message's handler in the open transaction. Reply: None, or the exception the
-    handler raised."""
+    handler raised.
+
+    With `exhausted` (the reason the handler failed for good), call the message's last word
+    instead: a command's failure reply (outbox.consumer.commands), in the transaction that
+    claims the dead letter's dedup row."""
 
     message: Message
+    exhausted: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +122,7 @@ class Sleep:
     error: str = ""
 
 
-Step = Begin | Claim | Handle | Commit | Rollback | Sleep
+Step = Begin | Claim | ReadSequences | SaveSequences | Handle | Commit | Rollback | Sleep
 
 
 class StoreUnavailable(Exception):
@@ -128,6 +163,10 @@ class BatchReport:
     store_retries: int = 0
     stopped: bool = False
     exhausted: DeadLetterRequest | None = None
+    # ordering="sequence": messages held behind a gap (index -> why), left unresolved, and how
+    # many were dead-lettered because their wait was over.
+    held: dict[int, str] = field(default_factory=dict)
+    sequence_gaps: int = 0
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for value in self.outcomes.values() if value is outcome)
@@ -149,6 +188,9 @@ class BatchEngine:
         *,
         is_transient: Callable[[BaseException], bool] = lambda error: False,
         consumer: str = "",
+        sequence: bool = False,
+        expired: frozenset[int] = frozenset(),
+        last_word: Callable[[Message], bool] = lambda message: False,
     ) -> None:
         self.items = items
         self.policy = policy
@@ -156,7 +198,15 @@ class BatchEngine:
         self.rand = rand
         self.is_transient = is_transient
         self.consumer = consumer
+        self.last_word = last_word
         self.report = BatchReport()
+        # ordering="sequence": index -> (aggregate, number) of the numbered messages; the
+        # indices of held messages whose wait is over.
+        self.sequence = sequence
+        self.expired = expired
+        self._numbers: dict[int, tuple[AggregateKey, int]] = {}
+        # Numbered messages without a handler: judged (and their number saved), not handled.
+        self._unhandled: set[int] = set()
 
     def run(self) -> Generator[Step, Any, BatchReport]:
         work: list[int] = []
@@ -164,9 +214,17 @@ class BatchEngine:
             if item.message is None:
                 self._dead_letter(index, item.problem or "unreadable message", attempts=0)
             elif not self.has_handler(item.message):
-                self.report.outcomes[index] = Outcome.IGNORED
+                if self.sequence and self._note_number(index, item.message, unhandled=True):
+                    # Its number counts all the same: the aggregate's next one follows it.
+                    work.append(index)
+                else:
+                    self.report.outcomes[index] = Outcome.IGNORED
+            elif self.sequence and not self._note_number(index, item.message):
+                continue
             else:
                 work.append(index)
+        if self._numbers:
+            work = in_sequence_order(work, self._numbers)
         try:
             yield from self._run(work)
         except _Stopping:
@@ -180,12 +238,65 @@ class BatchEngine:
         assert message is not None  # only readable messages are ever in `work`
         return message
 
+    def _note_number(self, index: int, message: Message, unhandled: bool = False) -> bool:
+        """Notes the message's number. False when it takes no part in the batch: its number is
+        unreadable (dead-lettered; ignored when no handler takes it), or no handler takes it and
+        it has no number."""
+        try:
+            number = sequence_of(message)
+        except ValueError as exc:
+            if not unhandled:
+                self._dead_letter(index, str(exc), attempts=0)
+            return False
+        if number is None:
+            return not unhandled
+        self._numbers[index] = (aggregate_key(message), number)
+        if unhandled:
+            self._unhandled.add(index)
+        return True
+
+    def _judge(self, work: list[int]) -> Generator[Step, Any, tuple[
+            list[int], dict[int, Outcome], dict[int, str], SequenceCheck | None]]:
+        """ordering="sequence", in the open transaction: which of `work` to apply (the rest are
+        duplicates by number, or gaps: index -> reason)."""
+        numbered = [index for index in work if index in self._numbers]
+        if not numbered:
+            return work, {}, {}, None
+        keys = tuple(dict.fromkeys(self._numbers[index][0] for index in numbered))
+        last = yield from self._store(ReadSequences(keys), "reading the sequence numbers")
+        check = SequenceCheck(last)
+        apply: list[int] = []
+        skipped: dict[int, Outcome] = {}
+        gaps: dict[int, str] = {}
+        for index in work:
+            if index not in self._numbers:
+                apply.append(index)
+                continue
+            key, number = self._numbers[index]
+            verdict, expected = check.judge(key, number)
+            if verdict is SequenceVerdict.NEXT:
+                apply.append(index)
+            elif verdict is SequenceVerdict.DUPLICATE:
+                skipped[index] = Outcome.DUPLICATE
+            else:
+                gaps[index] = gap_reason(key, expected, number)
+        return apply, skipped, gaps, check
+
+    def _settle_gaps(self, gaps: dict[int, str]) -> None:
+        for index, reason in gaps.items():
+            if index in self.expired:
+                self._dead_letter(index, reason, attempts=0)
+                self.report.sequence_gaps += 1
+            else:
+                self.report.held[index] = reason
+
     def _dead_letter(self, index: int, reason: str, attempts: int) -> None:
         request = DeadLetterRequest(index, self.items[index], reason, attempts)
         self.report.dead_letters.append(request)
         self.report.outcomes[index] = Outcome.DEAD_LETTER
 
-    def _store(self, step: Begin | Claim | Commit, what: str) -> Generator[Step, Any, Any]:
+    def _store(self, step: Begin | Claim | ReadSequences | SaveSequences | Commit, what: str,
+               ) -> Generator[Step, Any, Any]:
         """Yield a store call; what its failure means: retry (transient), a rejected commit,
         or the end of the run as the project's exception."""
         try:
@@ -237,27 +348,40 @@ class BatchEngine:
             work = work[position + 1 :]
 
     def _transaction(
-        self, work: list[int]
+        self, work: list[int], exhausted: str | None = None
     ) -> Generator[Step, Any, tuple[int, BaseException] | None]:
         """Apply `work` in one transaction. Returns None once committed, or (position in
-        `work`, error) of the first failing handler, with everything rolled back."""
+        `work`, error) of the first failing handler, with everything rolled back. With
+        `exhausted`, `work` is one message that failed for good and gets its last word."""
         store_failures = 0
         while True:
             outcomes: dict[int, Outcome] = {}
+            gaps: dict[int, str] = {}
             try:
                 yield from self._store(Begin(), "opening a transaction")
-                ids = tuple(dict.fromkeys(self._message(i).id for i in work))
+                # A last word (a command's failure reply) comes after the message was judged
+                # next and failed for good: its number stays unapplied, like any dead letter's.
+                apply, outcomes, gaps, check = (
+                    (yield from self._judge(work)) if self.sequence and exhausted is None
+                    else (work, {}, {}, None))
+                ids = tuple(dict.fromkeys(
+                    self._message(i).id for i in apply if i not in self._unhandled))
                 claimed: set[uuid.UUID] = set(
                     (yield from self._store(Claim(ids), "inserting into the inbox")))
                 applied: list[Message] = []
                 for position, index in enumerate(work):
+                    if index in outcomes or index in gaps:
+                        continue
+                    if index in self._unhandled:
+                        outcomes[index] = Outcome.IGNORED
+                        continue
                     message = self._message(index)
                     if message.id not in claimed:
                         outcomes[index] = Outcome.DUPLICATE
                         continue
                     # The same id twice in one batch: the first one applies it.
                     claimed.discard(message.id)
-                    failure: BaseException | None = yield Handle(message)
+                    failure: BaseException | None = yield Handle(message, exhausted)
                     if failure is not None:
                         yield Rollback()
                         if self._handler_failed(message, failure):
@@ -265,8 +389,14 @@ class BatchEngine:
                         return position, failure
                     outcomes[index] = Outcome.PROCESSED
                     applied.append(message)
-                if applied:
-                    yield from self._store(Commit(tuple(applied)), "committing")
+                if check is not None and check.changed:
+                    # In the transaction of the dedup rows: both or neither.
+                    yield from self._store(
+                        SaveSequences(tuple(check.changed.items())), "saving sequence numbers")
+                if applied or (check is not None and check.changed):
+                    # A last word applies no message: on_commit gets none for it.
+                    done = tuple(applied) if exhausted is None else ()
+                    yield from self._store(Commit(done), "committing")
                 else:
                     # Only duplicates: there is nothing to commit.
                     yield Rollback()
@@ -292,6 +422,7 @@ class BatchEngine:
                 yield from self._run(work[middle:])
                 return None
             self.report.outcomes.update(outcomes)
+            self._settle_gaps(gaps)
             return None
 
     def _retry_alone(self, index: int, error: BaseException) -> Generator[Step, Any, None]:
@@ -300,6 +431,13 @@ class BatchEngine:
         while True:
             decision = self.policy.decide(failures, error, self.rand())
             if decision.verdict is Verdict.DEAD_LETTER:
+                if self.last_word(message):
+                    # A command's failure reply, committed with its dedup row before the dead
+                    # letter goes out; if the row was there already (handled elsewhere in the
+                    # meantime) there is nothing to dead-letter.
+                    yield from self._transaction([index], exhausted=describe(error))
+                    if self.report.outcomes.get(index) is Outcome.DUPLICATE:
+                        return
                 self._dead_letter(index, describe(error), failures)
                 return
             if decision.verdict is Verdict.STOP:

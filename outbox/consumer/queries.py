@@ -4,6 +4,8 @@ with psycopg.sql, so configured names are always quoted."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 from psycopg import sql
 
@@ -23,6 +25,44 @@ def claim(names: SchemaNames, sqlalchemy: bool = False) -> str:
     else:
         consumer, ids = sql.SQL("%(consumer)s::text"), sql.SQL("%(ids)s::uuid[]")
     return _inbox_sql("claim", names, consumer=consumer, ids=ids)
+
+
+def _arrays(sqlalchemy: bool, **types: str) -> dict[str, sql.Composable]:
+    """Parameters `name` of element type `type` (arrays but for `consumer`), in the driver's
+    style."""
+    def one(name: str, pg_type: str) -> sql.Composable:
+        if sqlalchemy:
+            return sql.SQL("CAST(:{} AS {})").format(sql.SQL(name), sql.SQL(pg_type))
+        return sql.SQL("{}::{}").format(sql.Placeholder(name), sql.SQL(pg_type))
+
+    return {name: one(name, pg_type) for name, pg_type in types.items()}
+
+
+@functools.cache
+def read_sequences(names: SchemaNames, sqlalchemy: bool = False) -> str:
+    return _inbox_sql("read_sequences", names, **_arrays(
+        sqlalchemy, consumer="text", types="text[]", ids="text[]"))
+
+
+@functools.cache
+def save_sequences(names: SchemaNames, sqlalchemy: bool = False) -> str:
+    return _inbox_sql("save_sequences", names, **_arrays(
+        sqlalchemy, consumer="text", types="text[]", ids="text[]", numbers="bigint[]"))
+
+
+def sequence_parameters(
+    consumer: str, keys: Sequence[tuple[str, str]], numbers: Sequence[int] | None = None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"consumer": consumer, "types": [key[0] for key in keys],
+                              "ids": [key[1] for key in keys]}
+    if numbers is not None:
+        params["numbers"] = list(numbers)
+    return params
+
+
+@functools.cache
+def check_sequences(names: SchemaNames) -> str:
+    return _inbox_sql("check_sequences", names)
 
 
 @functools.cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ class MemoryTransaction:
         self._store = store
         self._session = MemorySession()
         self._claimed: set[uuid.UUID] = set()
+        self._numbers: dict[tuple[str, str], int] = {}
         self._open = True
 
     @property
@@ -47,6 +48,19 @@ class MemoryTransaction:
         self._claimed |= new
         return set(new)
 
+    def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        # The committed numbers of this consumer, and this transaction's own.
+        consumer = self._store.consumer
+        found = {(t, i): n for (c, t, i), n in self._store.sequences.items() if c == consumer}
+        found.update(self._numbers)
+        return {key: found[key] for key in keys if key in found}
+
+    def save_sequences(self, numbers: Mapping[tuple[str, str], int]) -> None:
+        # As the stores do: a number never goes back.
+        committed = self.read_sequences(list(numbers))
+        for key, number in numbers.items():
+            self._numbers[key] = max(number, committed.get(key, 0))
+
     def commit(self) -> None:
         assert self._open, "transaction already finished"
         self._open = False
@@ -60,6 +74,9 @@ class MemoryTransaction:
         for event_id in self._claimed:
             self._store.rows[(self._store.consumer, event_id)] = now
         self._store.effects.extend(self._session.effects)
+        for (aggregate_type, aggregate_id), number in self._numbers.items():
+            key = (self._store.consumer, aggregate_type, aggregate_id)
+            self._store.sequences[key] = max(number, self._store.sequences.get(key, 0))
         self._store.commits += 1
 
     def rollback(self) -> None:
@@ -78,6 +95,9 @@ class MemoryInbox:
     def __init__(self, consumer: str = "test") -> None:
         self.consumer = consumer
         self.rows: dict[tuple[str, uuid.UUID], dt.datetime] = {}
+        # ordering="sequence": the last applied number per (consumer, aggregate_type,
+        # aggregate_id).
+        self.sequences: dict[tuple[str, str, str], int] = {}
         self.effects: list[Any] = []
         self.commits = 0
         self.rollbacks = 0
@@ -118,6 +138,12 @@ class AsyncMemoryTransaction:
 
     async def claim(self, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         return self._tx.claim(ids)
+
+    async def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        return self._tx.read_sequences(keys)
+
+    async def save_sequences(self, numbers: Mapping[tuple[str, str], int]) -> None:
+        self._tx.save_sequences(numbers)
 
     async def commit(self) -> None:
         self._tx.commit()

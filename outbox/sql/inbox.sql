@@ -20,3 +20,27 @@ WHERE i.consumer = old.consumer AND i.event_id = old.event_id
 
 -- name: check
 SELECT consumer, event_id, processed_at FROM {schema}.{inbox_table} LIMIT 0
+
+-- name: read_sequences
+-- ordering="sequence": the last applied number of each aggregate of a batch, locked until the
+-- transaction ends (in one order, like the claim), so that two consumers of one aggregate during
+-- a rebalance judge its numbers one after the other.
+SELECT s.aggregate_type, s.aggregate_id, s.last_sequence
+FROM {schema}.{inbox_sequence_table} AS s
+JOIN unnest({types}, {ids}) AS k(t, i) ON s.aggregate_type = k.t AND s.aggregate_id = k.i
+WHERE s.consumer = {consumer}
+ORDER BY s.aggregate_type, s.aggregate_id
+FOR UPDATE OF s
+
+-- name: save_sequences
+-- GREATEST: a number never goes back, even if another consumer inserted the aggregate's first
+-- row after this transaction read none.
+INSERT INTO {schema}.{inbox_sequence_table} AS s
+    (consumer, aggregate_type, aggregate_id, last_sequence)
+SELECT {consumer}, t, i, n FROM unnest({types}, {ids}, {numbers}) AS k(t, i, n) ORDER BY t, i
+ON CONFLICT (consumer, aggregate_type, aggregate_id)
+DO UPDATE SET last_sequence = GREATEST(s.last_sequence, excluded.last_sequence)
+
+-- name: check_sequences
+SELECT consumer, aggregate_type, aggregate_id, last_sequence
+FROM {schema}.{inbox_sequence_table} LIMIT 0

@@ -21,3 +21,17 @@ SELECT to_regclass(%(table)s) IS NOT NULL
 -- name: lock
 -- One lock for every `migrate up` on the cluster: two concurrent runs apply each file once.
 SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: shard_count
+-- N of a sharded outbox (`migrate up --shards N`): its shards table has a row per shard.
+SELECT count(*) FROM {schema}.{shards_table}
+
+-- name: lock_for_resize
+-- `outbox shards resize`: nobody reads or writes the outbox while its rows change shards.
+LOCK TABLE {schema}.{table}, {schema}.{shards_table} IN ACCESS EXCLUSIVE MODE
+
+-- name: unshard
+-- Undoes the sharding migration (its index goes with the column), which is then applied again
+-- with the new count: the column's definition stays in one place, the migration file.
+ALTER TABLE {schema}.{table} DROP COLUMN shard;
+DROP TABLE {schema}.{shards_table}

@@ -15,10 +15,12 @@ CREATE TABLE public.outbox (
     headers        jsonb       NOT NULL DEFAULT '{}',
     created_at     timestamptz NOT NULL DEFAULT now(),
     txid           xid8        NOT NULL DEFAULT pg_current_xact_id(),
-    published_at   timestamptz
+    published_at   timestamptz,
+    commit_lsn     pg_lsn
 );
 CREATE INDEX outbox_pending_idx ON public.outbox (position) WHERE published_at IS NULL;
 CREATE INDEX outbox_txid_idx ON public.outbox (txid) WHERE published_at IS NULL;
+-- (commit_lsn is added by 0005: the WAL relay's commit order of a kept row, for replay.)
 
 -- 0002: events the relay could never publish, and the notification that wakes the relay.
 CREATE TABLE public.outbox_parked (
@@ -58,11 +60,29 @@ CREATE TABLE public.outbox_inbox (
 CREATE INDEX outbox_inbox_processed_at_idx ON public.outbox_inbox (processed_at);
 
 -- 0004: the WAL relay's acknowledged position per slot (written before the slot is confirmed),
--- and a slot recovery under way.
+-- the server and timeline it was read on, and a slot recovery under way.
 CREATE TABLE public.outbox_relay_position (
     slot                   text        PRIMARY KEY,
     acknowledged_lsn       pg_lsn,
     acknowledged_commit_at timestamptz,
+    acknowledged_system    text,
+    acknowledged_timeline  integer,
     recovery_started_at    timestamptz,
     updated_at             timestamptz NOT NULL DEFAULT now()
+);
+
+-- 0007: per-aggregate sequence numbers: the writer's counter (Outbox(sequence=True)) and the
+-- consumer's last applied number (Consumer(ordering="sequence")).
+CREATE TABLE public.outbox_sequence (
+    aggregate_type text   NOT NULL,
+    aggregate_id   text   NOT NULL,
+    last_sequence  bigint NOT NULL CHECK (last_sequence > 0),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+CREATE TABLE public.outbox_inbox_sequence (
+    consumer       text   NOT NULL CHECK (consumer <> ''),
+    aggregate_type text   NOT NULL,
+    aggregate_id   text   NOT NULL,
+    last_sequence  bigint NOT NULL CHECK (last_sequence > 0),
+    PRIMARY KEY (consumer, aggregate_type, aggregate_id)
 );

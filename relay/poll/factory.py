@@ -6,7 +6,14 @@ from collections.abc import Callable
 
 from relay import sources
 from relay.daemon import Relay
-from relay.poll.relay import PollConfig, check_schema, poll_gauges, polling_relay
+from relay.poll.relay import (
+    PollConfig,
+    ShardedRelay,
+    check_schema,
+    poll_gauges,
+    polling_relay,
+)
+from relay.published import warn_topic_not_kept
 from relay.settings import RelaySettings
 from relay.stats import RelayStats
 
@@ -19,14 +26,19 @@ def config(settings: RelaySettings) -> PollConfig:
         batch_size=settings.batch_size or PollConfig.batch_size,
         poll_interval=settings.poll_interval,
         keep_published=settings.keep_published,
+        topic_template=settings.topic_template,
         shutdown_timeout=settings.shutdown_timeout,
         columns=settings.column_mapping,
+        sharded=settings.shards,
+        shard_lease=settings.shard_lease,
     )
 
 
 def check(config: PollConfig, source: sources.Source) -> PollConfig:
     """The tables, the role's privileges, and the type of a Debezium table's payload."""
-    return check_schema(config)
+    checked = check_schema(config)
+    warn_topic_not_kept(checked.topic_template, checked.columns, checked.keep_published)
+    return checked
 
 
 def gauges(config: PollConfig) -> sources.Gauges:
@@ -35,4 +47,6 @@ def gauges(config: PollConfig) -> sources.Gauges:
 
 def relay_factory(settings: RelaySettings, stats: RelayStats) -> Callable[[], Relay]:
     config, publisher, limits = sources.get(settings.source).prepare(settings, stats)
+    if config.sharded:
+        return lambda: ShardedRelay(config, publisher, stats, limits)
     return lambda: polling_relay(config, publisher, stats, limits)

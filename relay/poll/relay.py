@@ -30,8 +30,15 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.cursor import PollCursor, Snapshot
-from relay.published import backlog_gauges, expire_interval, purge_expired
-from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.poll.shards import RelayMembership, RunStop, ShardLeases
+from relay.published import (
+    PURGE_CHUNKS_PER_TURN,
+    backlog_gauges,
+    expire_interval,
+    kept_topic,
+    purge_expired,
+)
+from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
 
@@ -53,9 +60,16 @@ class PollConfig:
     # Acknowledged rows are deleted in batches at least this often.
     ack_interval: float = 0.05
     keep_published: dt.timedelta | None = None
+    # The relay's topic template: kept rows store the topic their event was sent to.
+    topic_template: str = DEFAULT_TOPIC_TEMPLATE
     standby_interval: float = 2.0
     # On stop: how long to wait for outstanding deliveries before exiting without their ack.
     shutdown_timeout: float = 30.0
+    # A sharded outbox (relay/poll/shards.py): run as one of several relays, each publishing the
+    # shards it holds; `shard_count` is read from the table at start-up (check_schema).
+    sharded: bool = False
+    shard_lease: float = 10.0
+    shard_count: int | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,12 +78,17 @@ class PollConfig:
             "poll_interval": self.poll_interval > 0,
             "ack_interval": self.ack_interval >= 0,
             "standby_interval": self.standby_interval > 0,
+            # Checked a quarter of the lease apart, and a relay reads at least every poll
+            # interval: a lease shorter than that would end healthy sessions.
+            "shard_lease": self.shard_lease >= max(1.0, 2 * self.poll_interval),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigurationError(
                     f"{name}={getattr(self, name)!r} is out of range"
                     + (" (must be >= batch_size)" if name == "max_in_flight" else "")
+                    + (" (must be at least 1s and twice the poll interval)"
+                       if name == "shard_lease" else "")
                 )
         if self.keep_published is not None and self.keep_published <= dt.timedelta(0):
             raise ConfigurationError("keep_published must be a positive duration")
@@ -109,7 +128,9 @@ class PollSource:
 
     One relay is active per outbox table: a session advisory lock elects it, the others wait as
     standbys. A row is deleted (or marked) only once its delivery succeeded; the row's position
-    is its token.
+    is its token. On a sharded outbox (`leases` given: relay/poll/shards.py) the relay holds
+    some shards instead, reads only their rows, and its run ends when they should be spread
+    again.
     """
 
     name = "postgres-poll"
@@ -117,7 +138,9 @@ class PollSource:
     read_waits = False
     after_failure = "unacknowledged events will be sent again"
 
-    def __init__(self, config: PollConfig, stats: RelayStats) -> None:
+    def __init__(
+        self, config: PollConfig, stats: RelayStats, leases: ShardLeases | None = None
+    ) -> None:
         self.config = config
         self.stats = stats
         self.cadence = Cadence(room=config.batch_size, max_in_flight=config.max_in_flight,
@@ -129,6 +152,9 @@ class PollSource:
         self._conn: psycopg.Connection[Any] | None = None
         self._listener: psycopg.Connection[Any] | None = None
         self._cursor = PollCursor()
+        self.leases = leases
+        self._reads = {name: f"{name}_sharded" if leases is not None else name
+                       for name in ("fetch_late", "fetch_page")}
 
     def _query(self, name: str) -> Any:
         # Composed once per relay: a mapped table's queries are not cached by relay.queries.
@@ -148,7 +174,9 @@ class PollSource:
                 self._conn, self._listener = conn, listener
                 self.stats.source_connected = True
                 try:
-                    leading = self._lead(conn, stop)
+                    leading = (self._lead(conn, stop) if self.leases is None
+                               else self.leases.claim(conn, stop))
+                    self.stats.leader = leading
                     if leading:
                         listener.execute(self._query("listen"))
                         log.info("polling relay active", extra={
@@ -180,6 +208,9 @@ class PollSource:
         return parked.held_keys(self.conn, self.config.names)
 
     def read(self, sink: Sink[int], park: Callable[[Refused], None], busy: bool) -> int:
+        if self.leases is not None and self.leases.check(self.conn, may_end=True):
+            self.caught_up = False  # the run ends: no idle work, the core drains
+            return 0
         limit = self.config.batch_size
         rows = self._read(self.conn, self._cursor, limit)
         send = sink.send
@@ -196,17 +227,24 @@ class PollSource:
     ) -> list[tuple[Any, ...]]:
         """Late rows and the next page, from one snapshot, in one round trip."""
         late_cur = None
+        reads = self._reads
+        shards = list(self.leases.held) if self.leases is not None else None
         with conn.pipeline():
             conn.execute(self._query("begin_snapshot"))
             snapshot_cur = conn.execute(self._query("snapshot"))
             late = cursor.late_rows()
             if late is not None:
-                late_cur = conn.execute(self._query("fetch_late"), {
+                late_cur = conn.execute(self._query(reads["fetch_late"]), {
                     "ceiling": late.ceiling, "xmax": late.snapshot.xmax,
-                    "in_progress": list(late.snapshot.in_progress)})
-            page_cur = conn.execute(
-                self._query("fetch_page"), {"after": cursor.after, "limit": limit})
+                    "in_progress": list(late.snapshot.in_progress), "shards": shards})
+            page_cur = conn.execute(self._query(reads["fetch_page"]), {
+                "after": cursor.after, "limit": limit, "shards": shards})
             conn.execute(self._query("end_snapshot"))
+        if self.leases is not None:
+            # psycopg ends a pipeline with a flush request after its sync, and the server arms
+            # its idle-session timer only at a sync: without one more statement a relay that
+            # hangs now would keep its shards' leases for ever.
+            conn.execute(self._query("touch"))
         xmax, in_progress = snapshot_cur.fetchone() or ("0", [])
         late_rows = late_cur.fetchall() if late_cur is not None else []
         page = page_cur.fetchall()
@@ -230,19 +268,26 @@ class PollSource:
         return {"position": token}
 
     def keep_alive(self) -> None:
-        """Nothing to keep alive: the connections idle between statements."""
+        """Nothing to keep alive unsharded (the connections idle between statements); sharded,
+        the sessions are touched within their lease while the sink is slow."""
+        if self.leases is not None:
+            self.leases.check(self.conn, may_end=False)
 
     def on_caught_up(self) -> None:
-        """Delete kept rows past their retention, at most once a minute (it scans the table)."""
+        """Delete kept rows past their retention, at most once a minute (it scans the table);
+        a large purge goes on over the next turns, new events first."""
         keep = self.config.keep_published
         if keep is None or time.monotonic() - self._last_expire < expire_interval(keep):
             return
-        purge_expired(self.conn, self.config.names, keep)
-        self._last_expire = time.monotonic()
+        _, finished = purge_expired(self.conn, self.config.names, keep, PURGE_CHUNKS_PER_TURN)
+        if finished:
+            self._last_expire = time.monotonic()
 
     def wait_for_more(self, stop: threading.Event) -> None:
         """Wait for a notification of new rows (or the poll interval, for a late commit)."""
         assert self._listener is not None
+        if stop.is_set():
+            return
         for _ in self._listener.notifies(timeout=self.config.poll_interval, stop_after=1):
             pass
 
@@ -265,6 +310,45 @@ def polling_relay(
                      stats)
 
 
+class ShardedRelay:
+    """A polling relay over a sharded outbox (relay/poll/shards.py): runs of the core, each
+    over the shards it claimed, one after another until the daemon stops. A run ends (drained)
+    when its source gives its shards up to spread them again; the relay's membership lasts
+    across runs."""
+
+    def __init__(
+        self, config: PollConfig, publisher_config: PublisherConfig, stats: RelayStats,
+        topic_limits: TopicLimits | None = None,
+    ) -> None:
+        self.config = config
+        self.publisher_config = publisher_config
+        self.stats = stats
+        self.topic_limits = topic_limits
+        self.source: PollSource | None = None
+        stats.gauges["shards_held"] = lambda: (
+            len(self.source.leases.held) if self.source and self.source.leases else 0)
+
+    def run(self, stop: threading.Event) -> None:
+        config = self.config
+        membership = RelayMembership(config.db_url, config.names, config.leader_key,
+                                     config.shard_lease)
+        previous: tuple[int, ...] = ()
+        try:
+            while not stop.is_set():
+                run_stop = RunStop(stop)
+                # The shards of the run before first: a rebalance moves only what must move.
+                leases = ShardLeases(config.names, config.leader_key, config.shard_count or 0,
+                                     config.shard_lease, config.shutdown_timeout, membership,
+                                     run_stop.set, previous)
+                self.source = PollSource(config, self.stats, leases)
+                sink = kafka_sink(self.publisher_config, self.stats, self.topic_limits)
+                RelayCore(self.source, sink, self.stats).run(run_stop)
+                previous = leases.held
+        finally:
+            self.source = None
+            membership.close()
+
+
 def check_schema(config: PollConfig) -> PollConfig:
     """Fail at start-up, with the fix, when the outbox schema is missing or out of date.
 
@@ -285,7 +369,7 @@ def check_schema(config: PollConfig) -> PollConfig:
             raise FatalRelayError(
                 f"table(s) {', '.join(missing)} missing in schema {names.schema!r}: "
                 f"run `{setup}` first")
-        return config
+        return _check_shards(config)
     if names.table in missing:
         raise FatalRelayError(
             f"table {names.schema}.{names.table} does not exist: with --columns "
@@ -320,6 +404,25 @@ def check_schema(config: PollConfig) -> PollConfig:
         config, columns=dataclasses.replace(columns, payload_type=payload_type))
 
 
+def _check_shards(config: PollConfig) -> PollConfig:
+    """A sharded outbox needs sharded relays (--shards), and --shards a sharded outbox: one
+    relay taking the table's lead and others holding shards would publish rows twice at once."""
+    names = config.names
+    with connect(config.db_url) as conn:
+        count = migrate.shard_count(conn, names)
+    if config.sharded and count is None:
+        raise FatalRelayError(
+            f"--shards: table {names.schema}.{names.table} is not sharded; run "
+            f"`{migrate.command(names)} --shards N` first (docs/operations.md)")
+    if not config.sharded and count is not None:
+        raise FatalRelayError(
+            f"table {names.schema}.{names.table} is sharded ({count} shards): run every relay "
+            "of it with --shards")
+    if count == 0:
+        raise FatalRelayError(f"table {names.shards_table} lists no shard")
+    return dataclasses.replace(config, shard_count=count)
+
+
 # Payload column types the relay can read (format_type's spelling), and how it reads them.
 _PAYLOAD_TYPES: dict[str, PayloadType] = {
     "jsonb": "jsonb", "json": "json", "text": "text", "bytea": "bytea"}
@@ -338,6 +441,9 @@ _MAPPED_QUERIES = frozenset(("fetch_late", "fetch_page", "park", "backlog"))
 
 def poll_query(config: PollConfig, name: str) -> sql.Composed:
     """Block `name` of relay/sql/poll.sql for the layout of this table."""
+    if name == "mark_published":
+        return queries.compose("poll.sql", name, config.names,
+                               set_topic=kept_topic(config.topic_template, config.columns))
     if config.columns.is_native or name not in _MAPPED_QUERIES:
         return queries.query("poll.sql", name, config.names)
     return queries.compose("poll.sql", f"{name}_mapped", config.names,
@@ -375,6 +481,12 @@ def _mapped_columns(columns: ColumnMapping) -> dict[str, sql.Composable]:
         "oldest": sql.SQL("min({})").format(created_at) if columns.created_at is not None
         else sql.SQL("NULL::timestamptz"),
     }
+
+
+def event_select_list(columns: ColumnMapping) -> sql.Composable:
+    """The event columns of the table, as the page queries select them after position (what
+    `row_record` reads): for `outbox replay`, which reads published rows the same way."""
+    return _mapped_columns(columns)["event_columns"]
 
 
 def poll_gauges(config: PollConfig) -> dict[str, Callable[[], float | None]]:

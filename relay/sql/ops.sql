@@ -87,3 +87,11 @@ SELECT current_user::text
 -- name: identify_system
 -- A replication connection's first command: `outbox doctor` opens one as the relay does.
 IDENTIFY_SYSTEM
+
+-- name: shard_backlog
+-- A sharded outbox: each shard's unpublished rows and the age of its oldest.
+SELECT s.shard, count(o.position), EXTRACT(EPOCH FROM now() - min(o.created_at))::float8
+FROM {schema}.{shards_table} s
+LEFT JOIN {schema}.{table} o ON o.shard = s.shard AND o.published_at IS NULL
+GROUP BY s.shard
+ORDER BY s.shard

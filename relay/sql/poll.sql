@@ -37,7 +37,9 @@ COMMIT
 DELETE FROM {schema}.{table} WHERE position = ANY(%(positions)s)
 
 -- name: mark_published
-UPDATE {schema}.{table} SET published_at = now() WHERE position = ANY(%(positions)s)
+-- With keep_published; {set_topic} stores the topic the event was sent to, for `outbox replay`
+-- (relay/published.py kept_topic).
+UPDATE {schema}.{table} SET published_at = now(){set_topic} WHERE position = ANY(%(positions)s)
 
 -- name: park
 -- Moves an event that can never be published to the parked table, with the reason.
@@ -96,3 +98,55 @@ ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_at = now()
 
 -- name: backlog_mapped
 SELECT count(*), {oldest} FROM {schema}.{table} WHERE published_at IS NULL
+
+-- Sharded outbox (`outbox relay --shards`, relay/poll/shards.py): the same reads, of the rows
+-- of the shards this relay holds; the (position, shard) index checks the shard inside the index.
+
+-- name: fetch_late_sharded
+SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
+       headers::text, created_at
+FROM {schema}.{table}
+WHERE published_at IS NULL
+  AND position <= %(ceiling)s
+  AND (txid = ANY(%(in_progress)s::text[]::xid8[]) OR txid >= %(xmax)s::text::xid8)
+  AND shard = ANY(%(shards)s::int[])
+ORDER BY position
+
+-- name: fetch_page_sharded
+SELECT position, id, aggregate_type, aggregate_id, event_type, topic, payload, content_type,
+       headers::text, created_at
+FROM {schema}.{table}
+WHERE published_at IS NULL AND position > %(after)s AND shard = ANY(%(shards)s::int[])
+ORDER BY position
+LIMIT %(limit)s
+
+-- name: try_shard
+-- A shard's lease: a session advisory lock (table key, shard), taken on the connection that reads
+-- and deletes the shard's rows, so it ends with the session that publishes them.
+SELECT pg_try_advisory_lock(%(key)s::int, %(shard)s::int)
+
+-- name: join_relays
+-- A live relay holds (table key, -its backend pid) on its membership connection for as long as
+-- it runs: the relays sharing the outbox count these.
+SELECT pg_try_advisory_lock(%(key)s::int, -pg_backend_pid())
+
+-- name: lease
+-- The server ends a session idle for longer than the lease (a hung or cut-off relay), and its
+-- locks with it; a relay touches its sessions more often than that.
+SELECT set_config('idle_session_timeout', %(lease)s, false)
+
+-- name: touch
+SELECT 1
+
+-- name: shard_locks
+-- The advisory locks of the table key: (table key, shard) held by the shard's owner, (table key,
+-- -pid) by each live relay. Two-int locks show in pg_locks with classid = the first key, objid =
+-- the second (as unsigned 32-bit oids) and objsubid 2. Readable by every role.
+SELECT l.objid::bigint, l.pid, a.client_addr::text, a.application_name
+FROM pg_catalog.pg_locks l
+LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory'
+  AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+  AND l.classid = %(classid)s::bigint::oid
+  AND l.objsubid = 2
+  AND l.granted

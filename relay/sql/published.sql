@@ -29,8 +29,14 @@ WHERE ctid = ANY(ARRAY(
 ))
 
 -- name: mark_transactions
--- As delete_transactions, with keep_published: marked now, deleted by delete_expired later.
-UPDATE {schema}.{table} SET published_at = now()
+-- As delete_transactions, with keep_published: marked now, deleted by delete_expired later;
+-- each row gets its transaction's commit LSN, the commit order `outbox replay` follows
+-- (migrations/0005), looked up in `lsn_of` (a JSON object: txid -> LSN). A lookup, not a join
+-- with the transactions: a join updated the rows out of their physical order, at three times
+-- the cost of the mark without it; this costs what that did (docs/performance.md, retention).
+-- {set_topic} stores the topic the event was sent to (relay/published.py kept_topic).
+UPDATE {schema}.{table}
+SET published_at = now(), commit_lsn = (%(lsn_of)s::jsonb ->> txid::text)::pg_lsn{set_topic}
 WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM {schema}.{table}
     WHERE published_at IS NULL AND txid = ANY(%(txids)s::text[]::xid8[])

@@ -90,6 +90,8 @@ class WalCommit:
     commit_time_us: int
     events: int
     rejected: int
+    # Changes of the outbox not read: the transaction was acknowledged before (skip_below).
+    skipped: int = 0
 
 
 WalItem = WalEvent | WalRejected | WalCommit
@@ -481,10 +483,17 @@ class OutboxDecoder:
         self._events = 0
         self._rejected = 0
         self.last_commit_end = 0
+        # Transactions whose commit starts below this LSN are in Kafka already (relay/wal/
+        # position.py): their changes are dropped. While one is read, its xid is here and not
+        # in _xid, which sends its inserts off the fast path to where they are dropped: the
+        # usual path pays nothing per event for this.
+        self.skip_below = 0
+        self._skipping: int | None = None
+        self._skipped = 0
 
     @property
     def in_transaction(self) -> bool:
-        return self._xid is not None
+        return self._xid is not None or self._skipping is not None
 
     def feed(self, lsn: int, message: PgOutputMessage) -> WalItem | None:
         # Most frequent first: this runs once per change.
@@ -493,12 +502,16 @@ class OutboxDecoder:
         if isinstance(message, Message):
             return self._message(lsn, message)
         if isinstance(message, Begin):
-            if self._xid is not None:
+            if self.in_transaction:
                 raise PgOutputDecodeError(
-                    f"transaction {message.xid} began inside transaction {self._xid}"
+                    f"transaction {message.xid} began inside transaction "
+                    f"{self._xid if self._xid is not None else self._skipping}"
                 )
-            self._xid = message.xid
-            self._events = self._rejected = 0
+            self._events = self._rejected = self._skipped = 0
+            if message.final_lsn < self.skip_below:
+                self._skipping = message.xid
+            else:
+                self._xid = message.xid
             return None
         if isinstance(message, Commit):
             return self._commit(message)
@@ -529,8 +542,11 @@ class OutboxDecoder:
         return self._xid
 
     def _commit(self, message: Commit) -> WalCommit:
-        xid = self._current_xid("a Commit")
-        self._xid = None
+        if self._skipping is not None:
+            xid, self._skipping = self._skipping, None
+        else:
+            xid = self._current_xid("a Commit")
+            self._xid = None
         self.last_commit_end = message.end_lsn
         return WalCommit(
             xid,
@@ -539,7 +555,14 @@ class OutboxDecoder:
             message.commit_time_us,
             self._events,
             self._rejected,
+            self._skipped,
         )
+
+    def _skip(self, what: str) -> None:
+        """A change outside `_xid`: dropped in a skipped transaction, else an error."""
+        if self._skipping is None:
+            raise PgOutputDecodeError(f"{what} arrived outside a transaction")
+        self._skipped += 1
 
     # -- table mode --------------------------------------------------------------------------------
 
@@ -571,7 +594,8 @@ class OutboxDecoder:
             return None
         xid = self._xid
         if xid is None:
-            raise PgOutputDecodeError("an Insert arrived outside a transaction")
+            self._skip("an Insert")
+            return None
         row = message.new
         reader = plan.readers.get(row.kinds) or plan.reader(row.kinds)
         if type(reader) is str:
@@ -620,7 +644,10 @@ class OutboxDecoder:
                 extra={"action": "wal.decoder.non_transactional_message"},
             )
             return None
-        xid = self._current_xid("a transactional message")
+        xid = self._xid
+        if xid is None:
+            self._skip("a transactional message")
+            return None
         content = message.content
         # The compiled reader takes the writer's own shape; anything else (and every error)
         # is the Python decoder's.

@@ -36,6 +36,7 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Refused, Sink
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.poll.relay import PollConfig, PollSource, connect, row_record
+from relay.published import kept_topic
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -49,6 +50,7 @@ from relay.wal.errors import (
     SlotRecoveryPendingError,
 )
 from relay.wal.lsn import format_lsn, parse_lsn
+from relay.wal.position import Remembered
 from relay.wal.relay import WalRelayConfig
 from relay.wal.stream import replication_connection
 
@@ -142,13 +144,17 @@ class CatchUpSource(PollSource):
 
     def __init__(self, config: PollConfig, stats: RelayStats,
                  reader: psycopg.Connection[Any], stop: threading.Event,
-                 ended: threading.Event) -> None:
+                 ended: threading.Event, consistent_lsn: int = 0) -> None:
         super().__init__(config, stats)
         self._reader = reader
+        self._consistent_lsn = consistent_lsn
         self._stop = stop  # the daemon's (or the command's) stop
         self._ended = ended  # the core's stop: set when everything was read, or on `stop`
         self._after = 0
         self.complete = False
+        self._mark = queries.compose(
+            "recovery.sql", "mark_recovered", config.names,
+            set_topic=kept_topic(config.topic_template, config.columns))
 
     @contextlib.contextmanager
     def open(self, stop: threading.Event) -> Iterator[bool]:
@@ -177,6 +183,17 @@ class CatchUpSource(PollSource):
                 send(row_record(row), row[0])
         self.caught_up = len(rows) < limit
         return len(rows)
+
+    def apply(self, delivered: list[int], refused: list[Refused]) -> None:
+        """As the polling relay; kept rows are marked with the new slot's consistent point as
+        their commit order (`outbox replay`): they committed before it, and after every row the
+        lost slot's relay had marked."""
+        if not (delivered and self.config.keep_published):
+            super().apply(delivered, refused)
+            return
+        super().apply([], refused)
+        self.conn.execute(self._mark, {"positions": delivered,
+                                       "lsn": format_lsn(self._consistent_lsn)})
 
     def keep_alive(self) -> None:
         self._check_stop()
@@ -302,9 +319,10 @@ def _catch_up(
         reader.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         poll = PollConfig(db_url=config.db_url, names=config.names, columns=source.columns,
                           keep_published=config.keep_published,
+                          topic_template=publisher.topic_template,
                           shutdown_timeout=config.shutdown_timeout)
         ended = threading.Event()
-        catch_up = CatchUpSource(poll, stats, reader, stop, ended)
+        catch_up = CatchUpSource(poll, stats, reader, stop, ended, consistent)
         before = dict(stats.published)
         parked_before = stats.parked
         RelayCore(catch_up, kafka_sink(publisher, stats, topic_limits), stats).run(ended)
@@ -350,11 +368,12 @@ class HealingRelay:
     streams on. Every other error goes to the supervisor as usual."""
 
     def __init__(self, config: WalRelayConfig, publisher: PublisherConfig, stats: RelayStats,
-                 limits: TopicLimits | None) -> None:
+                 limits: TopicLimits | None, remembered: Remembered | None = None) -> None:
         self.config = config
         self.publisher = publisher
         self.stats = stats
         self.limits = limits
+        self.remembered = remembered
 
     def run(self, stop: threading.Event) -> None:
         from relay.wal.relay import wal_relay
@@ -362,7 +381,8 @@ class HealingRelay:
         slot = self.config.source.slot
         while not stop.is_set():
             try:
-                wal_relay(self.config, self.publisher, self.stats, self.limits).run(stop)
+                wal_relay(self.config, self.publisher, self.stats, self.limits,
+                          self.remembered).run(stop)
                 return
             except LOST_SLOT as exc:
                 log.error("replication slot %s lost: recovering it from the outbox table", slot,

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +24,11 @@ from relay.core.loop import RelayCore
 from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.core.watermark import Group, Watermark
 from relay.errors import FatalRelayError, SourceUnavailableError
-from relay.published import backlog_gauges
-from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
+from relay.published import backlog_gauges, kept_topic
+from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink, topic_sql
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
-from relay.wal import recovery_state, slots
+from relay.wal import position, recovery_state, slots
 from relay.wal.budget import SlotBudget
 from relay.wal.cleanup import TableCleaner
 from relay.wal.decoder import WalCommit, WalEvent, WalRejected
@@ -58,6 +59,8 @@ class WalRelayConfig:
     shutdown_timeout: float = 30.0
     # Published rows are deleted; with this, marked (published_at) and deleted once this old.
     keep_published: dt.timedelta | None = None
+    # The relay's topic template: kept rows store the topic their event was sent to.
+    topic_template: str = DEFAULT_TOPIC_TEMPLATE
     # A lost slot: "stop" the relay, or "recover" it (relay/wal/recovery.py).
     on_slot_loss: str = "stop"
     # Bytes of WAL the slot may retain before the relay reports it (relay/wal/budget.py).
@@ -67,8 +70,10 @@ class WalRelayConfig:
 class WalRelaySource:
     """The WAL source (relay/core/ports.py `Source`): pgoutput changes of the outbox, in commit
     order. A transaction is a group of the watermark (relay/core/watermark.py): the slot is
-    confirmed up to the newest transaction done with all before it, and in table mode only
-    once its rows are removed from the outbox table (relay/wal/cleanup.py)."""
+    confirmed up to the newest transaction done with all before it, once the position is
+    recorded and, in table mode, its rows are removed from the outbox table
+    (relay/wal/cleanup.py). Transactions acknowledged before, as recorded or `remembered` by
+    this process, are skipped when the server sends them again (relay/wal/position.py)."""
 
     name = "postgres-wal"
     # Observed per transaction when it is done (see confirm): cheaper than per event.
@@ -76,9 +81,12 @@ class WalRelaySource:
     read_waits = True  # on the replication stream
     after_failure = "the relay restarts from the slot's confirmed position"
 
-    def __init__(self, config: WalRelayConfig, stats: RelayStats) -> None:
+    def __init__(self, config: WalRelayConfig, stats: RelayStats,
+                 remembered: position.Remembered | None = None) -> None:
         self.config = config
         self.stats = stats
+        self.remembered = remembered if remembered is not None else position.Remembered()
+        self.skipped = 0  # events of transactions acknowledged before, not sent again
         self.cadence = Cadence(room=1, max_in_flight=config.max_in_flight, ack_interval=0.0,
                                shutdown_timeout=config.shutdown_timeout)
         self.caught_up = False
@@ -86,6 +94,11 @@ class WalRelaySource:
         self._source: WalSource | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._cleaner: TableCleaner | None = None
+        # Without a cleaner (no rows to remove) the position is recorded here, at most once
+        # per status interval: the last done transaction not recorded yet, and what was.
+        self._unrecorded: WalCommit | None = None
+        self._recorded = 0
+        self._record_at = 0.0
         self._budget = SlotBudget(
             config.source.slot, config.max_slot_wal, stats,
             give_up=config.on_slot_loss == "recover") if config.max_slot_wal else None
@@ -112,6 +125,7 @@ class WalRelaySource:
             with source, psycopg.connect(libpq_url(self.config.db_url), autocommit=True) as conn:
                 self._source, self._conn = source, conn
                 self.stats.source_connected = self.stats.leader = True
+                self._skip_acknowledged(conn)
                 self._cleaner = self._start_cleaner(conn)
                 if self._budget is not None:
                     self._budget.check(conn)  # a slot over budget already is reported at once
@@ -140,10 +154,24 @@ class WalRelaySource:
                 "not finish: streaming from the slot now would skip events. Run `outbox slot "
                 "recover` (or the relay with --on-slot-loss recover)")
 
+    def _skip_acknowledged(self, conn: psycopg.Connection[Any]) -> None:
+        """Skip what the server sends again although Kafka has it: the transactions up to the
+        position recorded for the slot, or remembered from this process's earlier runs."""
+        identity = self.source.stream.identity
+        recorded = position.recorded(conn, self.config.names, self.config.source.slot)
+        below = position.skip_below(identity, recorded, self.remembered.position)
+        slot_at = self.source.stream.slot_at_start.confirmed_flush_lsn or 0
+        self.source.decoder.skip_below = below
+        if below > slot_at:
+            log.info("skipping the transactions up to %s, acknowledged before: the slot "
+                     "resumes at %s", format_lsn(below), format_lsn(slot_at), extra={
+                         "event": "wal_skip_acknowledged", "slot": self.config.source.slot,
+                         "skip_below": format_lsn(below), "slot_at": format_lsn(slot_at)})
+
     def _start_cleaner(self, conn: psycopg.Connection[Any]) -> TableCleaner | None:
-        """The remover of published rows, unless there is no table (table-less mode) or its
-        rows carry no transaction id to find them by (a mapped layout, e.g. Debezium's, whose
-        writers delete their rows themselves)."""
+        """The remover of published rows (which records the position with them), unless there
+        is no table (table-less mode) or its rows carry no transaction id to find them by (a
+        mapped layout, e.g. Debezium's, whose writers delete their rows themselves)."""
         table = self.config.source.table
         if table is None:
             return None
@@ -152,9 +180,14 @@ class WalRelaySource:
             log.warning("published rows stay in the outbox table: it has no txid column", extra={
                 "event": "table_not_cleaned", "table": f"{self.config.source.schema}.{table}"})
             return None
-        cleaner = TableCleaner(self.config.db_url, self.config.names, self.config.keep_published)
+        cleaner = TableCleaner(
+            self.config.db_url, self.config.names, self._origin(), self.config.keep_published,
+            kept_topic(self.config.topic_template, self.config.source.columns))
         cleaner.start()
         return cleaner
+
+    def _origin(self) -> position.Origin:
+        return position.Origin.of(self.config.source.slot, self.source.stream.identity)
 
     def held_keys(self) -> KeyHolds:
         return parked.held_keys(self.conn, self.config.names)
@@ -170,6 +203,9 @@ class WalRelaySource:
                 sent += 1
             elif isinstance(item, WalCommit):
                 self.transactions.close(item)
+                if item.skipped:
+                    self.skipped += item.skipped
+                    self.stats.wal_skipped += item.skipped
             elif isinstance(item, WalRejected):
                 # Not an event of any transaction's count: parked at once, by its raw change.
                 parked.park_raw(self.conn, self.config.names,
@@ -194,30 +230,54 @@ class WalRelaySource:
 
     def confirm(self, *, final: bool) -> None:
         """Hand done transactions to the cleaner, then confirm the slot up to what is safe:
-        done, and in table mode its rows removed."""
+        done, the position recorded, and in table mode its rows removed."""
         done = self.transactions.pop_done()
-        cleaner, confirm = self._cleaner, 0
+        cleaner = self._cleaner
         if done:
             last = done[-1].position
             assert last is not None  # closed groups have their commit
+            commits = []  # (xid, commit LSN) of those whose rows leave the table
             for transaction in done:
                 commit = transaction.position
-                if transaction.events and commit is not None:
+                assert commit is not None
+                if transaction.events:
                     self.stats.delivered_transaction(
                         transaction.events, commit.commit_time_us / 1e6 + PG_EPOCH_UNIX)
-            if cleaner is None:
-                confirm = last.end_lsn
+                    commits.append((commit.xid, commit.commit_lsn))
+                elif commit.skipped:
+                    # Acknowledged by an earlier run, whose cleaner may not have removed its
+                    # rows yet: removing them again is harmless, leaving them is not.
+                    commits.append((commit.xid, commit.commit_lsn))
+            if cleaner is not None:
+                cleaner.done(commits, last.end_lsn, last.commit_time_us)
             else:
-                cleaner.done([t.position.xid for t in done if t.events and t.position],
-                             last.end_lsn)
+                self._unrecorded = last
+            identity = self.source.stream.identity
+            self.remembered.note(position.Position(
+                last.end_lsn, identity.system_id, identity.timeline))
         if cleaner is not None:
             cleaner.check()
             confirm = cleaner.cleaned_lsn
+        else:
+            confirm = self._record(final)
         if self._budget is not None:
             self._budget.check(self.conn)
         source = self.source
         if confirm > source.acknowledged_lsn:
             source.acknowledge(confirm)
+
+    def _record(self, final: bool) -> int:
+        """Without a cleaner: record the newest done transaction (at the status interval, and
+        at the end), on this thread; returns how far the position is recorded. One short
+        statement a second: a thread of its own would cost the drain more than it saves."""
+        commit = self._unrecorded
+        now = time.monotonic()
+        if commit is not None and (final or now >= self._record_at):
+            position.record(self.conn, self.config.names, self._origin(), commit.end_lsn,
+                            commit.commit_time_us)
+            self._recorded, self._unrecorded = commit.end_lsn, None
+            self._record_at = now + self.config.source.status_interval
+        return self._recorded
 
     def where(self, token: Group[WalCommit]) -> Mapping[str, object]:
         return {}
@@ -238,7 +298,7 @@ class WalRelaySource:
             self._cleaner.close(self.config.shutdown_timeout, finish=True)
             self.confirm(final=True)
         log.info("WAL relay stopped", extra={
-            "event": "relay_stopped", "unacknowledged": unacknowledged,
+            "event": "relay_stopped", "unacknowledged": unacknowledged, "skipped": self.skipped,
             "confirmed": format_lsn(self.source.acknowledged_lsn)})
 
     def abandon(self, *, blocked: bool) -> None:
@@ -254,10 +314,11 @@ class WalRelaySource:
 
 def wal_relay(
     config: WalRelayConfig, publisher_config: PublisherConfig, stats: RelayStats,
-    topic_limits: TopicLimits | None = None,
+    topic_limits: TopicLimits | None = None, remembered: position.Remembered | None = None,
 ) -> RelayCore[Group[WalCommit]]:
-    """The WAL relay: the core driving a WalRelaySource into the Kafka sink."""
-    return RelayCore(WalRelaySource(config, stats),
+    """The WAL relay: the core driving a WalRelaySource into the Kafka sink. `remembered`:
+    the process's memory of what was acknowledged, shared by its runs."""
+    return RelayCore(WalRelaySource(config, stats, remembered),
                      kafka_sink(publisher_config, stats, topic_limits), stats)
 
 
@@ -277,6 +338,7 @@ def check_setup(config: WalRelayConfig) -> None:
             parked_table = catalog.qualified(conn, config.names, config.names.parked_table)
             parked_exists = catalog.table_exists(conn, parked_table)
             missing = _missing_cleanup_rights(conn, config) if parked_exists else None
+            unrecordable = _position_problem(conn, config) if parked_exists else None
     except psycopg.OperationalError as exc:
         raise SourceUnavailableError(f"cannot connect to PostgreSQL: {redact(str(exc))}") from exc
     if not parked_exists:
@@ -288,18 +350,44 @@ def check_setup(config: WalRelayConfig) -> None:
         raise FatalRelayError(
             f"the WAL relay's role may not {missing}: it removes the rows it published from the "
             "outbox table; grant it as deploy/roles.sql does")
+    if unrecordable:
+        raise FatalRelayError(unrecordable)
+
+
+def _position_problem(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
+    """Why the relay could not record its position (relay/wal/position.py), or None."""
+    table = catalog.qualified(conn, config.names, config.names.position_table)
+    columns = catalog.column_types(conn, table) if catalog.table_exists(conn, table) else {}
+    if "acknowledged_system" not in columns:
+        setup = migrate.command(config.names, config.source.columns.layout)
+        return (f"table {table} is missing or out of date: run `{setup}` first (the WAL relay "
+                "records there how far Kafka acknowledged)")
+    for privilege in ("SELECT", "INSERT", "UPDATE"):
+        if not catalog.may(conn, table, privilege):
+            return (f"the WAL relay's role may not {privilege} {table}: it records there how "
+                    "far Kafka acknowledged; grant it as deploy/roles.sql does")
+    return None
 
 
 def _missing_cleanup_rights(conn: psycopg.Connection[Any], config: WalRelayConfig) -> str | None:
     """What the role lacks to remove published rows (table mode), or None."""
     if config.source.table is None:
         return None
-    if "txid" not in slots.table_columns(conn, (config.source.schema, config.source.table)):
+    columns = slots.table_columns(conn, (config.source.schema, config.source.table))
+    if "txid" not in columns:
         return None  # nothing to find its rows by: they are left alone (see _cleaner)
     table = catalog.qualified(conn, config.names, config.names.table)
     wanted: list[tuple[str, str | None]] = [("DELETE", None)]
     if config.keep_published is not None:
-        wanted.append(("UPDATE", "published_at"))
+        if "commit_lsn" not in columns:
+            raise FatalRelayError(
+                f"table {table} has no column commit_lsn, which --keep-published marks (the "
+                "commit order `outbox replay` follows): run "
+                f"`{migrate.command(config.names, config.source.columns.layout)}` first")
+        wanted += [("UPDATE", "published_at"), ("UPDATE", "commit_lsn")]
+        if topic_sql(config.topic_template, config.source.columns) is not None:
+            assert config.source.columns.topic is not None
+            wanted.append(("UPDATE", config.source.columns.topic))
     for privilege, column in wanted:
         if not catalog.may(conn, table, privilege, column):
             return f"{privilege} {table}" + (f" ({column})" if column else "")

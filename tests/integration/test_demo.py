@@ -37,3 +37,6 @@ def test_demo_short_run_reaches_a_good_verdict(services: Services, source: str) 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "relay killed with SIGKILL" in result.stdout
     assert "VERDICT: OK" in result.stdout
+    # The billing step: commands sent and replies applied, live and in the verdict.
+    assert "replies applied" in result.stdout
+    assert "every approved order charged by command" in result.stdout

@@ -404,6 +404,77 @@ def test_a_callers_connection_inside_a_transaction_is_refused_and_left_alone(
     assert harness.outside.effects() == [99]
 
 
+# -- sequence numbers (ordering="sequence") -----------------------------------------------------
+
+
+A, B = ("Order", "a"), ("Order", "b")
+
+
+@contract()
+def test_sequence_numbers_commit_with_the_claim_and_never_go_back(harness: Harness) -> None:
+    store = harness.store(sequence=True)
+    store.check()
+    tx = store.begin()
+    assert tx.read_sequences([A, B]) == {}
+    tx.claim(ids(1))
+    tx.save_sequences({A: 3})
+    tx.rollback()
+
+    tx = store.begin()
+    assert tx.read_sequences([A, B]) == {}  # rolled back with its claim
+    [event_id] = ids(1)
+    tx.claim([event_id])
+    tx.save_sequences({A: 3, B: 1})
+    assert tx.read_sequences([A]) == {A: 3}  # the transaction sees its own numbers
+    tx.commit()
+    assert harness.outside.inbox_ids() == {event_id}
+
+    tx = store.begin()
+    assert tx.read_sequences([A, B, ("Invoice", "a")]) == {A: 3, B: 1}
+    tx.save_sequences({A: 2, B: 4})  # a number never goes back
+    tx.commit()
+    tx = harness.store(sequence=True).begin()  # another process of the group sees them
+    assert tx.read_sequences([A, B]) == {A: 3, B: 4}
+    tx.rollback()
+    other = harness.store("shipping", sequence=True).begin()  # each consumer has its own
+    assert other.read_sequences([A, B]) == {}
+    other.rollback()
+
+
+@contract(where=lambda v: v.concurrent_claim == "waits")
+def test_a_second_reader_of_an_aggregates_number_waits_for_the_first_transaction(
+    harness: Harness
+) -> None:
+    """Two consumers of one aggregate during a rebalance judge its numbers one after the other:
+    the second read waits for the first transaction and sees its number."""
+    mine, theirs = harness.store(sequence=True), harness.store(sequence=True)
+    mine.check()
+    setup = mine.begin()
+    setup.save_sequences({A: 1})
+    setup.commit()
+    first = mine.begin()
+    first_pid = harness.backend_pid(first)
+    assert first.read_sequences([A]) == {A: 1}
+    second = theirs.begin()
+    second_pid = harness.backend_pid(second)
+    reading = harness.spawn(lambda: second.read_sequences([A]))
+    harness.outside.wait_blocked(second_pid, by=first_pid)
+    first.save_sequences({A: 2})
+    first.commit()
+    assert reading.result(timeout=30) == {A: 2}
+    second.rollback()
+
+
+@contract(where=lambda v: v.family == "mongo")
+def test_check_makes_the_unique_index_of_the_sequence_numbers(harness: Harness) -> None:
+    store = harness.store(sequence=True)
+    store.check()
+    store.check()
+    assert harness.mongo is not None
+    indexes = harness.mongo.get_default_database().outbox_inbox_sequence.index_information()
+    assert indexes["consumer_aggregate"]["unique"] is True
+
+
 # -- is_transient -------------------------------------------------------------------------------
 
 

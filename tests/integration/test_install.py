@@ -108,6 +108,47 @@ MONGO_USER = textwrap.dedent("""
 """)
 
 
+# Typed events need no extra as dataclasses; pydantic models come with `outbox-relay[pydantic]`.
+TYPED_USER = textwrap.dedent("""
+    import dataclasses, sys
+    import psycopg
+    import outbox
+
+    @outbox.event_type("OrderPaid", aggregate="Order", id_field="order_id")
+    @dataclasses.dataclass
+    class OrderPaid:
+        order_id: int
+        cents: int
+
+    if len(sys.argv) > 2:
+        import pydantic
+
+        @outbox.event_type("OrderShipped", aggregate="Order", id_field="order_id")
+        class OrderShipped(pydantic.BaseModel):
+            order_id: int
+
+        extra = [OrderShipped(order_id=5)]
+    else:
+        extra = []
+    with psycopg.connect(sys.argv[1]) as conn:
+        outbox.publish(conn, OrderPaid(order_id=4, cents=100), *extra)
+    print("published")
+""")
+
+
+# Schema Registry formats need `outbox-relay[schema-registry]`: without it, an error names it.
+SCHEMA_REGISTRY_WITHOUT_EXTRA = textwrap.dedent("""
+    from outbox.contracts.schema_registry import SchemaRegistryFormats
+    from outbox.errors import MissingExtraError
+    try:
+        SchemaRegistryFormats("http://127.0.0.1:9").avro(
+            "Order", "1", "OrderPlaced", {}, '{"type": "record", "name": "E", "fields": []}')
+    except MissingExtraError as exc:
+        assert "outbox-relay[schema-registry]" in str(exc), exc
+        print("refused")
+""")
+
+
 def run(*args: str | Path, cwd: Path | None = None) -> str:
     result = subprocess.run(
         [str(arg) for arg in args], capture_output=True, text=True, timeout=600, cwd=cwd,
@@ -208,6 +249,19 @@ def test_plain_install_publishes_with_a_sync_session_and_imports_the_consumer(
 
 
 @pytest.mark.timeout(900)
+def test_plain_install_runs_outbox_verify_without_the_repository(
+    clean_venv: Path, empty_db_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """`outbox verify` needs nothing of tests/ or bench/: its relay child is the installed one."""
+    outbox_cli = clean_venv / "bin" / "outbox"
+    assert "--faults" in run(outbox_cli, "verify", "--help", cwd=tmp_path)
+    out = run(outbox_cli, "verify", "--db", empty_db_url, "--kafka", kafka_bootstrap,
+              "--duration", "4s", "--rate", "50", "--faults", "relay-kill", cwd=tmp_path)
+    assert "verdict: PASS" in out
+    assert "removed everything it created" in out
+
+
+@pytest.mark.timeout(900)
 def test_asyncio_extra_publishes_with_an_async_session(
     tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
 ) -> None:
@@ -263,3 +317,43 @@ def test_local_mongo_extra_installs_a_runnable_mongodb_substitute(
     venv = venv_with(tmp_path_factory, wheel, "local-mongo")
     shown = run(venv / "bin" / "python", "-m", "secantus", "--help", cwd=tmp_path)
     assert "--storage-path" in shown and "--port" in shown
+
+
+@pytest.mark.timeout(900)
+def test_plain_install_publishes_dataclass_events_and_writes_asyncapi_json(
+    clean_venv: Path, empty_db_url: str, tmp_path: Path
+) -> None:
+    python = clean_venv / "bin" / "python"
+    # (pydantic may be there all the same: recent typer releases depend on it.)
+    assert subprocess.run([python, "-c", "import yaml"], capture_output=True).returncode != 0
+    run(clean_venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
+    assert run_as_user(clean_venv, TYPED_USER, empty_db_url, cwd=tmp_path) == "published"
+    (tmp_path / "shop_events.py").write_text(TYPED_USER.split("if len(sys.argv)")[0])
+    document = run(clean_venv / "bin" / "outbox", "asyncapi", "--app", "shop_events",
+                   "--format", "json", cwd=tmp_path)
+    assert '"OrderPaid.v1"' in document
+    refused = subprocess.run([clean_venv / "bin" / "outbox", "asyncapi", "--app", "shop_events"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 1 and "outbox-relay[asyncapi]" in refused.stderr
+    assert run_as_user(clean_venv, SCHEMA_REGISTRY_WITHOUT_EXTRA, cwd=tmp_path) == "refused"
+
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT event_type, headers->>'event_version' FROM outbox").fetchall()
+    assert rows == [("OrderPaid", "1")]
+
+
+@pytest.mark.timeout(900)
+def test_pydantic_extra_publishes_pydantic_events(
+    tmp_path_factory: pytest.TempPathFactory, wheel: Path, empty_db_url: str, tmp_path: Path
+) -> None:
+    venv = venv_with(tmp_path_factory, wheel, "pydantic")
+    run(venv / "bin" / "outbox", "migrate", "up", "--db", empty_db_url, cwd=tmp_path)
+    assert run_as_user(venv, TYPED_USER, empty_db_url, "pydantic", cwd=tmp_path) == "published"
+
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        rows = conn.execute("SELECT event_type FROM outbox ORDER BY event_type").fetchall()
+    assert rows == [("OrderPaid",), ("OrderShipped",)]

@@ -157,3 +157,48 @@ def test_the_server_refuses_an_update_that_would_pass_16_mib_and_writes_nothing(
         db.orders.update_one({"_id": 1}, big.with_events({"$set": {"n": 1}}, growth))
     after = db.orders.find_one({"_id": 1}, {"n": 1, "_outbox": 1})
     assert after == {"_id": 1}
+
+
+def test_publish_numbers_each_aggregate_in_the_callers_transaction(
+    client: MongoClient[Document], db: Database[Document]
+) -> None:
+    sequenced = outbox_mongo.MongoOutbox(sequence=True)
+    db.create_collection("outbox_sequence")
+    first = [event("1"), event("2"), event("1")]
+    last = event("1")
+    with client.start_session() as session:
+        session.with_transaction(lambda s: sequenced.publish(db, *first, session=s))
+        session.start_transaction()
+        sequenced.publish(db, event("1"), session=session)
+        session.abort_transaction()  # its number is given again
+        session.with_transaction(lambda s: sequenced.publish(db.outbox, last, session=s))
+    numbers = {entry.id: entry.headers["sequence"] for entry in (
+        outbox_mongo.decode_entry(doc, id_key="_id") for doc in db.outbox.find())}
+    assert numbers == {first[0].id: "1", first[1].id: "1", first[2].id: "2", last.id: "3"}
+
+
+def test_a_concurrent_writer_of_the_same_aggregate_gets_a_transient_conflict(
+    client: MongoClient[Document], db: Database[Document]
+) -> None:
+    sequenced = outbox_mongo.MongoOutbox(sequence=True)
+    db.create_collection("outbox_sequence")
+    with client.start_session() as first, client.start_session() as second:
+        first.start_transaction()
+        sequenced.publish(db, event("1"), session=first)
+        second.start_transaction()
+        sequenced.publish(db, event("2"), session=second)  # another aggregate: no conflict
+        with pytest.raises(PyMongoError) as conflict:
+            sequenced.publish(db, event("1"), session=second)
+        assert conflict.value.has_error_label("TransientTransactionError")
+        second.abort_transaction()
+        first.commit_transaction()
+
+
+def test_embedded_events_are_not_numbered() -> None:
+    sequenced = outbox_mongo.MongoOutbox(sequence=True)
+    with pytest.raises(outbox.ConfigurationError, match="publish"):
+        sequenced.new_document({"_id": 1}, event())
+    with pytest.raises(outbox.ConfigurationError, match="publish"):
+        sequenced.with_events({"$set": {"state": "X"}}, event())
+    with pytest.raises(outbox.ConfigurationError, match="allow_without_transaction"):
+        outbox_mongo.MongoOutbox(sequence=True, allow_without_transaction=True)

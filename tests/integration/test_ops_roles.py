@@ -26,6 +26,7 @@ from relay.settings import RelaySettings
 from relay.wal import WalEvent, WalSource, WalSourceConfig, setup
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.relays import RelayThread, wait_for
+from tests.support.wal import recorded_position
 
 pytestmark = pytest.mark.integration
 
@@ -161,6 +162,21 @@ def test_app_role_publishes_but_cannot_read_or_delete_events(roles: Roles) -> No
         assert conn.execute("SELECT id FROM outbox").fetchall() == [(event.id,)]
 
 
+def test_app_role_numbers_events_but_cannot_touch_the_consumers_numbers(roles: Roles) -> None:
+    sequenced = outbox.Outbox(sequence=True)
+    with roles.connect("app") as conn:
+        sequenced.publish(conn, outbox.Event("Order", "42", "OrderCreated", {}))
+        # Four events: the binary COPY path.
+        sequenced.publish(conn, *[outbox.Event("Order", "42", "OrderChanged", {})
+                                  for _ in range(4)])
+        conn.commit()
+        assert denied(conn, "DELETE FROM outbox_sequence")
+        assert denied(conn, "SELECT * FROM outbox_inbox_sequence")
+    with psycopg.connect(roles.db_url) as conn:
+        numbers = conn.execute("SELECT headers->>'sequence' FROM outbox ORDER BY position")
+        assert [n for (n,) in numbers] == ["1", "2", "3", "4", "5"]
+
+
 def test_app_role_writes_table_less_events_without_replication(roles: Roles) -> None:
     messages = outbox.Outbox(mode="message")
     with roles.connect("app") as conn:
@@ -280,27 +296,43 @@ def test_wal_relay_role_publishes_removes_its_rows_and_parks(
     with psycopg.connect(roles.db_url) as conn:
         kept = conn.execute("SELECT count(*) FROM outbox").fetchone()
         parked = conn.execute("SELECT id FROM outbox_parked").fetchall()
+        topics = conn.execute(
+            "SELECT DISTINCT topic FROM outbox WHERE published_at IS NOT NULL ORDER BY 1"
+        ).fetchall()
     assert kept == ((6,) if keep else (0,))
     assert parked == [(misrouted.id,)]
-    with roles.connect("relay_wal") as conn:  # DELETE and UPDATE (published_at) only
+    # Each kept row names where its event went (the parked one: its own topic, as written).
+    assert topics == (sorted([(topic,), (misrouted.topic,)]) if keep else [])
+    recorded = recorded_position(roles.db_url, config.slot)  # written with the role's rights
+    assert recorded is not None and recorded.lsn is not None and recorded.system is not None
+    with roles.connect("relay_wal") as conn:  # DELETE, UPDATE (published_at, commit_lsn, topic)
         assert denied(conn, "UPDATE outbox SET payload = ''")
         assert denied(conn, "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type,"
                             " payload) VALUES (gen_random_uuid(), 'a', '1', 'e', '')")
 
 
-def test_wal_relay_without_delete_on_the_outbox_fails_at_start_up(
-    roles: Roles, kafka_bootstrap: str
+@pytest.mark.parametrize(("privilege", "table", "keep", "message"), [
+    ("DELETE", "outbox", None, r"may not DELETE .*outbox.*deploy/roles.sql"),
+    ("INSERT", "outbox_relay_position", None,
+     r"may not INSERT .*outbox_relay_position.*acknowledged.*deploy/roles.sql"),
+    # --keep-published stores the topic each event was sent to in its kept row.
+    ("UPDATE (topic)", "outbox", dt.timedelta(days=1),
+     r"may not UPDATE .*outbox\" \(topic\).*deploy/roles.sql"),
+], ids=["delete-outbox", "insert-position", "update-topic-keep-published"])
+def test_wal_relay_without_its_rights_fails_at_start_up(
+    roles: Roles, kafka_bootstrap: str, privilege: str, table: str, keep: dt.timedelta | None,
+    message: str,
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     config = WalSourceConfig(slot=f"roles_{suffix}", publication=f"roles_{suffix}")
     with psycopg.connect(roles.db_url, autocommit=True) as admin:
         setup(admin, config)
-        admin.execute(sql.SQL("REVOKE DELETE ON outbox FROM {}").format(
-            sql.Identifier(roles.name("relay_wal"))))
+        admin.execute(sql.SQL("REVOKE {} ON {} FROM {}").format(
+            sql.SQL(privilege), sql.Identifier(table), sql.Identifier(roles.name("relay_wal"))))
     settings = RelaySettings(
         source="postgres-wal", db_url=roles.url("relay_wal"), kafka_bootstrap=kafka_bootstrap,
-        slot=config.slot, publication=config.publication)
-    with pytest.raises(FatalRelayError, match=r"may not DELETE .*outbox.*deploy/roles.sql"):
+        slot=config.slot, publication=config.publication, keep_published=keep)
+    with pytest.raises(FatalRelayError, match=message):
         relay_main.run(settings, threading.Event())
 
 
@@ -311,8 +343,15 @@ def test_consumer_role_claims_and_purges_but_cannot_touch_the_outbox(roles: Role
             " ON CONFLICT DO NOTHING RETURNING event_id").fetchall()
         assert len(claimed) == 1
         conn.execute("DELETE FROM outbox_inbox WHERE consumer = 'billing'")
+        # ordering="sequence": the last applied number per aggregate, read and upserted.
+        conn.execute(
+            "INSERT INTO outbox_inbox_sequence AS s VALUES ('billing', 'Order', '1', 1)"
+            " ON CONFLICT (consumer, aggregate_type, aggregate_id)"
+            " DO UPDATE SET last_sequence = excluded.last_sequence")
+        conn.execute("SELECT last_sequence FROM outbox_inbox_sequence FOR UPDATE")
         conn.commit()
         assert denied(conn, "SELECT * FROM outbox")
+        assert denied(conn, "SELECT * FROM outbox_sequence")
         assert denied(conn, "DELETE FROM outbox_parked")
 
 

@@ -15,12 +15,12 @@ import psycopg
 import pytest
 
 from outbox.names import SchemaNames
-from relay.wal import recovery_state, slots
+from relay.wal import format_lsn, recovery_state, slots
 from relay.wal.errors import SlotRecoveryPendingError
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import REPO, RelayProcess, RelayThread, wait_for
-from tests.support.wal import WalSlot, outgrow_the_slot
+from tests.support.wal import WalSlot, outgrow_the_slot, recorded_position
 from tests.support.writers import SequencedWriter
 
 pytestmark = pytest.mark.integration
@@ -64,6 +64,9 @@ def test_a_slot_dropped_while_the_relay_was_stopped_is_recovered_without_a_loss(
     writer.write_many(wal.db_url, keys=5, per_key=20)
     with RelayThread(wal.settings(kafka_bootstrap)):
         reader.read_ids(ledger.committed_ids, timeout=60)
+    acknowledged = recorded_position(wal.db_url, wal.slot)  # the relay's, at its stop
+    assert acknowledged is not None and acknowledged.lsn is not None
+    assert acknowledged.lsn <= wal.confirmed()
     with psycopg.connect(wal.db_url, autocommit=True) as conn:
         slots.drop_slot(conn, wal.slot)  # an operator, a failover: the slot is gone
     # Written while there is no slot: only the outbox table has them.
@@ -76,9 +79,16 @@ def test_a_slot_dropped_while_the_relay_was_stopped_is_recovered_without_a_loss(
     done = slot_cli(*recover_args(wal, kafka_bootstrap))
     assert done.returncode == 0, done.stderr
     assert f"recovered slot {wal.slot}: {missed} events republished" in done.stdout
+    assert f"last acknowledged {format_lsn(acknowledged.lsn)}" in done.stdout
     assert unpublished(wal.db_url) == 0
     status = wal.status()
     assert status is not None and not status.lost
+    # The new slot's start is the position now, for no server in particular: nothing is
+    # skipped by it (the new slot sends nothing before it anyway).
+    after = recorded_position(wal.db_url, wal.slot)
+    assert after is not None and after.lsn == status.confirmed_flush_lsn
+    assert after.lsn is not None and after.lsn > acknowledged.lsn
+    assert (after.system, after.timeline) == (None, None)
 
     # The relay streams from the new slot: what comes after the recovery arrives too.
     writer.write_many(wal.db_url, keys=5, per_key=10)

@@ -21,7 +21,7 @@ from relay.wal.errors import SlotMissingError
 from tests.support.kafka import TopicReader, create_topics, unique_topic, unreachable_bootstrap
 from tests.support.ledger import Ledger
 from tests.support.relays import REPO, RelayProcess, RelayThread, wait_for
-from tests.support.wal import WalSlot, commit_lsn, crash_postgres, write_transactions
+from tests.support.wal import WalSlot, crash_postgres, write_and_commit, write_transactions
 from tests.support.writers import SequencedWriter
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.slow]
@@ -32,15 +32,6 @@ def topic(kafka_bootstrap: str) -> str:
     name = unique_topic("walfault")
     create_topics(kafka_bootstrap, name, partitions=3)
     return name
-
-
-def write_and_commit(db_url: str, writer: SequencedWriter, events: list[outbox.Event]) -> int:
-    """One transaction; returns its exact commit end LSN."""
-    with psycopg.connect(db_url) as conn:
-        writer.outbox.publish(conn, *events)
-        end = commit_lsn(conn)
-    writer.note(events, committed=True)
-    return end
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_resends_only_unconfirmed(

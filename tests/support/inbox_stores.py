@@ -62,7 +62,8 @@ T = TypeVar("T")
 # The methods of InboxStore / AsyncInboxStore, and which of them the asyncio Protocol awaits.
 STORE_METHODS = {"check": True, "begin": True, "is_transient": False, "purge": True,
                  "close": True}
-TRANSACTION_METHODS = {"claim": True, "commit": True, "rollback": True}
+TRANSACTION_METHODS = {"claim": True, "read_sequences": True, "save_sequences": True,
+                       "commit": True, "rollback": True}
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,14 @@ class Transaction:
         assert isinstance(claimed, set)
         return claimed
 
+    def read_sequences(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        found = self._io(self.raw.read_sequences(list(keys)))
+        assert isinstance(found, dict)
+        return found
+
+    def save_sequences(self, numbers: dict[tuple[str, str], int]) -> None:
+        self._io(self.raw.save_sequences(numbers))
+
     def commit(self) -> None:
         self._io(self.raw.commit())
 
@@ -265,6 +274,7 @@ class Harness:
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self._memory_rows: dict[tuple[str, uuid.UUID], dt.datetime] = {}
         self._memory_effects: list[Any] = []
+        self._memory_sequences: dict[tuple[str, str, str], int] = {}
         self.mongo: MongoClient[dict[str, Any]] | None = None
         if variant.family == "postgres":
             assert db_url is not None
@@ -317,10 +327,11 @@ class Harness:
     # -- building stores -------------------------------------------------------------------
 
     def store(self, consumer: str = "billing", *, url: str | None = None,
-              application_name: str | None = None, unreachable: bool = False) -> Store:
+              application_name: str | None = None, unreachable: bool = False,
+              sequence: bool = False) -> Store:
         """A new store of this variant, with resources of its own (pool, engine, connection,
         client), over the harness's database, over `url`, or over a server address where
-        nothing listens."""
+        nothing listens; `sequence`: for a consumer with ordering="sequence"."""
         variant = self.variant
         consumer = self.consumer(consumer)
         if variant.family == "postgres":
@@ -337,7 +348,7 @@ class Harness:
             raw: Any = {
                 (False, "sqlalchemy"): SqlAlchemyStore, (False, "psycopg"): PsycopgStore,
                 (True, "sqlalchemy"): AsyncSqlAlchemyStore, (True, "psycopg"): AsyncPsycopgStore,
-            }[variant.asyncio, variant.driver](db, consumer, SchemaNames())
+            }[variant.asyncio, variant.driver](db, consumer, SchemaNames(), sequence=sequence)
         elif variant.family == "mongo":
             assert self.mongo_url is not None
             if unreachable:
@@ -349,7 +360,8 @@ class Harness:
                     serverSelectionTimeoutMS=200, connectTimeoutMS=200)
             else:
                 db = self.mongo_database(self.mongo_url)
-            raw = (AsyncMongoStore if variant.asyncio else MongoStore)(db, consumer)
+            raw = (AsyncMongoStore if variant.asyncio else MongoStore)(
+                db, consumer, sequence=sequence)
         else:
             assert not unreachable, "the in-memory store has no server"
             raw = AsyncMemoryInbox(consumer) if variant.asyncio else MemoryInbox(consumer)
@@ -358,6 +370,7 @@ class Harness:
             # committed effects, as two processes share a PostgreSQL database.
             memory.rows = self._memory_rows
             memory.effects = self._memory_effects
+            memory.sequences = self._memory_sequences
             db = raw
         store = Store(raw, db, self.io, self.consumer)
         self._cleanups.append(store.close)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
@@ -163,3 +166,16 @@ class TopicReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@contextlib.contextmanager
+def frozen(broker: Any) -> Iterator[None]:
+    """A private broker (conftest's private_kafka) stopped with SIGSTOP until the block ends:
+    connections stay open and nothing answers, as when a broker hangs."""
+    pid = broker._running_pid()  # the service has no public freeze
+    assert pid is not None, "the private broker is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

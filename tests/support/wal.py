@@ -127,6 +127,44 @@ def commit_lsn(conn: psycopg.Connection[Any]) -> int:
     return found[0]
 
 
+def write_and_commit(db_url: str, writer: SequencedWriter, events: list[outbox.Event]) -> int:
+    """One transaction; returns its exact commit end LSN."""
+    with psycopg.connect(db_url) as conn:
+        writer.outbox.publish(conn, *events)
+        end = commit_lsn(conn)
+    writer.note(events, committed=True)
+    return end
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A slot's row of the position table, as the relay wrote it."""
+
+    lsn: int | None
+    commit_at: Any
+    system: str | None
+    timeline: int | None
+
+
+def recorded_position(db_url: str, slot: str) -> Recorded | None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT acknowledged_lsn::text, acknowledged_commit_at, acknowledged_system,"
+            " acknowledged_timeline FROM outbox_relay_position WHERE slot = %s", [slot]).fetchone()
+    if row is None:
+        return None
+    return Recorded(parse_lsn(row[0]) if row[0] else None, row[1], row[2], row[3])
+
+
+def server_identity(db_url: str) -> tuple[str, int]:
+    """The server's system identifier and timeline, as IDENTIFY_SYSTEM reports them."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute("SELECT (SELECT system_identifier::text FROM pg_control_system()),"
+                           " (SELECT timeline_id FROM pg_control_checkpoint())").fetchone()
+    assert row is not None
+    return str(row[0]), int(row[1])
+
+
 def write_transactions(
     db_url: str, writer: SequencedWriter, *, keys: int, per_key: int, per_transaction: int,
 ) -> list[tuple[set[str], int]]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
 from typing import Any
 
 import psycopg
 
 import outbox
+from relay.wal.lsn import parse_lsn
 from tests.support.ledger import Ledger
 
 
@@ -60,3 +63,55 @@ class SequencedWriter:
                         batch = []
             if batch:
                 self.write(conn, batch)
+
+
+class PacedWriter:
+    """Commits `per_transaction` events at a steady rate on a thread, each transaction noted
+    with an upper bound of its commit position (the WAL insert position right after it)."""
+
+    def __init__(self, db_url: str, writer: SequencedWriter, *, per_second: int,
+                 per_transaction: int = 10, keys: int = 8) -> None:
+        self.db_url = db_url
+        self.writer = writer
+        self.interval = per_transaction / per_second
+        self.per_transaction = per_transaction
+        self.keys = keys
+        self.transactions: list[tuple[set[str], int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def events(self) -> int:
+        return len(self.transactions) * self.per_transaction
+
+    def start(self) -> PacedWriter:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="paced-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(30)
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.db_url) as conn:
+                n = 0
+                next_at = time.monotonic()
+                while not self._stop.is_set():
+                    batch = self.writer.events(f"k{n % self.keys}", self.per_transaction)
+                    self.writer.write(conn, batch)
+                    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+                    conn.rollback()
+                    assert row is not None
+                    self.transactions.append(({str(e.id) for e in batch}, parse_lsn(row[0])))
+                    n += 1
+                    next_at += self.interval
+                    self._stop.wait(max(0.0, next_at - time.monotonic()))  # the pace itself
+        except BaseException as exc:
+            self.error = exc

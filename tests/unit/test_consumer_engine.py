@@ -33,8 +33,8 @@ class Harness:
         self.stop = threading.Event()
         self.calls: list[int] = []
 
-    def run(self, items: list[Received]) -> BatchReport:
-        return SyncDriver(self.store, self.consumer, self.stop).run(items)
+    def run(self, items: list[Received], expired: frozenset[int] = frozenset()) -> BatchReport:
+        return SyncDriver(self.store, self.consumer, self.stop).run(items, expired)
 
     def applied(self) -> list[int]:
         return [effect for effect in self.store.effects if isinstance(effect, int)]

@@ -18,6 +18,7 @@ from relay.wal.slots import SlotStatus
 
 FULL = TableAccess("outbox", True, True, True, True, True, False)
 PARKED = TableAccess("outbox_parked", True, True, True, True, True, False)
+POSITION = TableAccess("outbox_relay_position", True, True, True, True, False, False)
 
 
 def facts(**changes: Any) -> DatabaseFacts:
@@ -29,7 +30,7 @@ def facts(**changes: Any) -> DatabaseFacts:
         senders_used=2,
         role=RoleFacts("relay", superuser=False, replication=True, can_login=True,
                        schema_exists=True, schema_usage=True),
-        tables={"outbox": FULL, "outbox_parked": PARKED},
+        tables={"outbox": FULL, "outbox_parked": PARKED, "outbox_relay_position": POSITION},
         migrations=tuple(MigrationState(m, "2024-01-01") for m in available()),
     )
     return replace(base, **changes)
@@ -85,13 +86,26 @@ def test_keep_published_privilege_missing_is_only_a_warning() -> None:
 
 def test_wal_relay_needs_delete_on_the_outbox_to_remove_what_it_published() -> None:
     no_delete = replace(FULL, delete=False, update=False)
-    tables = {"outbox": no_delete, "outbox_parked": PARKED}
+    tables = {"outbox": no_delete, "outbox_parked": PARKED, "outbox_relay_position": POSITION}
     result = doctor.check_table_privileges(facts(tables=tables), WAL)
     assert result is not None and result.level is Level.FAIL
     assert "lacks DELETE on public.outbox" in result.message
     assert "outbox_relay_wal" in (result.fix or "")
-    updates_not_needed = {"outbox": replace(FULL, update=False), "outbox_parked": PARKED}
+    updates_not_needed = {"outbox": replace(FULL, update=False), "outbox_parked": PARKED,
+                          "outbox_relay_position": POSITION}
     result = doctor.check_table_privileges(facts(tables=updates_not_needed), WAL)
+    assert result is not None and result.level is Level.OK
+
+
+def test_wal_relay_needs_to_record_its_position() -> None:
+    read_only = {"outbox": FULL, "outbox_parked": PARKED,
+                 "outbox_relay_position": replace(POSITION, insert=False, update=False)}
+    result = doctor.check_table_privileges(facts(tables=read_only), WAL)
+    assert result is not None and result.level is Level.FAIL
+    assert "lacks INSERT, UPDATE on public.outbox_relay_position" in result.message
+    assert 'GRANT INSERT, UPDATE ON "public"."outbox_relay_position"' in (result.fix or "")
+    # The polling relay has no position to record.
+    result = doctor.check_table_privileges(facts(tables=read_only), DoctorOptions())
     assert result is not None and result.level is Level.OK
 
 

@@ -595,3 +595,61 @@ def test_messages_of_the_writer_are_read_as_the_python_decoder_reads_them(
 ])
 def test_other_messages_are_judged_by_the_python_decoder(content: bytes) -> None:
     assert feed_message(content) == expected_item(content)
+def commits_of(scenario: str) -> list[Commit]:
+    return [m for m in map(PgOutputParser().decode, (f for _, f in frames(scenario)))
+            if isinstance(m, Commit)]
+
+
+@pytest.mark.parametrize("feed", [run, run_raw])
+def test_transactions_acknowledged_before_are_skipped_whole(feed: Any) -> None:
+    first, second = commits_of("table_insert_binary")
+    decoder = OutboxDecoder()
+    decoder.skip_below = first.end_lsn  # the first transaction was acknowledged
+    items = feed("table_insert_binary", decoder)
+    assert [type(i).__name__ for i in items] == ["WalCommit", "WalEvent", "WalCommit"]
+    skipped, sent = (i for i in items if isinstance(i, WalCommit))
+    # Still closed by its commit (the slot moves past it), with nothing to publish.
+    assert (skipped.end_lsn, skipped.events, skipped.skipped) == (first.end_lsn, 0, 3)
+    assert (sent.end_lsn, sent.events, sent.skipped) == (second.end_lsn, 1, 0)
+    assert events(items) == expected("table_insert_binary")[3:]
+    assert not decoder.in_transaction
+
+
+@pytest.mark.parametrize("feed", [run, run_raw])
+def test_a_transaction_committed_at_the_position_itself_is_not_skipped(feed: Any) -> None:
+    first, _ = commits_of("table_insert_binary")
+    decoder = OutboxDecoder()
+    # A position below the commit's end: the commit record starts at or after it, so the
+    # transaction ends after the position and was not acknowledged.
+    for below in (first.commit_lsn, first.commit_lsn - 1, 0):
+        decoder = OutboxDecoder()
+        decoder.skip_below = below
+        assert events(feed("table_insert_binary", decoder)) == expected("table_insert_binary")
+    decoder = OutboxDecoder()
+    decoder.skip_below = first.commit_lsn + 1
+    assert len(events(feed("table_insert_binary", decoder))) == 1
+
+
+def test_a_skipped_transaction_is_still_a_transaction_until_its_commit() -> None:
+    decoder = OutboxDecoder()
+    decoder.skip_below = 1 << 62
+    parser = PgOutputParser()
+    seen_open = False
+    for lsn, frame in frames("table_insert_binary"):
+        message = parser.decode(frame)
+        assert decoder.feed(lsn, message) is None or isinstance(message, Commit)
+        seen_open = seen_open or decoder.in_transaction
+        if isinstance(message, Begin):
+            # Idle-time slot advances (relay/wal/source.py) wait for its commit too.
+            assert decoder.in_transaction
+    assert seen_open and not decoder.in_transaction
+
+
+def test_skipped_messages_of_table_less_writers() -> None:
+    commits = commits_of("message")
+    decoder = OutboxDecoder(table=None)
+    decoder.skip_below = commits[-1].end_lsn  # all acknowledged: the bad message is not parked
+    items = run("message", decoder)
+    assert [type(i).__name__ for i in items] == ["WalCommit"] * len(commits)
+    assert [i.skipped for i in items if isinstance(i, WalCommit)] == [2, 0, 1]
+    assert not events(items)

@@ -3,7 +3,10 @@ reports each delivery; which Kafka errors are permanent is decided here."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import socket
 import string
 import time
 import uuid
@@ -12,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from psycopg import sql
 
 import relay.native
+from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError
 from outbox.record import OutboxRecord
 from relay.core.holds import KeyHolds
@@ -67,9 +72,16 @@ class PublisherConfig:
     topic_template: str = "{aggregate_type}"
     kafka_settings: Mapping[str, str] = field(default_factory=dict)
     allow_unsafe_kafka_settings: bool = False
+    # A header naming the relay run that published each message (see `relay_run_id`).
+    relay_id_header: str | None = None
 
     def __post_init__(self) -> None:
         check_topic_template(self.topic_template)
+        if self.relay_id_header is not None and (
+                not self.relay_id_header or self.relay_id_header in RESERVED_HEADERS):
+            raise ConfigurationError(
+                f"relay_id_header={self.relay_id_header!r}: give a header name other than "
+                f"{', '.join(sorted(RESERVED_HEADERS))}")
 
     def producer_settings(self) -> dict[str, str]:
         return producer_settings(
@@ -109,6 +121,34 @@ def topic_for(record: OutboxRecord, template: str) -> str:
         aggregate_id=record.aggregate_id,
         event_type=record.event_type,
     )
+
+
+def topic_sql(template: str, columns: ColumnMapping) -> sql.Composable | None:
+    """`topic_for` as an SQL expression over a row of `columns`' table: the topic the relay
+    sends the row's event to, which a relay keeping published rows stores in them (relay/
+    published.py `kept_topic`) so that `outbox replay` sends where the event went even after
+    the template changed. None when the table has no topic column to store it in (Debezium's
+    layout), or when the template converts or formats a field (`{aggregate_id!r}`,
+    `{event_type:.3}`), which SQL would not mirror exactly: replay then resolves the topic
+    with its own --topic-template, as for rows kept before. Composed once, at start-up."""
+    if columns.topic is None:
+        return None
+    parts: list[sql.Composable] = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):
+        if literal:
+            parts.append(sql.Literal(literal))
+        if name is None:
+            continue
+        if spec or conversion not in (None, "s") or name not in TEMPLATE_FIELDS:
+            return None
+        parts.append(sql.Identifier(getattr(columns, name)))
+    if not parts:
+        return None
+    # The row's own topic wins, as in topic_for (an empty one does not).
+    resolved = parts[0] if len(parts) == 1 else sql.SQL("concat({})").format(
+        sql.SQL(", ").join(parts))
+    return sql.SQL("coalesce(nullif({topic}, ''), {resolved})").format(
+        topic=sql.Identifier(columns.topic), resolved=resolved)
 
 
 def kafka_headers(record: OutboxRecord) -> list[tuple[str, str | bytes | None]]:
@@ -163,8 +203,13 @@ class KafkaSink(Generic[Token]):
         holds: KeyHolds | None = None,
         limits: TopicLimits | None = None,
         producer: Producer | None = None,
+        relay_id: str | None = None,
     ) -> None:
         self.config = config
+        # The relay run's header (config.relay_id_header), appended to every message's.
+        self._relay_header: list[tuple[str, str | bytes | None]] = (
+            [(config.relay_id_header, relay_id)]
+            if config.relay_id_header and relay_id else [])
         self._on_delivery = on_delivery
         # Successes, as (token, topic), for a caller that wants no Delivery object per event.
         self._on_delivered = on_delivered
@@ -244,6 +289,8 @@ class KafkaSink(Generic[Token]):
                 on_delivery(token, Delivery(record, topic))
 
         produce, headers = self._producer.produce, self._headers(record)
+        if self._relay_header:
+            headers += self._relay_header
         while True:
             try:
                 produce(
@@ -337,6 +384,15 @@ class KafkaSink(Generic[Token]):
         return up
 
 
+_RUNS = itertools.count(1)
+
+
+def relay_run_id() -> str:
+    """`host:pid:run`: which relay process published a message, and in which of its runs (a
+    run starts at each restart, and for a sharded relay at each claim of its shards)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{next(_RUNS)}"
+
+
 def kafka_sink(
     config: PublisherConfig, stats: RelayStats, limits: TopicLimits | None = None
 ) -> SinkFactory:
@@ -348,6 +404,7 @@ def kafka_sink(
     def make(on_delivery: OnDelivery, on_delivered: OnDelivered | None) -> Sink[Any]:
         return KafkaSink[Any](
             config, on_delivery, on_delivered=on_delivered, limits=limits,
-            on_broker_state=lambda up: setattr(stats, "broker_connected", up))
+            on_broker_state=lambda up: setattr(stats, "broker_connected", up),
+            relay_id=relay_run_id() if config.relay_id_header else None)
 
     return make

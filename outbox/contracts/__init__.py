@@ -1,0 +1,2 @@
+"""Event contracts: typed events (`@outbox.event_type`), their registry and the documents and
+formats built from it (AsyncAPI, Schema Registry)."""

@@ -134,6 +134,12 @@ def _server_version(db_url: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def _relay_native() -> bool:
+    import relay.native
+
+    return relay.native.module is not None
+
+
 def machine(stack: Stack) -> dict[str, Any]:
     """CPU, memory and software versions, and the commit of the project that was measured."""
     status = _git("status", "--porcelain")
@@ -149,6 +155,8 @@ def machine(stack: Stack) -> dict[str, Any]:
         "librdkafka": confluent_kafka.libversion()[0],
         "confluent_kafka": str(getattr(confluent_kafka, "__version__", "")),
         "psycopg": psycopg.__version__,
+        # The relay runs from this tree: whether its compiled hot path (`make native`) is built.
+        "relay_native": _relay_native(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "services": stack.origin,

@@ -166,7 +166,9 @@ def drain(ctx: Context, source: PostgresSource, events: int) -> dict[str, Any]:
         result["loadavg_before"] = loadavg()
 
         if prepared.raw_slot:
-            result["raw_decode"] = raw_decode(ctx, db, prepared, events)
+            result["raw_decode"] = raw_decode(ctx, db, prepared, events, binary=True)
+        if prepared.raw_slot_text:
+            result["raw_decode_text"] = raw_decode(ctx, db, prepared, events, binary=False)
         if reason:
             return {**result, "reason": reason}
 
@@ -215,9 +217,12 @@ def drain(ctx: Context, source: PostgresSource, events: int) -> dict[str, Any]:
             "timeline": {"columns": ["s", "in_kafka", "relay_rss_mb", "relay_cpu_s"],
                          "samples": timeline},
         }
-        if prepared.raw_slot and result.get("raw_decode", {}).get("events_per_s"):
-            raw_rate = result["raw_decode"]["events_per_s"]
-            result["drain"]["fraction_of_raw_decode"] = round(events / elapsed / raw_rate, 3)
+        # Against binary mode (the relay's format): the target's reference; text mode beside it.
+        for key, figure in (("raw_decode", "fraction_of_raw_decode"),
+                            ("raw_decode_text", "fraction_of_raw_decode_text")):
+            raw_rate = result.get(key, {}).get("events_per_s")
+            if raw_rate:
+                result["drain"][figure] = round(events / elapsed / raw_rate, 3)
         return result
 
 
@@ -259,29 +264,39 @@ def _pg_bin(program: str, server_version: int) -> str | None:
     return found[-1] if found else shutil.which(program)
 
 
-def raw_decode(ctx: Context, db: Database, prepared: Prepared, events: int) -> dict[str, Any]:
+def raw_decode(
+    ctx: Context, db: Database, prepared: Prepared, events: int, *, binary: bool
+) -> dict[str, Any]:
     """The backlog read by pg_recvlogical (pgoutput) into /dev/null, up to the end LSN: the
-    most the server hands any WAL client; the WAL relay's drain is reported against it."""
-    assert prepared.raw_slot and prepared.publication and prepared.end_lsn
+    most the server hands any WAL client; the WAL relay's drain is reported against it.
+
+    `binary`: columns in binary send format (`-o binary=true`), as the relay asks for them;
+    the server skips the output functions, so this is the relay's reference. Text mode (the
+    default of pgoutput) is measured beside it on its own slot.
+    """
+    slot = prepared.raw_slot if binary else prepared.raw_slot_text
+    assert slot and prepared.publication and prepared.end_lsn
+    mode = "binary" if binary else "text"
     with db.connect() as conn:
         program = _pg_bin("pg_recvlogical", conn.info.server_version)
     if program is None:
         return {"available": False, "reason": "pg_recvlogical not found (PostgreSQL client)"}
     params = psycopg.conninfo.conninfo_to_dict(db.url)
     command = [
-        program, "--no-loop", "--start", "--slot", prepared.raw_slot,
+        program, "--no-loop", "--start", "--slot", slot,
         "--endpos", prepared.end_lsn, "--fsync-interval", "0", "--file", "-",
         "-h", str(params.get("host", "127.0.0.1")), "-p", str(params.get("port", 5432)),
         "-U", str(params.get("user", "")), "-d", str(params["dbname"]),
         "-o", "proto_version=1", "-o", f"publication_names={prepared.publication}",
-        "-o", "messages=true",
+        "-o", "messages=true", *(["-o", "binary=true"] if binary else []),
     ]
     env = {**os.environ, "PGPASSWORD": str(params.get("password", ""))}
-    ctx.progress.note(f"raw decode: pg_recvlogical reads the backlog up to {prepared.end_lsn}")
+    ctx.progress.note(
+        f"raw decode ({mode}): pg_recvlogical reads the backlog up to {prepared.end_lsn}")
     accounting = ctx.accounting()
     start = accounting.snapshot()
     began = time.monotonic()
-    log = ctx.run_dir / "pg_recvlogical.log"
+    log = ctx.run_dir / f"pg_recvlogical-{mode}.log"
     with log.open("ab") as err:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
     # wait4, not wait: its resource usage is pg_recvlogical's own CPU time.
@@ -299,7 +314,8 @@ def raw_decode(ctx: Context, db: Database, prepared: Prepared, events: int) -> d
         "elapsed_s": round(elapsed, 2),
         "pg_recvlogical_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "cpu_s": CpuAccounting.between(start, end),
-        "options": "proto_version=1, messages=true, text mode",
+        "mode": mode,
+        "options": f"proto_version=1, messages=true, {mode} mode",
     }
 
 

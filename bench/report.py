@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import plots
+
 
 @dataclass(frozen=True)
 class Target:
@@ -121,13 +123,18 @@ def _sharded_rows(name: str, outcome: dict[str, Any]) -> list[Row]:
 
 
 def _raw_rows(name: str, outcome: dict[str, Any]) -> list[Row]:
-    raw = outcome.get("raw_decode")
-    if not raw:
-        return []
-    if not raw.get("events_per_s"):
-        return [_row(name, "raw decode limit", f"not available: {raw.get('reason')}")]
-    return [_row(name, "raw decode limit", f"{raw['events_per_s']:,} events/s (pg_recvlogical, "
-                 f"{outcome['events']:,} in {raw['elapsed_s']}s)")]
+    rows = []
+    for key, figure in (("raw_decode", "raw decode limit (binary)"),
+                        ("raw_decode_text", "raw decode, text mode")):
+        raw = outcome.get(key)
+        if not raw:
+            continue
+        if not raw.get("events_per_s"):
+            rows.append(_row(name, figure, f"not available: {raw.get('reason')}"))
+            continue
+        rows.append(_row(name, figure, f"{raw['events_per_s']:,} events/s (pg_recvlogical, "
+                         f"{outcome['events']:,} in {raw['elapsed_s']}s)"))
+    return rows
 
 
 def _drain_rows(name: str, outcome: dict[str, Any], wal: bool) -> list[Row]:
@@ -143,7 +150,9 @@ def _drain_rows(name: str, outcome: dict[str, Any], wal: bool) -> list[Row]:
     rows += _raw_rows(name, outcome)
     if wal:
         fraction = drain.get("fraction_of_raw_decode")
-        rows.append(_row(name, "drain / raw decode", f"{fraction}", fraction, WAL_DRAIN_FRACTION))
+        text = drain.get("fraction_of_raw_decode_text")
+        rows.append(_row(name, "drain / raw decode (binary)", f"{fraction} (text mode: {text})",
+                         fraction, WAL_DRAIN_FRACTION))
     rss = drain.get("relay_peak_rss_mb")
     rows.append(_row(name, "relay peak RSS (drain)", f"{rss} MB", rss, RELAY_RSS))
     rows.append(_row(name, "relay CPU (drain)", f"{drain['relay_cpu_s']} s "
@@ -258,7 +267,8 @@ def table(results: dict[str, Any]) -> str:
             f"{machine.get('cpu_model')} x{machine.get('cpus')}, {machine.get('memory_mb')} MB, "
             f"PostgreSQL {machine.get('postgresql')}, Kafka {machine.get('kafka')}, "
             f"{machine.get('python')}, commit {str(machine.get('git_commit'))[:10]}"
-            f"{' (dirty)' if machine.get('git_dirty') else ''}")
+            f"{' (dirty)' if machine.get('git_dirty') else ''}, "
+            f"compiled hot path {'on' if machine.get('relay_native') else 'off'}")
     load = f"load average before/after: {results.get('loadavg_before')} / " \
            f"{results.get('loadavg_after')}"
     rule = "-" * min(160, sum(widths) + 8)
@@ -284,9 +294,17 @@ def failures(results: dict[str, Any]) -> list[str]:
 
 
 def write(results: dict[str, Any], out: Path) -> Path:
+    """The results as `<time>-<commit>.json`, and its plots next to it (`...-drain.svg`,
+    `...-latency.svg`, named in the JSON's `plots`) once there is something to draw."""
     out.mkdir(parents=True, exist_ok=True)
     commit = str(results.get("machine", {}).get("git_commit") or "nocommit")[:8]
     stamp = str(results["started_at"]).replace(":", "").replace("-", "")[:15]
     path = out / f"{stamp}-{commit}.json"
+    for kind, draw in (("drain", plots.drain_svg), ("latency", plots.latency_svg)):
+        svg = draw(results)
+        if svg is not None:
+            plot = out / f"{path.stem}-{kind}.svg"
+            plot.write_text(svg)
+            results.setdefault("plots", {})[kind] = plot.name
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     return path

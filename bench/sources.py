@@ -22,7 +22,8 @@ class Prepared:
 
     slot: str | None = None
     publication: str | None = None
-    raw_slot: str | None = None  # pg_recvlogical's slot: the raw decode limit
+    raw_slot: str | None = None  # pg_recvlogical's slot: the raw decode limit (binary mode)
+    raw_slot_text: str | None = None  # the same in text mode, shown beside it
     end_lsn: str | None = None  # WAL position after the backlog
     notes: list[str] = field(default_factory=list)
 
@@ -50,10 +51,13 @@ class PostgresSource:
         with db.connect() as conn:
             setup(conn, self.wal_config(prepared))
             if raw_decode:
+                # One slot per reading: pg_recvlogical confirms what it read, so a slot serves
+                # once. Both are created before the backlog, so both see all of it.
                 prepared.raw_slot = f"bench_raw_{suffix}"
-                conn.execute(
-                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
-                    [prepared.raw_slot])
+                prepared.raw_slot_text = f"bench_rawtext_{suffix}"
+                for slot in (prepared.raw_slot, prepared.raw_slot_text):
+                    conn.execute(
+                        "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [slot])
         return prepared
 
     def wal_config(self, prepared: Prepared) -> WalSourceConfig:

@@ -72,7 +72,10 @@ def _fast_path_works() -> bool:
 
 
 # Another Python whose UUID keeps other state falls back to the constructor.
-uuid_from_int = _uuid_from_int_fast if _fast_path_works() else _uuid_from_int_checked
+UUID_BY_SLOTS = _fast_path_works()
+"""True when a UUID is built by setting its `int` and `is_safe` slots (the relay's compiled row
+reader then builds them the same way; relay/native.py)."""
+uuid_from_int = _uuid_from_int_fast if UUID_BY_SLOTS else _uuid_from_int_checked
 
 
 def uuid_from_text(text: str) -> uuid.UUID:

@@ -10,13 +10,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import relay.native
 from outbox.columns import ColumnMapping
 from outbox.errors import ConfigurationError, InvalidEventError
 from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, TEXT_CONTENT_TYPE
 from outbox.identifiers import check_identifier
-from outbox.ids import uuid_from_int, uuid_from_text
+from outbox.ids import UUID_BY_SLOTS, uuid_from_int, uuid_from_text
 from outbox.record import OutboxRecord, decode_message
 from relay.wal.errors import PgOutputDecodeError, WalError
 from relay.wal.pgoutput import (
@@ -40,6 +41,11 @@ from relay.wal.pgoutput import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The compiled row reader (relay/native.py) when it is built, else None: the pure-Python reader
+# below does the same work. Tests set it to None to run both on the same cases
+# (tests/unit/test_pgoutput_decoder.py).
+native: Any = relay.native.module
 
 # Without streaming (the relay never asks for it), pgoutput sends a transaction only after it
 # committed, whole and in commit order; so an event may be published as soon as it is decoded,
@@ -303,6 +309,8 @@ def _fast_reader(
         else _NO_HEADERS if name == "headers" else None
         for name in _RECORD_FIELDS
     ]
+    if native is not None:
+        return _native_reader(plan, required, defaults)
     unpack_length = _U32.unpack_from
 
     def read(data: bytes, offset: int) -> OutboxRecord | None:
@@ -326,6 +334,41 @@ def _fast_reader(
         return _new_tuple(OutboxRecord, values)
 
     return read
+
+
+def _native_codes() -> dict[Converter, int]:
+    """The converters the compiled reader does itself (the others it calls)."""
+    assert native is not None
+    return {_identity: native.BYTES, bytes.decode: native.TEXT, _jsonb_binary: native.JSONB,
+            _timestamp_binary: native.TIMESTAMP, _uuid_binary: native.UUID}
+
+
+def _native_reader(
+    plan: tuple[tuple[int, Converter], ...], required: frozenset[int], defaults: list[Any]
+) -> FastReader:
+    """The same reader, compiled (native/src/lib.rs): the same records, None in the same cases
+    (its own conversions decline what the Python converters would raise on), the same errors
+    from the converters it calls."""
+    assert native is not None
+    codes = _native_codes()
+    columns = [(slot, codes.get(convert, native.CALL), convert) for slot, convert in plan]
+    # Ids as outbox.ids builds them: by their slots where that was checked to work here.
+    uuid_fast = (uuid.UUID, uuid.SafeUUID.unknown) if UUID_BY_SLOTS else None
+    return cast(FastReader, native.RowReader(
+        columns, [slot in required for slot in range(len(defaults))], defaults, OutboxRecord,
+        _new_tuple, uuid_from_int, dt.UTC, uuid_fast).read)
+
+
+def _native_message_reader() -> Callable[[bytes], OutboxRecord | None] | None:
+    """The compiled reader of table-less events (native/src/lib.rs `MessageReader`): the
+    writer's shape only, the same record `decode_message` makes; None when it is not built."""
+    if native is None:
+        return None
+    uuid_fast = (uuid.UUID, uuid.SafeUUID.unknown) if UUID_BY_SLOTS else None
+    reader = native.MessageReader(
+        OutboxRecord, _new_tuple, OutboxRecord._field_defaults["headers"], uuid_from_int,
+        dt.UTC, uuid_fast)
+    return cast(Callable[[bytes], OutboxRecord | None], reader.read)
 
 
 class _TablePlan:
@@ -436,6 +479,7 @@ class OutboxDecoder:
         # Relation OID -> how to read it; None for relations that are not the outbox table.
         self._relations: dict[int, _TablePlan | None] = {}
         self._xid: int | None = None
+        self._read_message = _native_message_reader() if message_prefix is not None else None
         self._events = 0
         self._rejected = 0
         self.last_commit_end = 0
@@ -604,13 +648,19 @@ class OutboxDecoder:
         if xid is None:
             self._skip("a transactional message")
             return None
-        source = f"message {message.prefix}"
-        try:
-            record = decode_message(message.content)
-        except InvalidEventError as exc:
-            return self._reject(xid, lsn, source, str(exc), {"content": message.content})
+        content = message.content
+        # The compiled reader takes the writer's own shape; anything else (and every error)
+        # is the Python decoder's.
+        read = self._read_message
+        record = read(content) if read is not None and type(content) is bytes else None
+        if record is None:
+            try:
+                record = decode_message(content)
+            except InvalidEventError as exc:
+                return self._reject(
+                    xid, lsn, f"message {message.prefix}", str(exc), {"content": content})
         self._events += 1
-        return WalEvent(record, xid, message.lsn or lsn)
+        return _new_tuple(WalEvent, (record, xid, message.lsn or lsn))
 
     def _reject(
         self, xid: int, lsn: int, source: str, reason: str, raw: Mapping[str, bytes | None]

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+import relay.native
 from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.names import SchemaNames
@@ -146,7 +147,9 @@ class WalRelaySource:
                     self._budget.check(conn)  # a slot over budget already is reported at once
                 log.info("WAL relay streaming", extra={
                     "event": "relay_active", "source": self.name,
-                    "slot": self.config.source.slot, "from": format_lsn(source.acknowledged_lsn)})
+                    "slot": self.config.source.slot, "from": format_lsn(source.acknowledged_lsn),
+                    # the compiled hot path (`make native`), or the pure-Python one
+                    "native": relay.native.module is not None})
                 yield True
         except psycopg.OperationalError as exc:
             raise SourceUnavailableError(f"lost PostgreSQL: {redact(str(exc))}") from exc

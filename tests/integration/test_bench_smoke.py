@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from tests.support.services import Services
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MACHINE_KEYS = {"cpu_model", "cpus", "memory_mb", "python", "postgresql", "kafka", "git_commit"}
+MACHINE_KEYS = {"cpu_model", "cpus", "memory_mb", "python", "postgresql", "kafka", "git_commit",
+                "relay_native"}
 
 
 def _assert_ledger_held(ledger: dict[str, Any]) -> None:
@@ -28,6 +30,26 @@ def _assert_available_or_explained(outcome: dict[str, Any]) -> bool:
         assert outcome["reason"], outcome
         return False
     return True
+
+
+def _assert_plots(out: Path, json_file: Path, results: dict[str, Any]) -> None:
+    """The drain timeline and the latency percentiles are SVG files next to the JSON, named in
+    it, with one line per drained source (and per source and percentile)."""
+    assert set(results["plots"]) == {"drain", "latency"}, results.get("plots")
+    drained = [name for name, result in results["sources"].items()
+               if result.get("drain", {}).get("drain", {}).get("timeline")]
+    measured = [name for name, result in results["sources"].items()
+                if result.get("latency", {}).get("rates")]
+    for kind, sources in (("drain", drained), ("latency", measured)):
+        plot = out / results["plots"][kind]
+        assert plot.name == f"{json_file.stem}-{kind}.svg"
+        root = ET.fromstring(plot.read_text())
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        labels = [line.findtext("{http://www.w3.org/2000/svg}title") or ""
+                  for line in root.iter("{http://www.w3.org/2000/svg}polyline")]
+        for name in sources:
+            assert any(label.startswith(name) for label in labels), (kind, name, labels)
+        assert all(line.get("points") for line in root.iter("{http://www.w3.org/2000/svg}polyline"))
 
 
 @pytest.mark.timeout(900)
@@ -72,8 +94,18 @@ def test_quick_run_writes_well_formed_results_and_every_ledger_holds(
             for ledger in [outcome.get("ledger"), *(r["ledger"] for r in outcome.get("rates", []))]:
                 if ledger is not None:
                     _assert_ledger_held(ledger)
-        if name.startswith("postgres-wal") and "raw_decode" in result.get("drain", {}):
-            assert result["drain"]["raw_decode"].get("events_per_s", 1) > 0
+        if name.startswith("postgres-wal") and result.get("drain", {}).get("raw_decode"):
+            drain_outcome = result["drain"]
+            # Binary mode (the relay's format) is the reference; text mode is shown beside it.
+            assert drain_outcome["raw_decode"]["mode"] == "binary", drain_outcome["raw_decode"]
+            assert drain_outcome["raw_decode_text"]["mode"] == "text"
+            for key in ("raw_decode", "raw_decode_text"):
+                assert drain_outcome[key].get("events_per_s", 1) > 0
+            if drain_outcome["available"]:
+                assert drain_outcome["drain"]["fraction_of_raw_decode"] > 0
+                assert drain_outcome["drain"]["fraction_of_raw_decode_text"] > 0
+
+    _assert_plots(tmp_path, files[0], results)
 
     cases = results["write_overhead"]["cases"]
     assert {(c["mode"], c["events_per_transaction"]) for c in cases} == {

@@ -46,7 +46,12 @@ def test_kill_9_mid_stream_then_restart_loses_nothing_and_resends_only_unconfirm
     created_at = wal.confirmed()
     reader = TopicReader(kafka_bootstrap, topic)
     log = tmp_path / "relay.log"
-    relay = RelayProcess(*wal.cli_args(kafka_bootstrap), log=log).start()
+    # Batches lingering 0.5 s hold this relay to ~10,000 events/s (5,000 in flight at most), so
+    # the kill lands mid-stream however fast the relay's own code is: at full speed it drained
+    # the 100,000 events before the first confirmation was seen. The restarted relay runs as
+    # configured by default.
+    slowed = wal.cli_args(kafka_bootstrap, "--kafka-setting", "linger.ms=500")
+    relay = RelayProcess(*slowed, log=log).start()
     try:
         # Kill it once it has confirmed part of the backlog (it reports every second).
         wait_for(lambda: wal.confirmed() > created_at, 60, "the relay's first confirmation")

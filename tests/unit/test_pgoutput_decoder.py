@@ -6,18 +6,39 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import shutil
 import uuid
 from typing import Any
 
 import pytest
 
 from outbox.columns import ColumnMapping
-from outbox.errors import ConfigurationError
-from outbox.record import OutboxRecord
+from outbox.errors import ConfigurationError, InvalidEventError
+from outbox.record import OutboxRecord, decode_message
+from relay.wal import decoder as decoder_module
 from relay.wal.decoder import OutboxDecoder, WalCommit, WalEvent, WalItem, WalRejected
 from relay.wal.errors import PgOutputDecodeError, WalError
-from relay.wal.pgoutput import Begin, Commit, Insert, PgOutputParser, Relation, TupleData
+from relay.wal.pgoutput import (
+    Begin,
+    Commit,
+    Insert,
+    Message,
+    PgOutputParser,
+    Relation,
+    TupleData,
+)
 from tests.unit.test_pgoutput import captures, frames
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def row_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the compiled row reader (native/, `make native`) and with the
+    pure-Python one the decoder falls back to when it is not built: both give the same answers."""
+    if request.param == "python":
+        monkeypatch.setattr(decoder_module, "native", None)
+    elif decoder_module.native is None:
+        pytest.skip("the compiled row reader is not built (`make native` needs cargo)")
+    return str(request.param)
 
 
 def run(scenario: str, decoder: OutboxDecoder | None = None) -> list[WalItem]:
@@ -371,9 +392,12 @@ def test_encoded_insert_matches_the_captured_bytes() -> None:
 @pytest.mark.parametrize(
     "change",
     [{"id": None}, {"id": b"\x01\x02"}, {"headers": b"\x01[1, 2]"}, {"headers": b"\x02{}"},
-     {"aggregate_type": b"\xff\xfe"},
+     {"aggregate_type": b"\xff\xfe"}, {"aggregate_id": b"a\xc3"}, {"payload": None},
      {"topic": None, "content_type": None, "headers": None, "created_at": None},
-     {"created_at": (2**63 - 1).to_bytes(8, "big")}],
+     {"topic": "t\u00e9st \u2603".encode()},
+     {"created_at": (2**63 - 1).to_bytes(8, "big")},
+     {"created_at": (-(2**63)).to_bytes(8, "big", signed=True)},
+     {"created_at": b"\x00\x01"}],
 )
 def test_rows_read_from_bytes_are_judged_as_by_the_general_path(
     change: dict[str, bytes | None],
@@ -405,6 +429,172 @@ def test_binary_rows_are_read_without_the_general_path() -> None:
     assert read == 4
 
 
+@pytest.mark.parametrize("micros", [
+    0, -1, 1, 86_400_000_000 - 1, 86_400_000_000, -86_400_000_000,
+    # 1970-01-01, 1900-03-01, 2000-02-29, 2024-02-29 23:59:59.999999, 2100-03-01, 0001-01-01,
+    # 9999-12-31 23:59:59.999999: leap years, centuries and the ends of datetime's range
+    -946_684_800_000_000, -3_153_427_200_000_000, 5_011_200_000_000,
+    762_479_999_999_999, 3_160_857_600_000_000, -63_082_281_600_000_000,
+    252_455_615_999_999_999,
+])
+def test_binary_timestamps_read_from_bytes_equal_the_general_path(micros: int) -> None:
+    change = {"created_at": micros.to_bytes(8, "big", signed=True)}
+    fast, general = feed_row_bytes(change), feed_row(change)
+    assert fast == general
+    assert isinstance(fast, WalEvent) and fast.record.created_at is not None
+    assert fast.record.created_at.tzinfo is dt.UTC
+
+
+def test_timestamps_beyond_datetime_are_an_error_on_both_paths() -> None:
+    # Year 10000 and later: PostgreSQL has them, Python's datetime does not.
+    change = {"created_at": (252_455_616_000_000_000).to_bytes(8, "big", signed=True)}
+    with pytest.raises(OverflowError):
+        feed_row(change)
+    with pytest.raises(OverflowError):
+        feed_row_bytes(change)
+
+
+def outcome(feed: Any) -> tuple[object, ...]:
+    """What a feed returned, or which error it raised with what message."""
+    try:
+        return ("item", feed())
+    except Exception as exc:
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 7, 20, 60])
+def test_a_short_insert_message_is_judged_by_the_general_path(cut: int) -> None:
+    relation, insert, decoder = changed_row({})
+    data = encode_insert(relation.oid, insert.new)[:-cut]
+    fast = outcome(lambda: decoder.feed_insert(99, data, PgOutputParser().decode))
+    _, _, other = changed_row({})
+    general = outcome(lambda: other.feed(99, PgOutputParser().decode(data)))
+    assert fast == general
+    assert fast[0] == "error"
+
+
+def test_a_row_with_another_column_count_is_judged_by_the_general_path() -> None:
+    relation, insert, decoder = changed_row({})
+    row = TupleData(insert.new.kinds + "n", (*insert.new.values, None))
+    fast = outcome(lambda: decoder.feed_insert(
+        99, encode_insert(relation.oid, row), PgOutputParser().decode))
+    _, _, other = changed_row({})
+    assert fast == outcome(lambda: other.feed(99, Insert(relation.oid, row)))
+
+
+def test_the_compiled_reader_is_built_where_cargo_is(row_reader: str) -> None:
+    # `make install` / `make test` build it (native/); a silent build failure would leave
+    # every drain on the slower path.
+    if row_reader == "python" or shutil.which("cargo") is None:
+        pytest.skip("about the compiled reader, which needs cargo")
+    assert decoder_module.native is not None, "run `make native`"
+
+
+@pytest.mark.parametrize("by_slots", [True, False])
+def test_ids_read_from_bytes_are_whole_uuids(
+    by_slots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built by their slots (as outbox.ids does where that works) or by the constructor.
+    monkeypatch.setattr(decoder_module, "UUID_BY_SLOTS", by_slots and decoder_module.UUID_BY_SLOTS)
+    for raw in (bytes(16), b"\xff" * 16, uuid.uuid4().bytes, bytes(range(1, 17))):
+        item = feed_row_bytes({"id": raw})
+        assert isinstance(item, WalEvent)
+        made, expected = item.record.id, uuid.UUID(bytes=raw)
+        assert type(made) is uuid.UUID
+        assert (made, str(made), hash(made), made.version, made.is_safe, made.bytes) == (
+            expected, str(expected), hash(expected), expected.version, expected.is_safe,
+            expected.bytes)
+
+
+# -- table-less events: the compiled reader takes the writer's shape, the rest is Python's ------
+
+_WRITTEN = OutboxRecord(uuid.UUID("01a2538e-5cd5-705a-a43b-6ffd3ee4dcde"), "Order", "42",
+                        "OrderCreated", b'{"a":1}', "application/json",
+                        created_at=dt.datetime(2026, 12, 8, 2, 49, 28, 533141, tzinfo=dt.UTC))
+
+
+def header_of(record: OutboxRecord, **changes: object) -> bytes:
+    """A message whose JSON header is the writer's with `changes` (a value of a key; None drops
+    the key), re-encoded compactly in the writer's key order."""
+    content = record.encode_message()
+    length = int.from_bytes(content[1:5], "big")
+    header = json.loads(content[5:5 + length])
+    for key, value in changes.items():
+        if value is None:
+            header.pop(key)
+        else:
+            header[key] = value
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return b"\x01" + len(encoded).to_bytes(4, "big") + encoded + record.payload
+
+
+def feed_message(content: bytes) -> WalItem | None:
+    decoder = OutboxDecoder(table=None)
+    decoder.feed(0, Begin(1, 0, 7))
+    return decoder.feed(5, Message(True, 5, "outbox", content))
+
+
+def expected_item(content: bytes) -> WalItem:
+    try:
+        return WalEvent(decode_message(content), 7, 5)
+    except InvalidEventError as exc:
+        return WalRejected(7, 5, "message outbox", str(exc), {"content": content})
+
+
+WRITER_SHAPES = [
+    _WRITTEN,
+    _WRITTEN._replace(topic="orders.v1", created_at=None),
+    _WRITTEN._replace(topic=""),
+    _WRITTEN._replace(created_at=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)),
+    _WRITTEN._replace(created_at=dt.datetime(1, 1, 1, tzinfo=dt.UTC)),
+    _WRITTEN._replace(aggregate_type="Caf\u00e9 \u2603", aggregate_id="a/b c", payload=b""),
+    _WRITTEN._replace(id=uuid.UUID(int=0), content_type="application/octet-stream"),
+    _WRITTEN._replace(id=uuid.UUID(int=2**128 - 1)),
+]
+
+
+@pytest.mark.parametrize("record", WRITER_SHAPES)
+def test_messages_of_the_writer_are_read_as_the_python_decoder_reads_them(
+    record: OutboxRecord, row_reader: str
+) -> None:
+    content = record.encode_message()
+    item = feed_message(content)
+    assert item == expected_item(content) == WalEvent(record, 7, 5)
+    assert isinstance(item, WalEvent)
+    assert item.record.headers is OutboxRecord._field_defaults["headers"]
+    assert type(item.record.id) is uuid.UUID and str(item.record.id) == str(record.id)
+    if item.record.created_at is not None:
+        assert item.record.created_at.tzinfo is dt.UTC
+    if row_reader == "native":  # read by the compiled reader, not declined to Python
+        decoder = OutboxDecoder(table=None)
+        assert decoder._read_message is not None
+        assert decoder._read_message(content) == record
+
+
+@pytest.mark.parametrize("content", [
+    header_of(_WRITTEN, headers={"tenant": "eu"}),  # not the compiled reader's shape
+    header_of(_WRITTEN, aggregate_id='with "quotes" and \\ backslash'),
+    header_of(_WRITTEN, event_type="line\nbreak"),
+    header_of(_WRITTEN, id=str(_WRITTEN.id).upper()),
+    header_of(_WRITTEN, id="01a2538e5cd5705aa43b6ffd3ee4dcde"),
+    header_of(_WRITTEN, id="01a2538e-5cd5-705a-a43b-6ffd3ee4dcdg"),
+    header_of(_WRITTEN, aggregate_type=""),
+    header_of(_WRITTEN, event_type=None),
+    header_of(_WRITTEN, topic=None),
+    header_of(_WRITTEN, created_at="2026-12-08T02:49:28.533+00:00"),
+    header_of(_WRITTEN, created_at="2026-12-08T02:49:28+02:00"),
+    header_of(_WRITTEN, created_at="2026-13-08T02:49:28+00:00"),
+    header_of(_WRITTEN, created_at="2026-02-30T02:49:28.000001+00:00"),
+    header_of(_WRITTEN, created_at="2026-12-08T24:00:00+00:00"),
+    header_of(_WRITTEN, created_at=""),
+    _WRITTEN.encode_message().replace(b'"id":', b'"id" :'),
+    b"\x02" + _WRITTEN.encode_message()[1:],
+    _WRITTEN.encode_message()[:30],
+    b"\x01\x00\x00\x10\x00{}",
+    b"\x01",
+])
+def test_other_messages_are_judged_by_the_python_decoder(content: bytes) -> None:
+    assert feed_message(content) == expected_item(content)
 def commits_of(scenario: str) -> list[Commit]:
     return [m for m in map(PgOutputParser().decode, (f for _, f in frames(scenario)))
             if isinstance(m, Commit)]

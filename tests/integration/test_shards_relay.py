@@ -24,12 +24,11 @@ from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 from tests.support.shards import (
     HEADER,
-    Writers,
     assert_no_two_writers_at_once,
     evenly_spread,
+    kill_join_and_stop,
     segments,
     starter,
-    wait_for_more,
 )
 from tests.support.writers import SequencedWriter
 
@@ -78,24 +77,9 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
     start = starter(processes, relay_args(sharded_url, kafka_bootstrap), tmp_path)
 
     try:
-        first, second, third = start("a"), start("b"), start("c")
-        wait_for(lambda: spread_over(sharded_url, 3), 60, "12 shards over 3 relays")
-        with Writers(sharded_url, topic, ledger):
-            reader.read_until(lambda got: len(got) >= 300, 60)
-            first.kill(signal.SIGKILL)
-            # The dead relay's shards move to the two others (its session ends at once; they
-            # look every quarter of the lease).
-            wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the 2 survivors")
-            wait_for_more(ledger)
-            fourth = start("d")
-            wait_for(lambda: spread_over(sharded_url, 3), 60, "the joining relay gets shards")
-            wait_for_more(ledger)
-            # SIGTERM under load: the relay drains, releases its shards, the others take them.
-            assert second.kill(signal.SIGTERM) == 0, second.log()[-2000:]
-            wait_for(lambda: spread_over(sharded_url, 2), 60, "12 shards over the last 2")
-            wait_for_more(ledger)
-        delivered = reader.read_ids(ledger.committed_ids, timeout=120)
-        delivered = reader.drain()
+        delivered, running = kill_join_and_stop(
+            start, lambda relays: spread_over(sharded_url, relays), "12 shards", sharded_url,
+            topic, ledger, reader)
     finally:
         reader.close()
     ledger.check(delivered).assert_holds()
@@ -103,7 +87,7 @@ def test_three_relays_one_killed_one_joining_one_stopped_lose_nothing_never_shar
     # Not vacuous: shards did move, so keys were written by several runs one after another.
     assert len({m.headers[HEADER] for m in delivered}) >= 4
     assert any(len(runs) > 1 for runs in segments(delivered).values())
-    for relay in (third, fourth):
+    for relay in running:
         assert relay.kill(signal.SIGTERM) == 0, relay.log()[-2000:]
     assert survey(sharded_url).owners == {}
 

@@ -28,12 +28,11 @@ from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
 from tests.support.shards import (
     HEADER,
-    Writers,
     assert_no_two_writers_at_once,
     evenly_spread,
+    kill_join_and_stop,
     segments,
     starter,
-    wait_for_more,
 )
 from tests.support.wal import unique_slot
 from tests.support.writers import SequencedWriter
@@ -183,26 +182,10 @@ def test_three_wal_relays_one_killed_one_joining_one_stopped_lose_nothing_never_
     start = starter(processes, relay_args(db_url, kafka_bootstrap, slot), tmp_path)
 
     try:
-        first, second, third = start("a"), start("b"), start("c")
-        wait_for(lambda: spread_over(db_url, 3), 60, "6 groups over 3 relays")
-        with Writers(db_url, topic, ledger):
-            reader.read_until(lambda got: len(got) >= 300, 60)
-            first.kill(signal.SIGKILL)
-            # Its groups' slots free at once (its sessions end); the others claim the groups
-            # and stream on from each slot's confirmed position.
-            wait_for(lambda: spread_over(db_url, 2), 60, "6 groups over the 2 survivors")
-            wait_for_more(ledger)
-            fourth = start("d")
-            wait_for(lambda: spread_over(db_url, 3), 60, "the joining relay gets groups")
-            wait_for_more(ledger)
-            # SIGTERM under load: the relay drains its groups, confirms their slots, closes
-            # its replication sessions and only then releases the groups to the others.
-            assert second.kill(signal.SIGTERM) == 0, second.log()[-2000:]
-            wait_for(lambda: spread_over(db_url, 2), 60, "6 groups over the last 2")
-            wait_for_more(ledger)
-        delivered = reader.read_ids(ledger.committed_ids, timeout=120)
+        delivered, running = kill_join_and_stop(
+            start, lambda relays: spread_over(db_url, relays), "6 groups", db_url, topic,
+            ledger, reader)
         wait_for(lambda: pending_rows(db_url) == 0, 60, "every published row deleted")
-        delivered = reader.drain()
     finally:
         reader.close()
     verdict = ledger.check(delivered)
@@ -213,7 +196,7 @@ def test_three_wal_relays_one_killed_one_joining_one_stopped_lose_nothing_never_
     assert any(len(runs) > 1 for runs in segments(delivered).values())
     # A moved group streamed on from its slot: only what was in flight at the kill came again.
     assert verdict.dup < len(ledger.committed_ids) // 2, verdict
-    for relay in (third, fourth):
+    for relay in running:
         assert relay.kill(signal.SIGTERM) == 0, relay.log()[-2000:]
     assert survey(db_url).owners == {}
 

@@ -3,6 +3,7 @@ says about which relay run wrote each key (`--relay-id-header`)."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 
 from relay.shards import Survey
-from tests.support.kafka import Received
+from tests.support.kafka import Received, TopicReader
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, wait_for
 from tests.support.writers import SequencedWriter
@@ -52,6 +53,35 @@ def wait_for_more(ledger: Ledger, events: int = 300) -> None:
     """Until the writers have written `events` more (the relays' new spread publishing)."""
     written = len(ledger.entries)
     wait_for(lambda: len(ledger.entries) >= written + events, 60, "more events written")
+
+
+def kill_join_and_stop(
+    start: Callable[[str], RelayProcess], spread_over: Callable[[int], bool], units: str,
+    writers_url: str, topic: str, ledger: Ledger, reader: TopicReader,
+) -> tuple[list[Received], list[RelayProcess]]:
+    """The scale-out scenario, for either source: three relays share the `units` (shards, or
+    WAL shard groups) while writers write; one is SIGKILLed, a fourth joins, one is SIGTERMed
+    under load, each time the units spread over the live relays again. Returns what Kafka got
+    and the two relays still running."""
+    first, second, third = start("a"), start("b"), start("c")
+    wait_for(lambda: spread_over(3), 60, f"the {units} over 3 relays")
+    with Writers(writers_url, topic, ledger):
+        reader.read_until(lambda got: len(got) >= 300, 60)
+        first.kill(signal.SIGKILL)
+        # The dead relay's sessions end at once, and with them its leases (and WAL: its
+        # slots); the others take its units at their next look.
+        wait_for(lambda: spread_over(2), 60, f"the {units} over the 2 survivors")
+        wait_for_more(ledger)
+        fourth = start("d")
+        wait_for(lambda: spread_over(3), 60, f"the joining relay gets {units}")
+        wait_for_more(ledger)
+        # SIGTERM under load: the relay drains, acknowledges its source (WAL: confirms its
+        # slots and closes their sessions) and only then releases its units.
+        assert second.kill(signal.SIGTERM) == 0, second.log()[-2000:]
+        wait_for(lambda: spread_over(2), 60, f"the {units} over the last 2")
+        wait_for_more(ledger)
+    reader.read_ids(ledger.committed_ids, timeout=120)
+    return reader.drain(), [third, fourth]
 
 
 def starter(

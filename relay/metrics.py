@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from outbox.conninfo import redact
-from relay.stats import THROUGHPUT_INTERVAL, RelayStats
+from relay.stats import THROUGHPUT_INTERVAL, LabelledGauge, RelayStats
 
 if TYPE_CHECKING:
     from relay.console.app import Answer, Console
@@ -76,6 +76,11 @@ class RelayCollector(Collector):
         yield latency
         for name, value in read_gauges(s).items():
             yield GaugeMetricFamily(f"outbox_{name}", name.replace("_", " ") + ".", value=value)
+        for gauge in read_labelled(s):
+            family = GaugeMetricFamily(f"outbox_{gauge.name}", gauge.help, labels=[gauge.label])
+            for key, value in gauge.values.items():
+                family.add_metric([key], value)  # prometheus_client escapes the label value
+            yield family
 
 
 def read_gauges(stats: RelayStats) -> dict[str, float]:
@@ -91,6 +96,18 @@ def read_gauges(stats: RelayStats) -> dict[str, float]:
         if value is not None:
             values[name] = value
     return values
+
+
+def read_labelled(stats: RelayStats) -> list[LabelledGauge]:
+    """The labelled gauges now (per shard...): those of the probes that answered."""
+    gauges: list[LabelledGauge] = []
+    for name, probe in list(stats.labelled.items()):
+        try:
+            gauges += probe()
+        except Exception as exc:  # a scrape must not fail because one probe did
+            log.warning("metric probe failed", extra={
+                "event": "probe_failed", "probe": name, "error": redact(str(exc))})
+    return gauges
 
 
 def readiness(stats: RelayStats, stall_seconds: float) -> tuple[bool, dict[str, Any]]:

@@ -60,6 +60,16 @@ class Throughput:
                 for (then, before), (now, total) in itertools.pairwise(samples)]
 
 
+@dataclass(frozen=True)
+class LabelledGauge:
+    """One gauge family with one label: `outbox_<name>{<label>="<key>"} <value>` per entry."""
+
+    name: str
+    help: str
+    label: str
+    values: dict[str, float]
+
+
 @dataclass
 class RelayStats:
     """Written by the relay thread only; read (racily, which is fine for gauges) by scrapes."""
@@ -80,6 +90,9 @@ class RelayStats:
     latency: Histogram = field(default_factory=Histogram)
     # Source-specific gauges (backlog, slot lag...), evaluated at scrape time.
     gauges: dict[str, Callable[[], float | None]] = field(default_factory=dict)
+    # Gauges with a label (per shard, per shard group), evaluated at scrape time: each probe
+    # answers several families from one read (relay/shard_metrics.py).
+    labelled: dict[str, Callable[[], list[LabelledGauge]]] = field(default_factory=dict)
     # postgres-wal: lost slots recovered (relay/wal/recovery.py); the slot's WAL against its
     # budget (relay/wal/budget.py): None without a budget or before the first check.
     slot_recoveries: int = 0

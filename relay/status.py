@@ -222,9 +222,7 @@ def gather(
     current = current_wal_lsn(conn, names)
     slot_report: SlotReport | None = SlotReport(slot, slots.slot_status(conn, slot), current,
                                                 wal_budget)
-    group_reports = tuple(
-        SlotReport(name, slots.slot_status(conn, name), current, wal_budget)
-        for name in (group_name(slot, group) for group in range(groups)))
+    group_reports = read_groups(conn, names, slot, groups, wal_budget, current)
     if group_reports and slot_report is not None and slot_report.status is None:
         slot_report = None  # the groups' slots are the relays' own
     publication_report = PublicationReport(
@@ -274,6 +272,20 @@ def read_shards(
         reports.append(ShardReport(int(shard), owner, clients.get(owner) if owner else None,
                                    int(pending), float(age) if age is not None else None))
     return Shards(survey.relays, tuple(reports))
+
+
+def read_groups(
+    conn: psycopg.Connection[Any], names: SchemaNames, slot: str, groups: int,
+    wal_budget: int | None = None, current: int | None = None,
+) -> tuple[SlotReport, ...]:
+    """Each WAL shard group's slot (`outbox slot create --shard-groups G`), in group order;
+    `current`: the server's WAL position, read here when not given."""
+    if not groups:
+        return ()
+    if current is None:
+        current = current_wal_lsn(conn, names)
+    return tuple(SlotReport(name, slots.slot_status(conn, name), current, wal_budget)
+                 for name in (group_name(slot, group) for group in range(groups)))
 
 
 def current_wal_lsn(conn: psycopg.Connection[Any], names: SchemaNames) -> int | None:

@@ -37,6 +37,7 @@ from relay.published import (
     kept_topic,
     purge_expired,
 )
+from relay.shard_metrics import shard_probe
 from relay.shards import RelayMembership, RunStop, ShardLeases, touch
 from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
@@ -325,8 +326,12 @@ class ShardedRelay:
         self.stats = stats
         self.topic_limits = topic_limits
         self.source: PollSource | None = None
-        stats.gauges["shards_held"] = lambda: (
-            len(self.source.leases.held) if self.source and self.source.leases else 0)
+        stats.gauges["shards_held"] = lambda: len(self._held())
+        stats.labelled["shards"] = shard_probe(config.db_url, config.names, config.leader_key,
+                                               self._held)
+
+    def _held(self) -> tuple[int, ...]:
+        return self.source.leases.held if self.source and self.source.leases else ()
 
     def run(self, stop: threading.Event) -> None:
         config = self.config

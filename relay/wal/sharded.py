@@ -27,6 +27,7 @@ import psycopg
 from outbox.conninfo import libpq_url, redact
 from relay.core.loop import RelayCore
 from relay.errors import SourceUnavailableError
+from relay.shard_metrics import shard_probe
 from relay.shards import CHECKS_PER_LEASE, RelayMembership, ShardLeases
 from relay.sinks.kafka.sink import PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
@@ -53,6 +54,9 @@ class ShardedWalRelay:
         self.key = group_key(config.names)
         self.held: tuple[int, ...] = ()
         stats.gauges["shards_held"] = lambda: len(self.held)  # groups, for a WAL relay
+        stats.labelled["shards"] = shard_probe(config.db_url, config.names, self.key,
+                                               lambda: self.held, groups=config.groups,
+                                               slot=config.source.slot)
 
     def run(self, stop: threading.Event) -> None:
         config = self.config

@@ -44,6 +44,16 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in metrics")
 
 
+def labelled(text: str, name: str) -> dict[str, float]:
+    """A labelled gauge's samples by its one label's value: `name{label="3"} 7.0` -> {"3": 7}."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            samples[labels.split('="', 1)[1].rsplit('"}', 1)[0]] = float(value)
+    return samples
+
+
 def relay_settings(db_url: str, bootstrap: str, port: int) -> RelaySettings:
     return RelaySettings(source="postgres-poll", db_url=db_url, kafka_bootstrap=bootstrap,
                          poll_interval=0.2, metrics_port=port)

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from outbox import migrate
 from outbox.names import SchemaNames
 from relay.poll.relay import PollConfig
 from relay.settings import RelaySettings
+from relay.shard_metrics import shard_probe
 from relay.shards import Survey, read_survey
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import gather, outbox_cli
-from tests.integration.test_relay_metrics import free_port, get, metric
+from tests.integration.test_relay_metrics import free_port, get, labelled, metric
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
@@ -107,6 +109,12 @@ def test_a_relay_alone_takes_every_shard_and_publishes_only_with_shards(
             delivered = reader.read_ids(ledger.committed_ids)
             assert len(survey(sharded_url).owners) == SHARDS
             assert metric(get(port, "/metrics")[1], "outbox_shards_held") == SHARDS
+            every = {str(shard): 0.0 for shard in range(SHARDS)}
+            wait_for(lambda: labelled(get(port, "/metrics")[1], "outbox_shard_backlog_events")
+                     == pending_by_shard(sharded_url) == every,
+                     60, "every shard drained, on /metrics as in the table")
+            held = labelled(get(port, "/metrics")[1], "outbox_shard_held")
+            assert held == {shard: 1.0 for shard in every}
         ledger.check(reader.drain()).assert_holds()
     finally:
         reader.close()
@@ -116,6 +124,34 @@ def test_a_relay_alone_takes_every_shard_and_publishes_only_with_shards(
                                         r"--shards"):
         unsharded.stop()
     assert delivered
+
+
+def pending_by_shard(db_url: str) -> dict[str, float]:
+    """Each shard's unpublished rows, counted in the table itself."""
+    table = sql.Identifier(SchemaNames().schema, SchemaNames().table)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(sql.SQL("SELECT shard, count(*) FROM {} WHERE published_at IS NULL "
+                                    "GROUP BY shard").format(table)).fetchall()
+    counts = {str(shard): 0.0 for shard in range(SHARDS)}
+    counts.update({str(shard): float(count) for shard, count in rows})
+    return counts
+
+
+def test_the_per_shard_gauges_count_each_shards_backlog_as_the_table_does(
+    sharded_url: str, topic: str,
+) -> None:
+    ledger = Ledger()
+    SequencedWriter(topic, ledger).write_many(sharded_url, keys=30, per_key=3)
+    backlog = pending_by_shard(sharded_url)
+    assert sum(backlog.values()) == 90 and sum(v > 0 for v in backlog.values()) > 1
+    # The probe the sharded relay registers, before any relay publishes: the backlog as it is.
+    key = PollConfig(db_url=sharded_url).leader_key
+    gauges = {gauge.name: gauge.values for gauge in
+              shard_probe(sharded_url, SchemaNames(), key, lambda: (3,))()}
+    assert gauges["shard_backlog_events"] == backlog
+    assert gauges["shard_held"] == {str(s): 1.0 if s == 3 else 0.0 for s in range(SHARDS)}
+    ages = gauges["shard_oldest_pending_age_seconds"]
+    assert all((ages[shard] > 0) == (count > 0) for shard, count in backlog.items())
 
 
 def test_shards_on_an_outbox_that_is_not_sharded_is_refused(

@@ -22,7 +22,7 @@ from relay.wal.groups import catalog_filter, group_key, group_name, group_shards
 from relay.wal.source import WalSourceConfig
 from tests.integration.test_ops_roles import roles_for
 from tests.integration.test_ops_status_doctor import outbox_cli
-from tests.integration.test_relay_metrics import free_port, get, metric
+from tests.integration.test_relay_metrics import free_port, get, labelled, metric
 from tests.support.kafka import TopicReader, create_topics, unique_topic
 from tests.support.ledger import Ledger
 from tests.support.relays import RelayProcess, RelayThread, wait_for
@@ -133,6 +133,14 @@ def test_one_relay_streams_every_group_deletes_each_groups_rows_and_status_shows
             SequencedWriter(topic, ledger).write_many(db_url, keys=60, per_key=5)
             delivered = reader.read_ids(ledger.committed_ids)
             wait_for(lambda: pending_rows(db_url) == 0, 60, "every group's rows deleted")
+            scraped = get(port, "/metrics")[1]
+            every = {str(shard): 1.0 for shard in range(SHARDS)}
+            assert labelled(scraped, "outbox_shard_held") == every
+            assert labelled(scraped, "outbox_shard_backlog_events") == {k: 0.0 for k in every}
+            assert set(labelled(scraped, "outbox_shard_group_retained_wal_bytes")) == {
+                str(group) for group in range(GROUPS)}
+            assert set(labelled(scraped, "outbox_shard_group_lag_bytes")) == {
+                str(group) for group in range(GROUPS)}
             table = outbox_cli("status", "--db", db_url, "--slot", slot, "--publication", slot)
             machine = json.loads(outbox_cli("status", "--db", db_url, "--slot", slot,
                                             "--publication", slot, "--json").stdout)

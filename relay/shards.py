@@ -40,11 +40,12 @@ from typing import Any
 
 import psycopg
 
+from outbox import migrate
 from outbox.conninfo import libpq_url, redact
 from outbox.errors import ConfigurationError
 from outbox.names import SchemaNames
 from relay import queries
-from relay.errors import SourceUnavailableError
+from relay.errors import FatalRelayError, SourceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,19 @@ def lock_parts(key: int) -> int:
 
 
 # -- sessions ---------------------------------------------------------------------------------
+
+
+def shard_count(conn: psycopg.Connection[Any], names: SchemaNames) -> int | None:
+    """How many shards the outbox has (None: not sharded), as a relay reads it at start-up. A
+    role granted its rights before the outbox was sharded may not read the shards table yet:
+    that is named, with the fix, instead of a bare "permission denied"."""
+    try:
+        return migrate.shard_count(conn, names)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise FatalRelayError(
+            f"role {conn.info.user} may not read {names.schema}.{names.shards_table}, where a "
+            "sharded outbox keeps its shard count: run deploy/roles.sql again after sharding "
+            "(it grants the relay roles SELECT on it)") from exc
 
 
 def touch(conn: psycopg.Connection[Any], names: SchemaNames) -> None:

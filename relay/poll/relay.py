@@ -38,7 +38,7 @@ from relay.published import (
     purge_expired,
 )
 from relay.shard_metrics import shard_probe
-from relay.shards import RelayMembership, RunStop, ShardLeases, touch
+from relay.shards import RelayMembership, RunStop, ShardLeases, shard_count, touch
 from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -415,13 +415,7 @@ def check_shards(config: PollConfig) -> PollConfig:
     relay taking the table's lead and others holding shards would publish rows twice at once."""
     names = config.names
     with connect(config.db_url) as conn:
-        try:
-            count = migrate.shard_count(conn, names)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise FatalRelayError(
-                f"role {conn.info.user} may not read {names.schema}.{names.shards_table}, "
-                "where a sharded outbox keeps its shard count: run deploy/roles.sql again "
-                "after sharding (it grants the polling role SELECT on it)") from exc
+        count = shard_count(conn, names)
     if config.sharded and count is None:
         raise FatalRelayError(
             f"--shards: table {names.schema}.{names.table} is not sharded; run "

@@ -26,6 +26,7 @@ from relay.core.ports import Cadence, Refused, Sink, while_open
 from relay.core.watermark import Group, Watermark
 from relay.errors import FatalRelayError, SourceUnavailableError
 from relay.published import backlog_gauges, kept_topic
+from relay.shards import shard_count
 from relay.sinks.kafka.sink import DEFAULT_TOPIC_TEMPLATE, PublisherConfig, kafka_sink, topic_sql
 from relay.sinks.kafka.topic_limits import TopicLimits
 from relay.stats import RelayStats
@@ -394,7 +395,7 @@ def _position_problem(conn: psycopg.Connection[Any], config: WalRelayConfig) -> 
 def _with_groups(conn: psycopg.Connection[Any], config: WalRelayConfig) -> WalRelayConfig:
     """The shard and group counts of a sharded relay, or why it cannot run."""
     names = config.names
-    count = migrate.shard_count(conn, names)
+    count = shard_count(conn, names)
     if count is None:
         raise FatalRelayError(
             f"--shards: table {names.schema}.{names.table} is not sharded; run "

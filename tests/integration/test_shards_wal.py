@@ -180,6 +180,19 @@ def test_the_wal_relay_role_runs_a_sharded_wal_relay(
         reader.close()
 
 
+def test_a_wal_role_that_may_not_read_the_shards_table_is_named_with_the_fix(
+    db_url: str, slot: str, pg_admin_url: str, kafka_bootstrap: str,
+) -> None:
+    # The roles granted before the outbox was sharded (deploy/roles.sql not run again).
+    with roles_for(db_url, pg_admin_url) as roles:
+        with psycopg.connect(db_url) as conn:
+            conn.execute(f"REVOKE SELECT ON outbox_shards FROM {roles.name('relay_wal')}")
+        relay = outbox_cli("relay", *relay_args(roles.url("relay_wal"), kafka_bootstrap, slot))
+        assert relay.returncode == 1
+        assert "may not read public.outbox_shards" in relay.stderr
+        assert "run deploy/roles.sql again after sharding" in relay.stderr
+
+
 def test_three_wal_relays_one_killed_one_joining_one_stopped_lose_nothing_never_share_a_key(
     db_url: str, slot: str, kafka_bootstrap: str, topic: str, tmp_path: Path,
     processes: list[RelayProcess],

@@ -261,8 +261,10 @@ class KafkaSink(Generic[Token]):
         self._topic_bytes: dict[str, int] = {}  # in flight to topics with a budget
 
     def _on_client_error(self, error: KafkaError) -> None:
-        # Transport errors (broker down) are retried by librdkafka; log them, mark not ready.
-        if error.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+        # Transport errors are retried by librdkafka; all logged. Only "all brokers down" marks
+        # the relay not ready: a _TRANSPORT error is one connection (of several) failing while
+        # deliveries may go on, and readiness must not flap with it during a drain (seen in CI).
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self._on_broker_state(False)
         if error.fatal():
             log.error("kafka fatal error", extra={"event": "kafka_fatal", "error": str(error)})
